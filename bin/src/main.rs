@@ -1,0 +1,163 @@
+//! `mvm-vmm run vm.toml`: boot the VM a file describes and exit with a
+//! status that says how the guest ended.
+//!
+//! Exit status: 0 the guest powered off, 3 it rebooted, 4 it crashed,
+//! 2 the configuration or a file it names is wrong, 1 any other error,
+//! 128+N the VMM was stopped by signal N (SIGINT, SIGTERM, SIGHUP), 130 also
+//! for Ctrl-A x on an interactive console.
+
+use std::process::ExitCode;
+
+use microvm_dev::{StopReason, Vm, VmConfig, VmExit};
+
+const USAGE: &str = "usage: mvm-vmm run <vm.toml>
+
+Boots the VM described by <vm.toml> and runs it until the guest powers off,
+reboots or crashes. The guest console is this terminal unless the file says
+otherwise; on a terminal, Ctrl-A x stops the VM.
+
+exit status: 0 powered off, 3 rebooted, 4 crashed, 2 bad configuration,
+1 other error, 128+N stopped by signal N.
+
+environment: MVM_LOG=error|warn|info|debug|trace (default warn)";
+
+const EXIT_CONFIG: u8 = 2;
+const EXIT_REBOOT: u8 = 3;
+const EXIT_CRASH: u8 = 4;
+const EXIT_ESCAPE: u8 = 130;
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("mvm-vmm: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    let level = match std::env::var("MVM_LOG").as_deref() {
+        Ok("error") => log::LevelFilter::Error,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("off") => log::LevelFilter::Off,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// Print an error and its causes on one line each, no backtrace.
+fn report(e: &dyn std::error::Error) {
+    eprintln!("mvm-vmm: error: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+}
+
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Block the stop signals in every thread (the mask is inherited) and turn
+/// them into a clean VM stop on a dedicated thread, so the terminal is
+/// restored and the exit status reported as for any other stop.
+fn forward_stop_signals(handle: microvm_dev::VmHandle) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    // SAFETY: sigset operations on a local set, then a mask change for
+    // this thread before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let seen = received.clone();
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on a valid signal set.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                seen.store(sig, std::sync::atomic::Ordering::SeqCst);
+                handle.stop();
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the signal thread ({e}); Ctrl-C will kill the VMM abruptly");
+        // SAFETY: undo the block so signals keep their default effect.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+    received
+}
+
+fn run(path: &str) -> ExitCode {
+    let config = match VmConfig::from_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(if e.is_config_error() { EXIT_CONFIG } else { 1 });
+        }
+    };
+    let signal = forward_stop_signals(vm.handle());
+    match vm.run() {
+        Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(VmExit::Reboot) => {
+            log::info!("guest rebooted");
+            ExitCode::from(EXIT_REBOOT)
+        }
+        Ok(VmExit::Crash(report)) => {
+            eprintln!("mvm-vmm: guest crashed: {report}");
+            ExitCode::from(EXIT_CRASH)
+        }
+        Ok(VmExit::Stopped(StopReason::ConsoleEscape)) => ExitCode::from(EXIT_ESCAPE),
+        Ok(VmExit::Stopped(StopReason::Requested)) => {
+            let sig = signal.load(std::sync::atomic::Ordering::SeqCst);
+            eprintln!("mvm-vmm: stopped by signal {sig}");
+            ExitCode::from(128u8.saturating_add(sig as u8))
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(if e.is_config_error() { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["run", path] => run(path),
+        ["-h" | "--help" | "help"] => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        ["-V" | "--version"] => {
+            println!("mvm-vmm {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}

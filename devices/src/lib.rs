@@ -1,0 +1,40 @@
+//! Device models of microvm-dev.
+//!
+//! Every device here is driven by values the guest chooses (port numbers,
+//! access widths, register values) and treats them as hostile: an access the
+//! device does not understand is ignored (writes) or answered with all-ones
+//! (reads), never a panic.
+//!
+//! - [`bus::PioBus`]: dispatches x86 port I/O exits to devices by port range.
+//! - [`legacy::SerialPort`]: a 16550A UART (vm-superio) with its interrupt line.
+//! - [`legacy::ResetController`]: the i8042 controller's CPU reset line.
+//! - [`legacy::AcpiSleepControl`]: the ACPI hardware-reduced sleep control
+//!   register through which the guest powers off.
+
+pub mod bus;
+pub mod legacy;
+
+/// Errors of the device crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Two devices were given overlapping port ranges (a VMM bug, not a guest one).
+    #[error("port range {base:#x}+{len} of {name} overlaps {other}")]
+    PortOverlap {
+        name: &'static str,
+        other: &'static str,
+        base: u16,
+        len: u16,
+    },
+    /// A zero-length or wrapping port range.
+    #[error("port range {base:#x}+{len} of {name} is empty or wraps around")]
+    PortRange { name: &'static str, base: u16, len: u16 },
+    /// Creating an eventfd failed.
+    #[error("cannot create eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Build the microvm-dev test guest: a minimal Linux 6.1 kernel (vmlinux ELF and
+# bzImage) and a tiny uncompressed initramfs (busybox + tests/guest/init).
+#
+#   tests/guest/build.sh            (from any directory)
+#
+# Inputs: /usr/src/linux-source-6.1.tar.xz (Debian package linux-source-6.1),
+# tests/guest/kernel.config (Kconfig fragment over tinyconfig),
+# tests/guest/patches/*.patch, tests/guest/init, /bin/busybox
+# (busybox-static).  scripts/setup-host.sh installs the packages.
+#
+# Results are cached, keyed by a SHA-256 of their inputs, under
+#   ${MVM_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/microvm-dev/guest}/
+#     kernel-<hash>/     vmlinux bzImage config System.map gen_init_cpio build.log
+#     initramfs-<hash>/  initramfs.cpio cpio.list
+# and rebuilt only when the hash changes.  Builds happen in a temporary
+# directory inside the cache and are renamed into place at the end, so an
+# interrupted build never leaves a partial entry.
+#
+# Output: progress on stderr; on stdout exactly three lines
+#   vmlinux=/abs/path/vmlinux
+#   bzImage=/abs/path/bzImage
+#   initramfs=/abs/path/initramfs.cpio
+# (paths inside the cache entries).  <repo>/target/guest/{vmlinux,bzImage,
+# initramfs.cpio} are symlinked to the same files.
+#
+# Environment: MVM_GUEST_CACHE (cache directory), MVM_GUEST_JOBS (make -j,
+# default nproc).
+set -euo pipefail
+
+# Keep stdout for the three result lines only.
+exec 3>&1 1>&2
+
+say() { printf 'guest: %s\n' "$*" >&2; }
+die() { printf 'guest: ERROR: %s\n' "$*" >&2; exit 1; }
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+repo=$(cd "$here/../.." && pwd -P)
+self="$here/$(basename "${BASH_SOURCE[0]}")"
+fragment="$here/kernel.config"
+patch_dir="$here/patches"
+init_script="$here/init"
+cache=${MVM_GUEST_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/microvm-dev/guest}
+jobs=${MVM_GUEST_JOBS:-$(nproc)}
+linux_tar=/usr/src/linux-source-6.1.tar.xz
+busybox=/bin/busybox
+
+# A make started from cargo or another make must not inherit its jobserver or
+# flags; a stray O=/KBUILD_OUTPUT would send the build elsewhere.
+unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES KBUILD_OUTPUT O CROSS_COMPILE \
+	ARCH LOCALVERSION KCONFIG_CONFIG 2>/dev/null || true
+export KBUILD_BUILD_USER=microvm-dev KBUILD_BUILD_HOST=guest \
+	KBUILD_BUILD_TIMESTAMP='1970-01-01 00:00:00 UTC' LC_ALL=C
+
+# ---------------------------------------------------------------- checks
+missing=()
+for tool in make gcc cc flex bison bc perl tar xz patch sha256sum dpkg-query flock find; do
+	command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+[ -r /usr/include/libelf.h ] || missing+=("libelf.h (libelf-dev)")
+[ -r "$linux_tar" ] || missing+=("$linux_tar (linux-source-6.1)")
+[ -x "$busybox" ] || missing+=("$busybox (busybox-static)")
+if [ ${#missing[@]} -gt 0 ]; then
+	die "missing: ${missing[*]}; run scripts/setup-host.sh (as root) first"
+fi
+[ -r "$fragment" ] || die "missing $fragment"
+[ -r "$init_script" ] || die "missing $init_script"
+shopt -s nullglob
+patches=("$patch_dir"/*.patch)
+shopt -u nullglob
+[ ${#patches[@]} -gt 0 ] || die "no patches in $patch_dir"
+
+pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
+linux_version=$(pkg_version linux-source-6.1)
+busybox_version=$(pkg_version busybox-static)
+gcc_version=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
+
+# ---------------------------------------------------------------- hashes
+# Each input is framed by its name so that moving text between files changes
+# the hash.
+hash_inputs() {
+	local kind=$1; shift
+	{
+		printf 'microvm-dev guest %s\n' "$kind"
+		local item
+		for item in "$@"; do
+			case "$item" in
+			file:*)
+				printf 'file %s %s\n' "$(basename "${item#file:}")" \
+					"$(sha256sum <"${item#file:}" | cut -d' ' -f1)"
+				;;
+			*) printf '%s\n' "$item" ;;
+			esac
+		done
+	} | sha256sum | cut -c1-16
+}
+patch_items=()
+for p in "${patches[@]}"; do patch_items+=("file:$p"); done
+kernel_hash=$(hash_inputs kernel "file:$fragment" "${patch_items[@]}" "file:$self" \
+	"linux-source-6.1=$linux_version" "gcc=$gcc_version")
+initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$self" \
+	"busybox-static=$busybox_version")
+kernel_dir="$cache/kernel-$kernel_hash"
+initramfs_dir="$cache/initramfs-$initramfs_hash"
+
+mkdir -p "$cache"
+# One build at a time per cache (parallel test runs may all call this).
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+	say "waiting for another build.sh using $cache ..."
+	flock 9
+fi
+
+tmp=
+ticker=
+cleanup() {
+	[ -n "$ticker" ] && kill "$ticker" 2>/dev/null && wait "$ticker" 2>/dev/null
+	[ -n "$tmp" ] && rm -rf "$tmp"
+	return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Every `CONFIG_X=...` / `# CONFIG_X is not set` line of the fragment must be
+# in .config verbatim (a "not set" option may also be absent: its
+# dependencies are off, so it cannot be set).
+verify_config() {
+	local config=$1 line opt got bad=0
+	while IFS= read -r line || [ -n "$line" ]; do
+		case "$line" in
+		CONFIG_*=*) opt=${line%%=*} ;;
+		"# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *} ;;
+		*) continue ;;
+		esac
+		got=$(grep -E "^(# )?${opt}[= ]" "$config" || true)
+		if [ -z "$got" ] && [ "${line:0:1}" = "#" ]; then
+			continue
+		fi
+		if [ "$got" != "$line" ]; then
+			printf 'guest: ERROR: kernel option %s: fragment wants "%s", .config has "%s"\n' \
+				"$opt" "$line" "${got:-<absent: dependencies not met>}" >&2
+			bad=1
+		fi
+	done <"$fragment"
+	[ $bad -eq 0 ] || die "kernel.config options did not survive olddefconfig (see above)"
+}
+
+in_dir() { local dir=$1; shift; (cd "$dir" && "$@"); }
+
+# Run a logged step; on failure show the log's tail and its path.
+logged() {
+	local log=$1; shift
+	if ! "$@" >>"$log" 2>&1; then
+		printf '\n--- last lines of %s ---\n' "$log" >&2
+		tail -n 25 "$log" >&2
+		die "'$*' failed; full log: $log"
+	fi
+}
+
+build_kernel() {
+	local log="$cache/kernel-$kernel_hash.log" src start
+	start=$SECONDS
+	tmp=$(mktemp -d "$cache/.tmp-kernel-$kernel_hash.XXXXXX")
+	src="$tmp/src"
+	mkdir -p "$src" "$tmp/out"
+	: >"$log"
+	say "building kernel $kernel_hash (linux-source-6.1 $linux_version, gcc $gcc_version); log: $log"
+
+	say "extracting linux-source-6.1 (about a minute) ..."
+	logged "$log" tar -xf "$linux_tar" -C "$src" --strip-components=1
+
+	local p
+	for p in "${patches[@]}"; do
+		say "applying $(basename "$p") ..."
+		logged "$log" patch -d "$src" -p1 --forward --batch --fuzz=0 -i "$p"
+	done
+
+	say "configuring (tinyconfig + tests/guest/kernel.config) ..."
+	logged "$log" make -C "$src" ARCH=x86_64 tinyconfig
+	# merge_config.sh writes temporary files to its cwd: run it in the tree.
+	logged "$log" in_dir "$src" scripts/kconfig/merge_config.sh -m .config "$fragment"
+	logged "$log" make -C "$src" ARCH=x86_64 olddefconfig
+	verify_config "$src/.config"
+
+	say "compiling kernel with $jobs jobs (several minutes) ..."
+	(
+		while sleep 30; do
+			n=$(find "$src" -name '*.o' -type f 2>/dev/null | wc -l)
+			say "still compiling: $n objects built, $((SECONDS - start)) s so far"
+		done
+	) &
+	ticker=$!
+	logged "$log" make -C "$src" ARCH=x86_64 -j"$jobs" vmlinux bzImage
+	kill "$ticker" 2>/dev/null || true
+	wait "$ticker" 2>/dev/null || true
+	ticker=
+
+	# The kernel's own cpio writer (for device nodes without root/fakeroot).
+	logged "$log" cc -O2 -o "$tmp/out/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+
+	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$src/System.map" "$tmp/out/"
+	cp "$src/.config" "$tmp/out/config"
+	cp "$log" "$tmp/out/build.log"
+	mv -T "$tmp/out" "$kernel_dir"
+	rm -f "$log"
+	rm -rf "$tmp"
+	tmp=
+	say "kernel built in $((SECONDS - start)) s"
+}
+
+build_initramfs() {
+	local list
+	tmp=$(mktemp -d "$cache/.tmp-initramfs-$initramfs_hash.XXXXXX")
+	mkdir -p "$tmp/out"
+	say "building initramfs $initramfs_hash (busybox-static $busybox_version) ..."
+	cat >"$tmp/out/fstab" <<-'EOF'
+		proc     /proc proc     nosuid,nodev,noexec 0 0
+		sysfs    /sys  sysfs    nosuid,nodev,noexec 0 0
+		devtmpfs /dev  devtmpfs nosuid              0 0
+	EOF
+	cp "$init_script" "$tmp/out/init"
+	cp "$busybox" "$tmp/out/busybox"
+	list="$tmp/out/cpio.list"
+	# Uncompressed newc; /dev/console must exist when the kernel starts /init
+	# (devtmpfs is mounted by /init itself).  Applet symlinks are left out on
+	# purpose: busybox sh runs applets without them, and every entry costs
+	# interpreted kernel time to unpack on the PVM host.
+	cat >"$list" <<-EOF
+		dir /dev 0755 0 0
+		nod /dev/console 0600 0 0 c 5 1
+		dir /proc 0555 0 0
+		dir /sys 0555 0 0
+		dir /tmp 1777 0 0
+		dir /root 0700 0 0
+		dir /bin 0755 0 0
+		dir /etc 0755 0 0
+		file /bin/busybox $tmp/out/busybox 0755 0 0
+		slink /bin/sh busybox 0777 0 0
+		file /etc/fstab $tmp/out/fstab 0644 0 0
+		file /init $tmp/out/init 0755 0 0
+	EOF
+	"$kernel_dir/gen_init_cpio" -t 0 "$list" >"$tmp/out/initramfs.cpio" ||
+		die "gen_init_cpio failed"
+	# Record the list with stable paths, drop the copies.
+	sed -i "s|$tmp/out/busybox|$busybox|; s|$tmp/out/init|tests/guest/init|; s|$tmp/out/fstab|(generated fstab)|" "$list"
+	rm -f "$tmp/out/busybox" "$tmp/out/init"
+	mv -T "$tmp/out" "$initramfs_dir"
+	rm -rf "$tmp"
+	tmp=
+}
+
+# Leftovers of builds that were killed outright (we hold the lock: no other
+# build is running).
+rm -rf "$cache"/.tmp-kernel-* "$cache"/.tmp-initramfs-*
+
+if [ -f "$kernel_dir/vmlinux" ] && [ -f "$kernel_dir/bzImage" ] && [ -x "$kernel_dir/gen_init_cpio" ]; then
+	say "kernel $kernel_hash: cached"
+else
+	rm -rf "$kernel_dir"
+	build_kernel
+fi
+if [ -f "$initramfs_dir/initramfs.cpio" ]; then
+	say "initramfs $initramfs_hash: cached"
+else
+	rm -rf "$initramfs_dir"
+	build_initramfs
+fi
+
+out="$repo/target/guest"
+mkdir -p "$out"
+ln -sfn "$kernel_dir/vmlinux" "$out/vmlinux"
+ln -sfn "$kernel_dir/bzImage" "$out/bzImage"
+ln -sfn "$initramfs_dir/initramfs.cpio" "$out/initramfs.cpio"
+
+printf 'vmlinux=%s\nbzImage=%s\ninitramfs=%s\n' \
+	"$kernel_dir/vmlinux" "$kernel_dir/bzImage" "$initramfs_dir/initramfs.cpio" >&3

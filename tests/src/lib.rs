@@ -1,0 +1,288 @@
+//! Helpers for end-to-end tests and benchmarks: where the test guest and
+//! the `mvm-vmm` binary are, writing a `vm.toml`, running the VMM with a
+//! time limit, reading the guest's `MVM-RESULT` lines, and building tiny
+//! ELF guests.
+//!
+//! The test guest (kernel + initramfs) is built by `tests/guest/build.sh`,
+//! which links it into `target/guest/`. `MVM_GUEST_DIR` overrides that.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Directory holding `vmlinux`, `bzImage` and `initramfs.cpio`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("MVM_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"))
+}
+
+/// A test guest file; panics with the command to run when it is missing,
+/// so a test cannot pass without a guest.
+pub fn guest_file(name: &str) -> PathBuf {
+    let path = guest_dir().join(name);
+    assert!(
+        path.exists(),
+        "test guest file {} is missing: run `bash tests/guest/build.sh` first",
+        path.display()
+    );
+    path
+}
+
+/// The `mvm-vmm` binary of the same profile as the running test.
+pub fn mvm_vmm() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/mvm-vmm
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let bin = profile_dir.join("mvm-vmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, same profile as the tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mvm-test-{}-{}", name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Write `vm.toml` into `dir` and return its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("vm.toml");
+    std::fs::write(&path, text).expect("write vm.toml");
+    path
+}
+
+/// A `vm.toml` for the test guest.
+pub fn guest_config(vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
+    format!(
+        "version = 1\n[machine]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 reboot=k panic=-1 {cmdline_extra}\"\n[console]\ninput = \"stdin\"\n",
+        guest_file("vmlinux").display(),
+        guest_file("initramfs.cpio").display()
+    )
+}
+
+/// A running `mvm-vmm` whose console lines arrive on a channel.
+pub struct RunningVm {
+    child: Child,
+    lines: mpsc::Receiver<(Duration, String)>,
+    started: Instant,
+    /// Every console line so far, with its arrival time.
+    pub transcript: Vec<(Duration, String)>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// How a run ended.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub transcript: Vec<(Duration, String)>,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The guest's `MVM-RESULT key=value` lines.
+    pub fn results(&self) -> BTreeMap<String, String> {
+        parse_results(self.transcript.iter().map(|(_, l)| l.as_str()))
+    }
+
+    /// The console output as one string.
+    pub fn console(&self) -> String {
+        self.transcript.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Parse `MVM-RESULT key=value` lines.
+pub fn parse_results<'a>(lines: impl Iterator<Item = &'a str>) -> BTreeMap<String, String> {
+    lines
+        .filter_map(|l| l.trim_end().split_once("MVM-RESULT ").map(|(_, kv)| kv))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl RunningVm {
+    /// Start `mvm-vmm run <config>` with piped stdin, stdout and stderr.
+    pub fn start(config: &Path) -> Self {
+        Self::start_bin(&mvm_vmm(), config)
+    }
+
+    pub fn start_bin(bin: &Path, config: &Path) -> Self {
+        let started = Instant::now();
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg(config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mvm-vmm");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while reader.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                if tx.send((started.elapsed(), line)).is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        RunningVm { child, lines, started, transcript: Vec::new(), stderr }
+    }
+
+    /// Wait for a console line containing `needle`; `None` on timeout or
+    /// when the VMM's output ends first.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<Duration> {
+        let deadline = self.started + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, line)) => {
+                    let hit = line.contains(needle);
+                    self.transcript.push((at, line));
+                    if hit {
+                        return Some(at);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Send bytes to the guest console.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(bytes).expect("write to mvm-vmm stdin");
+        stdin.flush().expect("flush");
+    }
+
+    /// Signal the VMM.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Wait for the VMM to exit, killing it after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Finished {
+        let deadline = self.started + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let status = self.child.wait().expect("wait");
+                let rest: Vec<_> = self.lines.try_iter().collect();
+                self.transcript.extend(rest);
+                panic!(
+                    "mvm-vmm did not exit within {timeout:?} (killed: {status}); console so far:\n{}",
+                    self.transcript.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends with the pipe; collect what is left.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.transcript.push(line);
+        }
+        let stderr = self.stderr.join().unwrap_or_default();
+        Finished { status, transcript: self.transcript, stderr }
+    }
+}
+
+/// Run `mvm-vmm run <config>` to completion without input.
+pub fn run_to_end(config: &Path, timeout: Duration) -> Finished {
+    RunningVm::start(config).finish(timeout)
+}
+
+/// A minimal ELF64 x86-64 executable whose single segment holds `code`,
+/// loaded and entered at `load_addr`: a guest for the VMM's own tests and
+/// benchmarks that needs no kernel.
+pub fn elf_guest(code: &[u8], load_addr: u64) -> Vec<u8> {
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut elf = Vec::with_capacity(CODE_OFFSET as usize + code.len());
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // 64-bit, LE, v1, SysV
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&load_addr.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&56u16.to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes());
+    elf.extend_from_slice(&[0; 6]);
+    // PT_LOAD, R+X
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&CODE_OFFSET.to_le_bytes());
+    elf.extend_from_slice(&load_addr.to_le_bytes());
+    elf.extend_from_slice(&load_addr.to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Guest code: write `byte` to COM1, then pulse the i8042 reset line.
+pub fn uart_then_reset_code(byte: u8) -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, byte, // mov al, byte
+        0xee, // out dx, al
+        0xb0, 0xfe, // mov al, 0xfe
+        0xe6, 0x64, // out 0x64, al
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ]
+}
+
+/// The trivial benchmark guest: one byte to the UART, then reset.
+pub fn trivial_guest(byte: u8) -> Vec<u8> {
+    elf_guest(&uart_then_reset_code(byte), 0x10_0000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_parse_with_noise() {
+        let lines = ["[ 1.0] x", "MVM-RESULT a=1", "\rMVM-RESULT cmdline=x=y z", "MVM-RESULT bad", "MVM-DONE"];
+        let r = parse_results(lines.into_iter());
+        assert_eq!(r.len(), 2);
+        assert_eq!(r["a"], "1");
+        assert_eq!(r["cmdline"], "x=y z");
+    }
+
+    #[test]
+    fn elf_guest_has_one_loadable_segment() {
+        let elf = trivial_guest(b'X');
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!(u64::from_le_bytes(elf[24..32].try_into().unwrap()), 0x10_0000);
+        assert_eq!(&elf[0x1000..0x1006], &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'X']);
+    }
+}

@@ -1,0 +1,502 @@
+//! VM configuration: built in code ([`VmConfig::new`]) or read from a
+//! `vm.toml` file ([`VmConfig::from_file`]).
+//!
+//! The file format (every key, its default and meaning, is documented in
+//! `docs/vm-toml.md`):
+//!
+//! ```toml
+//! version = 1
+//!
+//! [machine]
+//! vcpus = 2           # default 1
+//! memory_mib = 256    # default 128
+//! acpi = true         # default true
+//!
+//! [boot]
+//! kernel = "vmlinux"  # required; ELF vmlinux or bzImage
+//! initrd = "initramfs.cpio"
+//! cmdline = "console=ttyS0 reboot=k panic=-1"
+//! host_cmdline = true # default true: add what this host's KVM needs
+//!
+//! [console]
+//! output = "stdio"    # "stdio" (default), "file" or "none"
+//! file = "console.log"
+//! input = "auto"      # "auto" (default), "stdin" or "none"
+//! ```
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The only `version` of the file format so far.
+pub const CONFIG_VERSION: u32 = 1;
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+/// Default kernel command line: serial console, reboot through the i8042
+/// (which ends the VM), and reboot (so: end the VM) on a kernel panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Upper bound on guest memory, far above any use here; it keeps size
+/// arithmetic comfortably inside u64.
+pub const MAX_MEMORY_MIB: u32 = 1 << 24; // 16 TiB
+
+/// A complete VM definition.
+#[derive(Debug)]
+pub struct VmConfig {
+    pub machine: MachineConfig,
+    pub boot: BootConfig,
+    pub console: ConsoleConfig,
+}
+
+/// vCPUs, memory and platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to the host's limit (at most 254).
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Provide ACPI tables (needed for guest power-off and by stock kernels).
+    pub acpi: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    /// Uncompressed ELF `vmlinux` or `bzImage`.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (cpio, optionally compressed if the kernel supports it).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Append the arguments this host's KVM needs (see [`crate::host`]).
+    pub host_cmdline: bool,
+}
+
+/// Where the guest's serial console goes.
+pub enum ConsoleOutput {
+    /// This process's standard output.
+    Stdout,
+    /// A file, created or truncated at start.
+    File(PathBuf),
+    /// Any writer, e.g. the sending half of [`crate::console::channel`].
+    Writer(Box<dyn Write + Send>),
+    /// Discard.
+    Null,
+}
+
+impl fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleOutput::Stdout => write!(f, "Stdout"),
+            ConsoleOutput::File(p) => write!(f, "File({})", p.display()),
+            ConsoleOutput::Writer(_) => write!(f, "Writer(..)"),
+            ConsoleOutput::Null => write!(f, "Null"),
+        }
+    }
+}
+
+/// Where the guest's serial input comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleInput {
+    /// This process's standard input; a terminal is put in raw mode for the
+    /// run (Ctrl-A x ends the VM) and restored afterwards.
+    Stdin,
+    /// No input.
+    None,
+}
+
+/// Serial console configuration.
+#[derive(Debug)]
+pub struct ConsoleConfig {
+    pub output: ConsoleOutput,
+    pub input: ConsoleInput,
+}
+
+impl VmConfig {
+    /// A configuration with every default: 1 vCPU, 128 MiB, ACPI on,
+    /// [`DEFAULT_CMDLINE`], console on stdout without input.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            machine: MachineConfig {
+                vcpus: DEFAULT_VCPUS,
+                memory_mib: DEFAULT_MEMORY_MIB,
+                acpi: true,
+            },
+            boot: BootConfig {
+                kernel: kernel.into(),
+                initrd: None,
+                cmdline: DEFAULT_CMDLINE.to_string(),
+                host_cmdline: true,
+            },
+            console: ConsoleConfig {
+                output: ConsoleOutput::Stdout,
+                input: ConsoleInput::None,
+            },
+        }
+    }
+
+    /// Read a `vm.toml` file. Relative paths in it are relative to the
+    /// file's directory.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_toml(&text, &path.display().to_string(), base)
+    }
+
+    /// Parse `vm.toml` text. `origin` names the text in error messages;
+    /// relative paths are resolved against `base_dir`.
+    pub fn from_toml(text: &str, origin: &str, base_dir: &Path) -> Result<Self> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
+        if file.version != CONFIG_VERSION {
+            return Err(Error::ConfigValue {
+                key: "version",
+                value: file.version.to_string(),
+                reason: format!("this microvm-dev reads version {CONFIG_VERSION}"),
+            });
+        }
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base_dir.join(p) };
+        let console = file.console;
+        let output = match (console.output, console.file) {
+            (OutputKind::Stdio, None) => ConsoleOutput::Stdout,
+            (OutputKind::None, None) => ConsoleOutput::Null,
+            (OutputKind::File, Some(f)) => ConsoleOutput::File(resolve(f)),
+            (OutputKind::File, None) => {
+                return Err(Error::ConfigValue {
+                    key: "console.output",
+                    value: "\"file\"".into(),
+                    reason: "needs console.file = \"<path>\"".into(),
+                })
+            }
+            (_, Some(f)) => {
+                return Err(Error::ConfigPath {
+                    key: "console.file",
+                    path: f,
+                    reason: "only used with console.output = \"file\"".into(),
+                })
+            }
+        };
+        let input = match console.input {
+            InputKind::Stdin => ConsoleInput::Stdin,
+            InputKind::None => ConsoleInput::None,
+            InputKind::Auto if matches!(output, ConsoleOutput::Stdout) => ConsoleInput::Stdin,
+            InputKind::Auto => ConsoleInput::None,
+        };
+        Ok(VmConfig {
+            machine: MachineConfig {
+                vcpus: file.machine.vcpus,
+                memory_mib: file.machine.memory_mib,
+                acpi: file.machine.acpi,
+            },
+            boot: BootConfig {
+                kernel: resolve(file.boot.kernel),
+                initrd: file.boot.initrd.map(resolve),
+                cmdline: file.boot.cmdline,
+                host_cmdline: file.boot.host_cmdline,
+            },
+            console: ConsoleConfig { output, input },
+        })
+    }
+
+    /// Check values that need no kernel: vCPU count against `max_vcpus`
+    /// (the host's limit), memory size, the files named.
+    pub fn validate(&self, max_vcpus: u32) -> Result<()> {
+        let m = &self.machine;
+        if m.vcpus == 0 {
+            return Err(Error::ConfigValue {
+                key: "machine.vcpus",
+                value: "0".into(),
+                reason: "a VM needs at least 1 vCPU".into(),
+            });
+        }
+        if m.vcpus > max_vcpus {
+            return Err(Error::ConfigValue {
+                key: "machine.vcpus",
+                value: m.vcpus.to_string(),
+                reason: format!("this host allows at most {max_vcpus} vCPUs per VM"),
+            });
+        }
+        if m.memory_mib == 0 || m.memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::ConfigValue {
+                key: "machine.memory_mib",
+                value: m.memory_mib.to_string(),
+                reason: format!("must be between 1 and {MAX_MEMORY_MIB}"),
+            });
+        }
+        check_file("boot.kernel", &self.boot.kernel)?;
+        if let Some(initrd) = &self.boot.initrd {
+            check_file("boot.initrd", initrd)?;
+        }
+        if let Some(bad) = self.boot.cmdline.chars().find(|c| !(' '..='~').contains(c)) {
+            return Err(Error::Cmdline(format!(
+                "contains {bad:?}; only printable ASCII is passed to the kernel"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A file the VM needs must exist and be a readable regular file.
+pub(crate) fn check_file(key: &'static str, path: &Path) -> Result<std::fs::File> {
+    let fail = |reason: String| Error::ConfigPath {
+        key,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => fail("file not found".into()),
+        _ => fail(format!("cannot open: {e}")),
+    })?;
+    let meta = file.metadata().map_err(|e| fail(format!("cannot stat: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    Ok(file)
+}
+
+/// One line: `file:line:column: message (in `source line`)`.
+fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> Error {
+    let (location, snippet) = match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let col = text[line_start..start].chars().count() + 1;
+            let line = text[line_start..].lines().next().unwrap_or("").trim();
+            (format!("{origin}:{line_no}:{col}"), line.to_string())
+        }
+        None => (origin.to_string(), String::new()),
+    };
+    let message = e.message().trim().replace('\n', " ");
+    let message = if snippet.is_empty() {
+        message
+    } else {
+        format!("{message} (in `{snippet}`)")
+    };
+    Error::ConfigSyntax { location, message }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    version: u32,
+    #[serde(default)]
+    machine: FileMachine,
+    boot: FileBoot,
+    #[serde(default)]
+    console: FileConsole,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMachine {
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default = "default_memory")]
+    memory_mib: u32,
+    #[serde(default = "default_true")]
+    acpi: bool,
+}
+
+impl Default for FileMachine {
+    fn default() -> Self {
+        FileMachine {
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            acpi: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBoot {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    cmdline: String,
+    #[serde(default = "default_true")]
+    host_cmdline: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConsole {
+    #[serde(default)]
+    output: OutputKind,
+    file: Option<PathBuf>,
+    #[serde(default)]
+    input: InputKind,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum OutputKind {
+    #[default]
+    Stdio,
+    File,
+    None,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum InputKind {
+    #[default]
+    Auto,
+    Stdin,
+    None,
+}
+
+fn default_vcpus() -> u32 {
+    DEFAULT_VCPUS
+}
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig> {
+        VmConfig::from_toml(text, "vm.toml", Path::new("/etc/vms"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolves_paths() {
+        let c = parse("version = 1\n[boot]\nkernel = \"vmlinux\"\n").unwrap();
+        assert_eq!(c.machine, MachineConfig { vcpus: 1, memory_mib: 128, acpi: true });
+        assert_eq!(c.boot.kernel, PathBuf::from("/etc/vms/vmlinux"));
+        assert_eq!(c.boot.cmdline, DEFAULT_CMDLINE);
+        assert!(c.boot.host_cmdline);
+        assert!(matches!(c.console.output, ConsoleOutput::Stdout));
+        assert_eq!(c.console.input, ConsoleInput::Stdin);
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"version = 1
+[machine]
+vcpus = 4
+memory_mib = 512
+acpi = false
+[boot]
+kernel = "/boot/vmlinux"
+initrd = "../initrd.img"
+cmdline = "console=ttyS0 quiet"
+host_cmdline = false
+[console]
+output = "file"
+file = "log/console.txt"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine, MachineConfig { vcpus: 4, memory_mib: 512, acpi: false });
+        assert_eq!(c.boot.kernel, PathBuf::from("/boot/vmlinux"));
+        assert_eq!(c.boot.initrd, Some(PathBuf::from("/etc/vms/../initrd.img")));
+        assert!(!c.boot.host_cmdline);
+        assert!(matches!(&c.console.output, ConsoleOutput::File(p) if p == Path::new("/etc/vms/log/console.txt")));
+        assert_eq!(c.console.input, ConsoleInput::None);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let e = err("version = 1\n[machine]\nvcpu = 2\n[boot]\nkernel = \"k\"\n");
+        assert!(e.starts_with("vm.toml:3:1: unknown field `vcpu`"), "{e}");
+        assert!(e.contains("`vcpus`"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = err("version = 1\nvcpus = 2\n[boot]\nkernel = \"k\"\n");
+        assert!(e.contains("unknown field `vcpus`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = err("version = 1\n[machine]\nvcpus = \"two\"\n[boot]\nkernel = \"k\"\n");
+        assert!(e.starts_with("vm.toml:3:"), "{e}");
+        assert!(e.contains("invalid type") && e.contains("vcpus = \"two\""), "{e}");
+        let e = err("version = 1\n[machine]\nmemory_mib = -5\n[boot]\nkernel = \"k\"\n");
+        assert!(e.contains("memory_mib = -5"), "{e}");
+        let e = err("version = 1\n[console]\noutput = \"tty\"\n[boot]\nkernel = \"k\"\n");
+        assert!(e.contains("unknown variant `tty`"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_wrong_version() {
+        let e = err("[boot]\nkernel = \"k\"\n");
+        assert!(e.contains("missing field `version`"), "{e}");
+        let e = err("version = 2\n[boot]\nkernel = \"k\"\n");
+        assert_eq!(e, "version = 2: this microvm-dev reads version 1");
+        let e = err("version = 1\n");
+        assert!(e.contains("missing field `boot`"), "{e}");
+        let e = err("version = 1\n[boot]\ninitrd = \"i\"\n");
+        assert!(e.contains("missing field `kernel`"), "{e}");
+    }
+
+    #[test]
+    fn console_file_consistency() {
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[console]\noutput = \"file\"\n");
+        assert_eq!(e, "console.output = \"file\": needs console.file = \"<path>\"");
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[console]\nfile = \"x\"\n");
+        assert!(e.starts_with("console.file = \"x\""), "{e}");
+        let c = parse("version = 1\n[boot]\nkernel = \"k\"\n[console]\noutput = \"none\"\ninput = \"stdin\"\n").unwrap();
+        assert!(matches!(c.console.output, ConsoleOutput::Null));
+        assert_eq!(c.console.input, ConsoleInput::Stdin);
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        let dir = std::env::temp_dir().join(format!("mvm-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"x").unwrap();
+        let mut c = VmConfig::new(&kernel);
+        assert!(c.validate(8).is_ok());
+
+        c.machine.vcpus = 0;
+        assert_eq!(c.validate(8).unwrap_err().to_string(), "machine.vcpus = 0: a VM needs at least 1 vCPU");
+        c.machine.vcpus = 9;
+        assert_eq!(
+            c.validate(8).unwrap_err().to_string(),
+            "machine.vcpus = 9: this host allows at most 8 vCPUs per VM"
+        );
+        c.machine.vcpus = 1;
+        c.machine.memory_mib = 0;
+        assert!(c.validate(8).unwrap_err().to_string().starts_with("machine.memory_mib = 0:"));
+        c.machine.memory_mib = 128;
+
+        c.boot.initrd = Some(dir.join("missing.cpio"));
+        let e = c.validate(8).unwrap_err();
+        assert!(e.is_config_error());
+        assert_eq!(e.to_string(), format!("boot.initrd = \"{}\": file not found", dir.join("missing.cpio").display()));
+        c.boot.initrd = Some(dir.clone());
+        assert!(c.validate(8).unwrap_err().to_string().ends_with("not a regular file"));
+        c.boot.initrd = None;
+
+        c.boot.cmdline = "console=ttyS0\nfoo".into();
+        assert!(c.validate(8).unwrap_err().to_string().starts_with("boot.cmdline: contains '\\n'"));
+        c.boot.cmdline = DEFAULT_CMDLINE.into();
+
+        c.boot.kernel = dir.join("nope");
+        assert!(c.validate(8).unwrap_err().to_string().starts_with("boot.kernel = "));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

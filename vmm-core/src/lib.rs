@@ -1,0 +1,56 @@
+//! # microvm-dev
+//!
+//! An embedded KVM virtual machine monitor: link this crate, describe a VM
+//! in a [`VmConfig`], and boot a Linux kernel directly (no firmware) inside
+//! your process.
+//!
+//! ```no_run
+//! use microvm_dev::{console, ConsoleOutput, Vm, VmConfig, VmExit};
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), microvm_dev::Error> {
+//! let mut config = VmConfig::new("vmlinux");
+//! config.boot.initrd = Some("initramfs.cpio".into());
+//! config.machine.vcpus = 2;
+//! config.machine.memory_mib = 256;
+//! // Read the serial console from this program instead of stdout.
+//! let (tx, mut rx) = console::channel();
+//! config.console.output = ConsoleOutput::Writer(Box::new(tx));
+//!
+//! let vm = Vm::new(config)?;          // all checks and setup happen here
+//! let handle = vm.handle();           // stop it from any thread
+//! let runner = std::thread::spawn(move || vm.run());
+//! while let Ok(Some(line)) = rx.read_line_timeout(Duration::from_secs(600)) {
+//!     println!("guest: {line}");
+//!     if line.contains("login:") {
+//!         handle.stop();
+//!     }
+//! }
+//! match runner.join().expect("VM thread")? {
+//!     VmExit::PowerOff => println!("guest powered off"),
+//!     VmExit::Reboot => println!("guest rebooted"),
+//!     VmExit::Crash(report) => eprintln!("guest crashed: {report}"),
+//!     VmExit::Stopped(reason) => println!("stopped: {reason:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same configuration can come from a `vm.toml` file
+//! ([`VmConfig::from_file`]); the `mvm-vmm run vm.toml` binary is a thin
+//! wrapper around exactly this API.
+//!
+//! Host differences (hardware KVM versus the PVM hypervisor of this
+//! project's CI machines) are detected at run time in [`host`].
+
+pub mod config;
+pub mod console;
+mod error;
+pub mod host;
+mod vcpu;
+mod vm;
+pub mod x86_64;
+
+pub use config::{BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, VmConfig};
+pub use error::{Error, Result};
+pub use vm::{CrashReport, StopReason, Vm, VmExit, VmHandle};

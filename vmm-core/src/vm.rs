@@ -1,0 +1,471 @@
+//! A VM: built from a [`VmConfig`] by [`Vm::new`], run to its end by
+//! [`Vm::run`], stoppable from any thread through a [`VmHandle`].
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use mvm_devices::bus::PioBus;
+use mvm_devices::legacy::{
+    AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
+    I8042_PORT_LEN, SLEEP_CONTROL_PORT,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{check_file, ConsoleInput, VmConfig};
+use crate::console::{open_output, InputPump, RawTerminal};
+use crate::host::{compose_cmdline, HostKind, InternalError};
+use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
+use crate::{vcpu, Error, Result};
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5, or a KVM shutdown event).
+    PowerOff,
+    /// The guest reset the machine (i8042 reset line, ACPI reset register).
+    Reboot,
+    /// The guest could not continue; the report says why and where.
+    Crash(CrashReport),
+    /// The host stopped the VM.
+    Stopped(StopReason),
+}
+
+/// Why the host stopped a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// [`VmHandle::stop`] was called.
+    Requested,
+    /// Ctrl-A x on an interactive console.
+    ConsoleEscape,
+}
+
+/// What is known about a guest crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashReport {
+    /// The vCPU that saw it.
+    pub vcpu: u32,
+    /// What happened, in words.
+    pub reason: String,
+    /// Guest instruction pointer at the time, when readable.
+    pub rip: Option<u64>,
+    /// The decoded emulation failure, for `KVM_EXIT_INTERNAL_ERROR`.
+    pub internal: Option<InternalError>,
+}
+
+impl std::fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vCPU {}: {}", self.vcpu, self.reason)?;
+        if let Some(rip) = self.rip {
+            write!(f, " at RIP {rip:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the VM's threads and handles.
+pub(crate) struct VmShared {
+    stopping: AtomicBool,
+    exit: Mutex<Option<VmExit>>,
+    wake: EventFd,
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl VmShared {
+    fn new() -> Result<Self> {
+        Ok(VmShared {
+            stopping: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(Error::host("creating the VM's wake-up eventfd"))?,
+            vcpu_threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Record how the VM ended (the first report wins) and make every
+    /// thread wind down.
+    pub(crate) fn set_exit(&self, exit: VmExit) {
+        {
+            let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(exit);
+            }
+        }
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        self.kick_vcpus();
+    }
+
+    pub(crate) fn request_stop(&self, reason: StopReason) {
+        self.set_exit(VmExit::Stopped(reason));
+    }
+
+    fn kick_vcpus(&self) {
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            // SAFETY: the threads are joined only after the list is cleared.
+            unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+        }
+    }
+}
+
+/// Stops a VM from any thread.
+#[derive(Clone)]
+pub struct VmHandle(Arc<VmShared>);
+
+impl VmHandle {
+    /// Stop the VM: [`Vm::run`] returns `VmExit::Stopped(StopReason::Requested)`
+    /// unless the guest ended first.
+    pub fn stop(&self) {
+        self.0.request_stop(StopReason::Requested);
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    // Field order is drop order: vCPUs and devices before the VM fd,
+    // memory last.
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<PioBus>,
+    serial: Arc<Mutex<SerialPort>>,
+    reset: Arc<Mutex<ResetController>>,
+    sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
+    console_input: ConsoleInput,
+    cmdline: String,
+    host: HostKind,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    _memory: GuestMemoryMmap,
+}
+
+fn kvm_error(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    Error::kvm(op)
+}
+
+impl Vm {
+    /// Build the VM: check the configuration, create the KVM VM, load the
+    /// kernel and initrd, write the boot structures, create devices and
+    /// vCPUs. Nothing runs until [`Vm::run`].
+    pub fn new(config: VmConfig) -> Result<Self> {
+        let host = HostKind::detect();
+        if let Some(warning) = host.warning(config.boot.host_cmdline) {
+            log::warn!("{warning}");
+        }
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(mptable::MAX_VCPUS));
+        config.validate(max_vcpus)?;
+        let vcpus = config.machine.vcpus as u8; // validated: 1..=254
+        let mem_size = u64::from(config.machine.memory_mib) << 20;
+
+        let mut kernel_file = check_file("boot.kernel", &config.boot.kernel)?;
+        let info = boot::inspect_kernel(&config.boot.kernel, &mut kernel_file)?;
+        let initrd = match &config.boot.initrd {
+            Some(path) => {
+                let file = check_file("boot.initrd", path)?;
+                let size = file.metadata().map_err(Error::host(format!("reading {}", path.display())))?.len();
+                Some((path.clone(), file, size))
+            }
+            None => None,
+        };
+        let initrd_size = initrd.as_ref().map_or(0, |(_, _, s)| *s);
+        let initrd_addr = boot::place_initrd(config.machine.memory_mib, &info, initrd_size)?;
+
+        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        if kvm.check_extension(Cap::SetIdentityMapAddr) {
+            vm_fd
+                .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+                .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        }
+        vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))?;
+
+        let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
+        for id in 0..vcpus {
+            vcpu_fds.push(vm_fd.create_vcpu(u64::from(id)).map_err(kvm_error("KVM_CREATE_VCPU"))?);
+        }
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
+        let cmdline = compose_cmdline(&config.boot.cmdline, host, config.boot.host_cmdline, tsc_khz);
+        if cmdline.len() > info.cmdline_max {
+            return Err(Error::Cmdline(format!(
+                "{} bytes{}; this kernel accepts at most {}",
+                cmdline.len(),
+                if cmdline.len() > config.boot.cmdline.len() { " with the host's additions" } else { "" },
+                info.cmdline_max
+            )));
+        }
+
+        let memory = create_memory(&vm_fd, mem_size)?;
+
+        let kernel = boot::load_kernel(&memory, &config.boot.kernel, &mut kernel_file, info)?;
+        let initrd_region = match initrd {
+            Some((path, mut file, size)) => {
+                let len = usize::try_from(size).map_err(|_| Error::GuestMemory("initrd too large".into()))?;
+                memory
+                    .read_exact_volatile_from(GuestAddress(initrd_addr), &mut file, len)
+                    .map_err(|e| Error::ConfigPath { key: "boot.initrd", path, reason: format!("cannot load: {e}") })?;
+                Some((initrd_addr, size))
+            }
+            None => None,
+        };
+        let mut cmdline_bytes = cmdline.clone().into_bytes();
+        cmdline_bytes.push(0);
+        boot::write_blob(&memory, layout::CMDLINE_ADDR, &cmdline_bytes, "the kernel command line")?;
+        boot::write_blob(&memory, layout::SETUP_DATA_ADDR, &boot::rng_seed_setup_data()?, "the RNG seed")?;
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpu_signature = supported.as_slice().iter().find(|e| e.function == 1).map_or(0, |e| e.eax);
+        let mp = mptable::build(layout::MPTABLE_ADDR, vcpus, cpu_signature).map_err(Error::GuestMemory)?;
+        boot::write_blob(&memory, layout::MPTABLE_ADDR, &mp, "the MP table")?;
+        let rsdp_addr = if config.machine.acpi {
+            let tables = acpi::build(layout::ACPI_ADDR, vcpus);
+            boot::write_blob(&memory, layout::ACPI_ADDR, &tables.bytes, "the ACPI tables")?;
+            Some(tables.rsdp_addr)
+        } else {
+            None
+        };
+        let params = boot::build_boot_params(&boot::BootParamsInput {
+            kernel: &kernel,
+            mem_size,
+            cmdline_len: cmdline.len(),
+            initrd: initrd_region,
+            rsdp_addr,
+            setup_data: Some(layout::SETUP_DATA_ADDR),
+        })?;
+        Bytes::write_obj(&memory, params, GuestAddress(layout::ZERO_PAGE_ADDR))
+            .map_err(|e| Error::GuestMemory(format!("cannot write boot_params: {e}")))?;
+        regs::write_boot_tables(&memory).map_err(|e| Error::GuestMemory(format!("cannot write page tables: {e}")))?;
+
+        // Devices.
+        let output = open_output(config.console.output)?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(output)?));
+        {
+            let port = serial.lock().unwrap_or_else(|e| e.into_inner());
+            vm_fd.register_irqfd(port.irq().eventfd(), COM1_IRQ).map_err(kvm_error("KVM_IRQFD (serial)"))?;
+        }
+        let reset = Arc::new(Mutex::new(ResetController::new()?));
+        let mut bus = PioBus::new();
+        bus.insert("serial", COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())?;
+        bus.insert("i8042", I8042_PORT_BASE, I8042_PORT_LEN, reset.clone())?;
+        let sleep = if config.machine.acpi {
+            let dev = Arc::new(Mutex::new(AcpiSleepControl::new()?));
+            bus.insert("acpi-sleep", SLEEP_CONTROL_PORT, 1, dev.clone())?;
+            Some(dev)
+        } else {
+            None
+        };
+
+        // vCPUs.
+        for (fd, id) in vcpu_fds.iter().zip(0u8..) {
+            let mut cpuid = supported.clone();
+            cpuid::adjust(cpuid.as_mut_slice(), id, vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+            if let Some(msrs) = regs::boot_msrs() {
+                fd.set_msrs(&msrs).map_err(kvm_error("KVM_SET_MSRS"))?;
+            }
+            let mut lapic = fd.get_lapic().map_err(kvm_error("KVM_GET_LAPIC"))?;
+            regs::configure_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_error("KVM_SET_LAPIC"))?;
+            fd.set_fpu(&regs::boot_fpu()).map_err(kvm_error("KVM_SET_FPU"))?;
+            if id == 0 {
+                let sregs = fd.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
+                fd.set_sregs(&regs::boot_sregs(sregs)).map_err(kvm_error("KVM_SET_SREGS"))?;
+                fd.set_regs(&regs::boot_regs(kernel.entry)).map_err(kvm_error("KVM_SET_REGS"))?;
+            }
+        }
+
+        log::info!(
+            "VM ready: {vcpus} vCPU(s), {} MiB, {:?} kernel entry {:#x}, cmdline: {cmdline}",
+            config.machine.memory_mib,
+            kernel.info.format,
+            kernel.entry
+        );
+        Ok(Vm {
+            shared: Arc::new(VmShared::new()?),
+            vcpus: vcpu_fds,
+            bus: Arc::new(bus),
+            serial,
+            reset,
+            sleep,
+            console_input: config.console.input,
+            cmdline,
+            host,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            _memory: memory,
+        })
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.shared.clone())
+    }
+
+    /// The kernel command line as passed to the guest.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The kind of KVM this VM runs on.
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// Run the guest until it powers off, reboots, crashes or is stopped.
+    pub fn run(mut self) -> Result<VmExit> {
+        vcpu::install_kick_handler();
+        let stdin = std::io::stdin().as_raw_fd();
+        // Restored when `_terminal` drops, on every way out of this function.
+        let _terminal = match self.console_input {
+            ConsoleInput::Stdin => RawTerminal::enter(stdin)?,
+            ConsoleInput::None => None,
+        };
+
+        let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().map_err(|e| Error::Host {
+                what: "creating the event loop".into(),
+                source: std::io::Error::other(format!("{e:?}")),
+            })?;
+        let watcher = ExitWatcher {
+            vm: self.shared.clone(),
+            reset: raw(&self.reset, |d: &ResetController| d.reset_requested().eventfd().as_raw_fd()),
+            poweroff: self.sleep.as_ref().map(|s| raw(s, |d: &AcpiSleepControl| d.poweroff_requested().eventfd().as_raw_fd())),
+        };
+        events.add_subscriber(Box::new(watcher));
+        if self.console_input == ConsoleInput::Stdin {
+            let interactive = _terminal.is_some();
+            events.add_subscriber(Box::new(InputPump::new(stdin, interactive, self.serial.clone(), self.shared.clone())));
+        }
+
+        let start = Arc::new(vcpu::StartGate::default());
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let (bus, vm, start) = (self.bus.clone(), self.shared.clone(), start.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .stack_size(256 << 10)
+                .spawn(move || vcpu::run(fd, id as u32, bus, vm, start));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    self.shared.request_stop(StopReason::Requested);
+                    break;
+                }
+            }
+        }
+        {
+            let mut ids = self.shared.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
+            ids.extend(threads.iter().map(|t| t.as_pthread_t()));
+        }
+        start.open();
+        if let Some(e) = spawn_error {
+            // The threads that did start see the stop at once.
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(Error::host("starting a vCPU thread")(e));
+        }
+
+        while !self.shared.stopping() {
+            if let Err(e) = events.run() {
+                self.shared.request_stop(StopReason::Requested);
+                log::error!("event loop failed: {e:?}");
+                break;
+            }
+        }
+        self.shared.kick_vcpus();
+        let mut panicked = None;
+        for (id, t) in threads.into_iter().enumerate() {
+            if t.join().is_err() {
+                panicked.get_or_insert(id);
+            }
+        }
+        self.shared.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(id) = panicked {
+            self.shared.set_exit(VmExit::Crash(CrashReport {
+                vcpu: id as u32,
+                reason: "the vCPU thread panicked (a VMM bug; please report it)".into(),
+                rip: None,
+                internal: None,
+            }));
+        }
+        let exit = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(exit.unwrap_or(VmExit::Stopped(StopReason::Requested)))
+    }
+}
+
+fn raw<T>(dev: &Arc<Mutex<T>>, f: impl Fn(&T) -> RawFd) -> RawFd {
+    f(&dev.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Allocate guest RAM (lazily backed: untouched pages cost nothing) and
+/// register it with KVM.
+fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
+        .map_err(|e| Error::GuestMemory(format!("cannot map {} MiB: {e}", size >> 20)))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region stays mapped for as long as the VM exists: the
+        // Vm owns `memory` and drops it after the VM fd.
+        unsafe { vm_fd.set_user_memory_region(mem_region) }.map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(memory)
+}
+
+/// Turns device requests (reset, power off) into the VM's exit.
+struct ExitWatcher {
+    vm: Arc<VmShared>,
+    reset: RawFd,
+    poweroff: Option<RawFd>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        let mut count = [0u8; 8];
+        // SAFETY: drains an eventfd counter into a valid 8-byte buffer.
+        unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
+        if fd == self.reset {
+            self.vm.set_exit(VmExit::Reboot);
+        } else if Some(fd) == self.poweroff {
+            self.vm.set_exit(VmExit::PowerOff);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [Some(self.vm.wake.as_raw_fd()), Some(self.reset), self.poweroff];
+        for fd in fds.into_iter().flatten() {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch VM exit events: {e:?}");
+            }
+        }
+    }
+}

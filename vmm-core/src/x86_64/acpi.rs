@@ -1,0 +1,190 @@
+//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT and
+//! a DSDT. They let stock kernels find the vCPUs and IOAPIC, and give the
+//! guest a way to power off (S5 through the FADT's sleep control register).
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::{aml, rsdp::Rsdp, xsdt::XSDT, Aml};
+use mvm_devices::legacy::{I8042_PORT_BASE, SLEEP_CONTROL_PORT};
+
+use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+
+const OEM_ID: [u8; 6] = *b"MVMDEV";
+const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
+const OEM_REVISION: u32 = 1;
+
+/// IAPC_BOOT_ARCH: no VGA, no MSI (there is no PCI), no CMOS RTC, so the
+/// guest skips probing for them.
+const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+/// MADT flag: the platform also has dual 8259 PICs (KVM's in-kernel PIC).
+const MADT_PCAT_COMPAT: u32 = 1;
+/// Value written to the i8042 command port to pulse the CPU reset line.
+const I8042_RESET_VALUE: u8 = 0xfe;
+
+/// The tables laid out for guest address `base`.
+pub struct AcpiTables {
+    /// All tables, to be copied to `base`.
+    pub bytes: Vec<u8>,
+    /// Guest address of the RSDP (for boot_params.acpi_rsdp_addr).
+    pub rsdp_addr: u64,
+}
+
+fn align8(v: usize) -> usize {
+    (v + 7) & !7
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
+}
+
+fn build_dsdt() -> Vec<u8> {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // \_S5: SLP_TYP for soft-off, as AcpiSleepControl decodes it.
+    let s5_type = mvm_devices::legacy::SLEEP_CONTROL_S5_TYPE;
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]),
+    );
+    let mut body = Vec::new();
+    s5.to_aml_bytes(&mut body);
+    dsdt.append_slice(&body);
+    dsdt.as_slice().to_vec()
+}
+
+fn build_madt(vcpus: u8) -> Vec<u8> {
+    let mut madt = Sdt::new(*b"APIC", 44, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..vcpus {
+        // Processor Local APIC: type 0, length 8, UID, APIC ID, enabled.
+        madt.append_slice(&[0, 8, id, id, 1, 0, 0, 0]);
+    }
+    // I/O APIC: type 1, length 12, ID after the last vCPU, address, GSI base 0.
+    let mut ioapic = vec![1, 12, vcpus, 0];
+    ioapic.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&ioapic);
+    madt.as_slice().to_vec()
+}
+
+/// Build the tables for `vcpus` vCPUs at guest address `base`.
+pub fn build(base: u64, vcpus: u8) -> AcpiTables {
+    let dsdt = build_dsdt();
+    let madt = build_madt(vcpus);
+
+    let rsdp_off = 0usize;
+    let xsdt_off = align8(rsdp_off + Rsdp::len());
+    let xsdt_len = 36 + 8 * 2;
+    let fadt_off = align8(xsdt_off + xsdt_len);
+    let dsdt_off = align8(fadt_off + acpi_tables::fadt::FADT::len());
+    let madt_off = align8(dsdt_off + dsdt.len());
+    let total = madt_off + madt.len();
+    let addr = |off: usize| base + off as u64;
+
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(addr(dsdt_off))
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = (BOOT_ARCH_VGA_NOT_PRESENT
+        | BOOT_ARCH_MSI_NOT_SUPPORTED
+        | BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+        .into();
+    fadt.sleep_control_reg = io_register(SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_register(SLEEP_CONTROL_PORT);
+    // ACPI reboot pulses the same i8042 reset line as `reboot=k`.
+    fadt.reset_reg = io_register(I8042_PORT_BASE + 4);
+    fadt.reset_value = I8042_RESET_VALUE;
+    let fadt = fadt.finalize();
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(addr(fadt_off));
+    xsdt.add_entry(addr(madt_off));
+
+    let mut bytes = vec![0u8; total];
+    let mut put = |off: usize, table: &dyn Aml| {
+        let mut v = Vec::new();
+        table.to_aml_bytes(&mut v);
+        bytes[off..off + v.len()].copy_from_slice(&v);
+    };
+    put(rsdp_off, &Rsdp::new(OEM_ID, addr(xsdt_off)));
+    put(xsdt_off, &xsdt);
+    put(fadt_off, &fadt);
+    bytes[dsdt_off..dsdt_off + dsdt.len()].copy_from_slice(&dsdt);
+    bytes[madt_off..madt_off + madt.len()].copy_from_slice(&madt);
+    AcpiTables {
+        bytes,
+        rsdp_addr: addr(rsdp_off),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// Follow the pointers from the RSDP as a guest would and check every
+    /// table's signature, length and checksum.
+    #[test]
+    fn tables_chain_and_checksum() {
+        let base = 0xe_0000u64;
+        let t = build(base, 3);
+        let b = &t.bytes;
+        assert_eq!(t.rsdp_addr, base);
+        assert_eq!(&b[0..8], b"RSD PTR ");
+        assert_eq!(sum(&b[0..20]), 0);
+        assert_eq!(sum(&b[0..36]), 0);
+        let xsdt = (u64_at(b, 24) - base) as usize;
+        assert_eq!(&b[xsdt..xsdt + 4], b"XSDT");
+        let xlen = u32_at(b, xsdt + 4) as usize;
+        assert_eq!(sum(&b[xsdt..xsdt + xlen]), 0);
+        let mut sigs = Vec::new();
+        for i in 0..(xlen - 36) / 8 {
+            let off = (u64_at(b, xsdt + 36 + 8 * i) - base) as usize;
+            let len = u32_at(b, off + 4) as usize;
+            assert_eq!(sum(&b[off..off + len]), 0, "checksum of table {i}");
+            sigs.push((b[off..off + 4].to_vec(), off, len));
+        }
+        assert_eq!(sigs[0].0, b"FACP");
+        assert_eq!(sigs[1].0, b"APIC");
+
+        // FADT: hardware-reduced, DSDT pointer valid, sleep control at our port.
+        let fadt = sigs[0].1;
+        assert_ne!(u32_at(b, fadt + 112) & (1 << 20), 0);
+        let dsdt = (u64_at(b, fadt + 140) - base) as usize;
+        assert_eq!(&b[dsdt..dsdt + 4], b"DSDT");
+        let dlen = u32_at(b, dsdt + 4) as usize;
+        assert_eq!(sum(&b[dsdt..dsdt + dlen]), 0);
+        assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == b"_S5_"));
+        let sleep_ctl = fadt + 244;
+        assert_eq!(b[sleep_ctl], 1, "system I/O space");
+        assert_eq!(u64_at(b, sleep_ctl + 4), u64::from(SLEEP_CONTROL_PORT));
+
+        // MADT: three enabled local APICs with IDs 0..3, then the IOAPIC.
+        let madt = sigs[1].1;
+        assert_eq!(u32_at(b, madt + 36), LAPIC_ADDR as u32);
+        let mut off = madt + 44;
+        for id in 0..3u8 {
+            assert_eq!(&b[off..off + 5], &[0, 8, id, id, 1]);
+            off += 8;
+        }
+        assert_eq!(&b[off..off + 3], &[1, 12, 3]);
+        assert_eq!(u32_at(b, off + 4), IOAPIC_ADDR as u32);
+        assert_eq!(off + 12, madt + sigs[1].2);
+    }
+}
