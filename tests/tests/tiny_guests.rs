@@ -101,3 +101,88 @@ fn library_rejects_bad_input_without_panicking() {
     config.boot.cmdline = "a\0b".into();
     assert!(Vm::new(config).err().expect("NUL in cmdline").to_string().starts_with("boot.cmdline"));
 }
+
+mod terminal {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+
+    fn termios(fd: i32) -> libc::termios {
+        // SAFETY: tcgetattr fills a plain struct for a valid descriptor.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(fd, &mut t), 0, "tcgetattr");
+            t
+        }
+    }
+
+    fn same(a: &libc::termios, b: &libc::termios) -> bool {
+        (a.c_iflag, a.c_oflag, a.c_cflag, a.c_lflag) == (b.c_iflag, b.c_oflag, b.c_cflag, b.c_lflag)
+    }
+
+    /// Run a spinning guest on a pseudo-terminal, end it with `end`, and
+    /// check the exit status and that the terminal is as it was.
+    fn run_on_pty(name: &str, end: impl FnOnce(i32, &std::process::Child), expected_status: i32) {
+        let dir = scratch_dir(name);
+        let kernel = dir.join("guest.elf");
+        std::fs::write(&kernel, elf_guest(&[0xeb, 0xfe], 0x10_0000)).unwrap();
+        let config = write_config(&dir, &format!("version = 1\n[boot]\nkernel = \"{}\"\n", kernel.display()));
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty with out-pointers for the two descriptors.
+        let r = unsafe {
+            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
+        };
+        assert_eq!(r, 0, "openpty");
+        let before = termios(slave);
+        assert_ne!(before.c_lflag & libc::ICANON, 0, "a new pty starts in canonical mode");
+        // SAFETY: dup of a valid descriptor, owned by the Stdio from then on.
+        let dup = || unsafe { OwnedFd::from_raw_fd(libc::dup(slave)) };
+        let mut child = Command::new(mvm_vmm())
+            .arg("run")
+            .arg(&config)
+            .env("MVM_LOG", "error")
+            .stdin(Stdio::from(dup()))
+            .stdout(Stdio::from(dup()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + QUICK;
+        while termios(slave).c_lflag & libc::ICANON != 0 {
+            assert!(std::time::Instant::now() < deadline, "mvm-vmm never put the terminal in raw mode");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        end(master, &child);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(expected_status));
+        assert!(same(&termios(slave), &before), "terminal settings restored");
+        // SAFETY: closing our own descriptors.
+        unsafe {
+            libc::close(master);
+            libc::close(slave);
+        }
+    }
+
+    #[test]
+    fn ctrl_a_x_stops_the_vm_and_restores_the_terminal() {
+        run_on_pty(
+            "pty-escape",
+            |master, _| {
+                // SAFETY: writes two bytes from a valid buffer.
+                assert_eq!(unsafe { libc::write(master, [0x01u8, b'x'].as_ptr().cast(), 2) }, 2);
+            },
+            130,
+        );
+    }
+
+    #[test]
+    fn sigterm_restores_the_terminal() {
+        run_on_pty(
+            "pty-sigterm",
+            |_, child| {
+                // SAFETY: signals our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            },
+            128 + libc::SIGTERM,
+        );
+    }
+}

@@ -169,6 +169,35 @@ const ESCAPE: u8 = 0x01;
 /// pump stops reading until the guest drains it.
 const PENDING_LIMIT: usize = 4096;
 
+/// The console escape: Ctrl-A x asks to stop the VM, Ctrl-A Ctrl-A sends
+/// one Ctrl-A, Ctrl-A followed by anything else sends both bytes.
+#[derive(Debug, Default)]
+pub(crate) struct EscapeFilter {
+    after_escape: bool,
+}
+
+impl EscapeFilter {
+    /// Queue the guest's share of `bytes` in `out`; true when the user
+    /// asked to stop the VM (the rest of the input is dropped then).
+    pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut VecDeque<u8>) -> bool {
+        for &b in bytes {
+            if self.after_escape {
+                self.after_escape = false;
+                match b {
+                    b'x' | b'X' => return true,
+                    ESCAPE => out.push_back(ESCAPE),
+                    other => out.extend([ESCAPE, other]),
+                }
+            } else if b == ESCAPE {
+                self.after_escape = true;
+            } else {
+                out.push_back(b);
+            }
+        }
+        false
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InputState {
     Reading,
@@ -186,7 +215,7 @@ pub(crate) struct InputPump {
     pending: VecDeque<u8>,
     state: InputState,
     interactive: bool,
-    after_escape: bool,
+    escape: EscapeFilter,
     vm: Arc<VmShared>,
 }
 
@@ -203,28 +232,17 @@ impl InputPump {
             pending: VecDeque::new(),
             state: InputState::Reading,
             interactive,
-            after_escape: false,
+            escape: EscapeFilter::default(),
             vm,
         }
     }
 
     /// Interpret the escape sequence in interactive mode, queue the rest.
     fn take_input(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if !self.interactive {
-                self.pending.push_back(b);
-            } else if self.after_escape {
-                self.after_escape = false;
-                match b {
-                    b'x' | b'X' => self.vm.request_stop(StopReason::ConsoleEscape),
-                    ESCAPE => self.pending.push_back(ESCAPE),
-                    other => self.pending.extend([ESCAPE, other]),
-                }
-            } else if b == ESCAPE {
-                self.after_escape = true;
-            } else {
-                self.pending.push_back(b);
-            }
+        if !self.interactive {
+            self.pending.extend(bytes);
+        } else if self.escape.feed(bytes, &mut self.pending) {
+            self.vm.request_stop(StopReason::ConsoleEscape);
         }
     }
 
@@ -290,5 +308,37 @@ impl MutEventSubscriber for InputPump {
         if let Err(e) = ops.add(Events::new_raw(self.space_fd, EventSet::IN)) {
             log::warn!("console input flow control unavailable: {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences() {
+        let mut f = EscapeFilter::default();
+        let mut out = VecDeque::new();
+        assert!(!f.feed(b"ls\r", &mut out));
+        assert!(!f.feed(&[ESCAPE], &mut out));
+        assert!(!f.feed(&[ESCAPE, ESCAPE, b'q'], &mut out)); // split across reads
+        assert_eq!(out.iter().copied().collect::<Vec<_>>(), [b'l', b's', b'\r', ESCAPE, ESCAPE, b'q']);
+        out.clear();
+        assert!(f.feed(&[b'a', ESCAPE, b'x', b'b'], &mut out));
+        assert_eq!(out.iter().copied().collect::<Vec<_>>(), [b'a']);
+    }
+
+    #[test]
+    fn channel_delivers_lines_and_eof() {
+        let (mut tx, mut rx) = channel();
+        tx.write_all(b"hello\r\nwor").unwrap();
+        tx.write_all(b"ld\n").unwrap();
+        assert_eq!(rx.read_line_timeout(Duration::from_secs(1)), Ok(Some("hello".into())));
+        assert_eq!(rx.read_line_timeout(Duration::from_secs(1)), Ok(Some("world".into())));
+        assert_eq!(rx.read_line_timeout(Duration::from_millis(10)), Err(()));
+        tx.write_all(b"tail").unwrap();
+        drop(tx);
+        assert_eq!(rx.read_line_timeout(Duration::from_secs(1)), Ok(Some("tail".into())));
+        assert_eq!(rx.read_line_timeout(Duration::from_secs(1)), Ok(None));
     }
 }

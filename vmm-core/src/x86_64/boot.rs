@@ -68,30 +68,33 @@ pub fn inspect_kernel(path: &Path, file: &mut File) -> Result<KernelInfo> {
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_exact(&mut head))
         .map_err(|e| image_error(path, format!("cannot read: {e}")))?;
+    let mut read_at = |off: u64, size: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; size];
+        file.seek(SeekFrom::Start(off)).and_then(|_| file.read_exact(&mut buf)).ok()?;
+        Some(buf)
+    };
+    inspect_image(&head, len, &mut read_at).map_err(|reason| image_error(path, reason))
+}
+
+/// [`inspect_kernel`] for an image in memory (tests and fuzzing).
+pub fn inspect_kernel_bytes(image: &[u8]) -> std::result::Result<KernelInfo, String> {
+    let head = &image[..image.len().min(4096)];
+    let mut read_at = |off: u64, size: usize| -> Option<Vec<u8>> {
+        let start = usize::try_from(off).ok()?;
+        image.get(start..start.checked_add(size)?).map(<[u8]>::to_vec)
+    };
+    inspect_image(head, image.len() as u64, &mut read_at)
+}
+
+fn inspect_image(
+    head: &[u8],
+    file_len: u64,
+    read_at: &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>,
+) -> std::result::Result<KernelInfo, String> {
     if head.starts_with(b"\x7fELF") {
-        let mut all_phdrs = |off: u64, size: usize| -> Result<Vec<u8>> {
-            let mut buf = vec![0u8; size];
-            file.seek(SeekFrom::Start(off))
-                .and_then(|_| file.read_exact(&mut buf))
-                .map_err(|_| image_error(path, "ELF image is truncated: its program headers lie beyond the end of the file"))?;
-            Ok(buf)
-        };
-        return inspect_elf(&head, len, &mut all_phdrs).map_err(|r| match r {
-            InspectError::Reason(r) => image_error(path, r),
-            InspectError::Err(e) => e,
-        });
-    }
-    inspect_bzimage(&head, len).map_err(|r| image_error(path, r))
-}
-
-enum InspectError {
-    Reason(String),
-    Err(Error),
-}
-
-impl From<String> for InspectError {
-    fn from(s: String) -> Self {
-        InspectError::Reason(s)
+        inspect_elf(head, file_len, read_at)
+    } else {
+        inspect_bzimage(head, file_len)
     }
 }
 
@@ -105,34 +108,36 @@ fn le64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]))
 }
 
+const TRUNCATED_PHDRS: &str = "ELF image is truncated: its program headers lie beyond the end of the file";
+
 /// Check an ELF image: `head` is the start of the file (up to 4 KiB),
 /// `file_len` its length, `read_at` reads program headers.
 fn inspect_elf(
     head: &[u8],
     file_len: u64,
-    read_at: &mut dyn FnMut(u64, usize) -> Result<Vec<u8>>,
-) -> std::result::Result<KernelInfo, InspectError> {
+    read_at: &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>,
+) -> std::result::Result<KernelInfo, String> {
     const PT_LOAD: u32 = 1;
     if head.len() < 64 {
-        return Err(format!("ELF image is truncated: {} bytes, an ELF header needs 64", head.len()).into());
+        return Err(format!("ELF image is truncated: {} bytes, an ELF header needs 64", head.len()));
     }
     if head[4] != 2 || head[5] != 1 {
-        return Err("not a 64-bit little-endian ELF; build an x86_64 vmlinux".to_string().into());
+        return Err("not a 64-bit little-endian ELF; build an x86_64 vmlinux".into());
     }
     if le16(head, 18) != 0x3e {
-        return Err(format!("ELF machine {:#x} is not x86_64", le16(head, 18)).into());
+        return Err(format!("ELF machine {:#x} is not x86_64", le16(head, 18)));
     }
     let phoff = le64(head, 32);
     let phentsize = usize::from(le16(head, 54));
     let phnum = usize::from(le16(head, 56));
     if phentsize != 56 || phnum == 0 {
-        return Err(format!("ELF has {phnum} program headers of {phentsize} bytes; a vmlinux has 56-byte ones").into());
+        return Err(format!("ELF has {phnum} program headers of {phentsize} bytes; a vmlinux has 56-byte ones"));
     }
     let table_len = phentsize * phnum;
     if phoff.checked_add(table_len as u64).is_none_or(|end| end > file_len) {
-        return Err("ELF image is truncated: its program headers lie beyond the end of the file".to_string().into());
+        return Err(TRUNCATED_PHDRS.into());
     }
-    let phdrs = read_at(phoff, table_len).map_err(InspectError::Err)?;
+    let phdrs = read_at(phoff, table_len).ok_or(TRUNCATED_PHDRS)?;
     let (mut start, mut end) = (u64::MAX, 0u64);
     for (i, ph) in phdrs.chunks_exact(56).enumerate() {
         if le32(ph, 0) != PT_LOAD {
@@ -144,24 +149,23 @@ fn inspect_elf(
             return Err(format!(
                 "ELF image is truncated: segment {i} needs file bytes {offset:#x}..{:#x}, the file has {file_len:#x}",
                 offset.saturating_add(filesz)
-            )
-            .into());
+            ));
         }
         let seg_end = paddr
             .checked_add(memsz.max(filesz))
             .ok_or_else(|| format!("ELF segment {i} wraps around the address space"))?;
         if paddr < HIGH_MEMORY_START {
-            return Err(format!("ELF segment {i} loads at {paddr:#x}, below 1 MiB where boot structures live").into());
+            return Err(format!("ELF segment {i} loads at {paddr:#x}, below 1 MiB where boot structures live"));
         }
         start = start.min(paddr);
         end = end.max(seg_end);
     }
     if end == 0 {
-        return Err("ELF image has no loadable segment".to_string().into());
+        return Err("ELF image has no loadable segment".into());
     }
     let entry = le64(head, 24);
     if entry < start || entry >= end {
-        return Err(format!("ELF entry point {entry:#x} lies outside its loaded segments").into());
+        return Err(format!("ELF entry point {entry:#x} lies outside its loaded segments"));
     }
     Ok(KernelInfo {
         format: KernelFormat::Elf,
@@ -385,10 +389,18 @@ mod tests {
 
     fn check_elf(head: &[u8], len: u64) -> std::result::Result<KernelInfo, String> {
         let h = head.to_vec();
-        inspect_elf(&h, len, &mut |off, n| Ok(h[off as usize..off as usize + n].to_vec())).map_err(|e| match e {
-            InspectError::Reason(r) => r,
-            InspectError::Err(e) => e.to_string(),
-        })
+        inspect_elf(&h, len, &mut |off, n| h.get(off as usize..off as usize + n).map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn bytes_api_agrees_and_never_panics_on_short_input() {
+        let (mut h, _) = elf(&[(0x100, 0x100_0000, 0x10, 0x10)], 0x100_0000, 0);
+        h.resize(0x200, 0);
+        assert_eq!(inspect_kernel_bytes(&h).unwrap().end, 0x100_0010);
+        for n in 0..h.len() {
+            let _ = inspect_kernel_bytes(&h[..n]);
+        }
+        assert!(inspect_kernel_bytes(b"").unwrap_err().starts_with("not a Linux kernel"));
     }
 
     #[test]
