@@ -13,13 +13,18 @@ use mvm_benches::{report, Row, Stats};
 use mvm_tests::{guest_config, scratch_dir, write_config, RunningVm};
 
 fn main() {
-    let runs: usize = std::env::var("MVM_BENCH_BOOT_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("MVM_BENCH_BOOT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let dir = scratch_dir("bench-boot");
     let config = write_config(&dir, &guest_config(1, 128, "mvm.scenario=facts mvm.end=poweroff"));
     let (mut first_line, mut done) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut vm = RunningVm::start(&config);
-        let at = vm.wait_for("mvm-init: start", Duration::from_secs(600)).expect("init's first line");
+        let at = vm
+            .wait_for("mvm-init: start", Duration::from_secs(600))
+            .expect("init's first line");
         let end = vm.wait_for("MVM-DONE", Duration::from_secs(600)).expect("scenario end");
         let run = vm.finish(Duration::from_secs(600));
         assert_eq!(run.status.code(), Some(0), "guest powers off: {}", run.stderr);

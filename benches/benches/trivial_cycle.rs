@@ -12,7 +12,10 @@ use mvm_benches::{measure, report, vmm_binary, Row, Stats};
 use mvm_tests::{scratch_dir, trivial_guest, write_config};
 
 fn main() {
-    let runs: usize = std::env::var("MVM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let runs: usize = std::env::var("MVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = scratch_dir("bench-trivial");
     let kernel = dir.join("trivial.elf");
     std::fs::write(&kernel, trivial_guest(b'.')).expect("write guest");
@@ -26,7 +29,13 @@ fn main() {
     let bin = vmm_binary();
     let (mut wall, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     // Warm the page cache and the binary once.
-    let _ = measure(Command::new(&bin).arg("run").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()));
+    let _ = measure(
+        Command::new(&bin)
+            .arg("run")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     for _ in 0..runs {
         let run = measure(
             Command::new(&bin)
@@ -47,9 +56,27 @@ fn main() {
         "trivial_cycle",
         "whole mvm-vmm process: start, 128 MiB VM, guest writes 1 byte to the UART and resets via i8042, exit",
         &[
-            Row { metric: "wall time".into(), unit: "ms".into(), ours: Stats::of(&wall), target: Some(12.0), peer: Some(("Firecracker".into(), 24.0)) },
-            Row { metric: "CPU time (user+sys)".into(), unit: "ms".into(), ours: Stats::of(&cpu), target: None, peer: Some(("Firecracker".into(), 3.0)) },
-            Row { metric: "peak RSS".into(), unit: "MiB".into(), ours: Stats::of(&rss), target: Some(3.0), peer: Some(("Firecracker".into(), 4.3)) },
+            Row {
+                metric: "wall time".into(),
+                unit: "ms".into(),
+                ours: Stats::of(&wall),
+                target: Some(12.0),
+                peer: Some(("Firecracker".into(), 24.0)),
+            },
+            Row {
+                metric: "CPU time (user+sys)".into(),
+                unit: "ms".into(),
+                ours: Stats::of(&cpu),
+                target: None,
+                peer: Some(("Firecracker".into(), 3.0)),
+            },
+            Row {
+                metric: "peak RSS".into(),
+                unit: "MiB".into(),
+                ours: Stats::of(&rss),
+                target: Some(3.0),
+                peer: Some(("Firecracker".into(), 4.3)),
+            },
         ],
     );
     let _ = std::fs::remove_dir_all(&dir);

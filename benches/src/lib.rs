@@ -32,7 +32,11 @@ pub fn measure(cmd: &mut Command) -> std::io::Result<ProcessRun> {
     }
     std::mem::forget(child); // already reaped
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    let exit_code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let exit_code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
     Ok(ProcessRun {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
@@ -56,7 +60,13 @@ impl Stats {
         let mut v = values.to_vec();
         v.sort_by(|a, b| a.total_cmp(b));
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Stats { n: v.len(), min: v[0], median: at(0.5), p90: at(0.9), max: v[v.len() - 1] }
+        Stats {
+            n: v.len(),
+            min: v[0],
+            median: at(0.5),
+            p90: at(0.9),
+            max: v[v.len() - 1],
+        }
     }
 }
 
@@ -97,7 +107,10 @@ pub fn report(name: &str, note: &str, rows: &[Row]) {
                 Some(false) => "NO",
                 None => "-",
             },
-            r.peer.as_ref().map(|(who, v)| format!("{who} {}", f(*v))).unwrap_or_else(|| "-".into()),
+            r.peer
+                .as_ref()
+                .map(|(who, v)| format!("{who} {}", f(*v)))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     let json_rows: Vec<String> = rows
@@ -118,7 +131,10 @@ pub fn report(name: &str, note: &str, rows: &[Row]) {
             )
         })
         .collect();
-    let json = format!("{{\"benchmark\":{name:?},\"note\":{note:?},\"rows\":[{}]}}", json_rows.join(","));
+    let json = format!(
+        "{{\"benchmark\":{name:?},\"note\":{note:?},\"rows\":[{}]}}",
+        json_rows.join(",")
+    );
     println!("JSON {json}");
     let dir = mvm_tests::repo_root().join("target/bench-results");
     if std::fs::create_dir_all(&dir).is_ok() {

@@ -42,13 +42,7 @@ impl PioBus {
     }
 
     /// Attach `device` at ports `base..base + len`.
-    pub fn insert(
-        &mut self,
-        name: &'static str,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
-    ) -> Result<()> {
+    pub fn insert(&mut self, name: &'static str, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<()> {
         if len == 0 || u32::from(base) + u32::from(len) > 0x1_0000 {
             return Err(Error::PortRange { name, base, len });
         }
@@ -141,7 +135,7 @@ mod tests {
         bus.insert("b", 0x3f8, 8, b.clone()).unwrap();
         bus.insert("a", 0x60, 5, a.clone()).unwrap();
         assert!(bus.write(0x64, &[0xfe]));
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert!(!bus.write(0x65, &[1]));
         let mut d = [0u8; 1];
         assert!(bus.read(0x3fd, &mut d));
@@ -166,7 +160,10 @@ mod tests {
             Err(Error::PortOverlap { .. })
         ));
         assert!(bus.insert("d", 0x5b, 5, dev.clone()).is_ok());
-        assert!(matches!(bus.insert("e", 0, 0, dev.clone()), Err(Error::PortRange { .. })));
+        assert!(matches!(
+            bus.insert("e", 0, 0, dev.clone()),
+            Err(Error::PortRange { .. })
+        ));
         assert!(matches!(
             bus.insert("f", 0xffff, 2, dev.clone()),
             Err(Error::PortRange { .. })

@@ -30,10 +30,7 @@ pub enum Error {
     PortRange { name: &'static str, base: u16, len: u16 },
     /// Creating an eventfd failed.
     #[error("cannot create eventfd for {what}: {source}")]
-    EventFd {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    EventFd { what: &'static str, source: std::io::Error },
 }
 
 /// Result type of this crate.

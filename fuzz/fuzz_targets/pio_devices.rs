@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
     let reset = Arc::new(Mutex::new(ResetController::new().unwrap()));
     let sleep = Arc::new(Mutex::new(AcpiSleepControl::new().unwrap()));
     let mut bus = PioBus::new();
-    bus.insert("serial", COM1_PORT_BASE, COM1_PORT_LEN, serial.clone()).unwrap();
+    bus.insert("serial", COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
+        .unwrap();
     bus.insert("i8042", I8042_PORT_BASE, I8042_PORT_LEN, reset).unwrap();
     bus.insert("sleep", SLEEP_CONTROL_PORT, 1, sleep).unwrap();
     // Each operation: [kind, port selector, width, value bytes...].

@@ -139,7 +139,7 @@ verify_config() {
 		fi
 		if [ "$got" != "$line" ]; then
 			printf 'guest: ERROR: kernel option %s: fragment wants "%s", .config has "%s"\n' \
-				"$opt" "$line" "${got:-<absent: dependencies not met>}" >&2
+				"$opt" "$line" "${got:-<absent: unknown option, or its dependencies are off>}" >&2
 			bad=1
 		fi
 	done <"$fragment"
@@ -187,7 +187,7 @@ build_kernel() {
 	(
 		while sleep 30; do
 			n=$(find "$src" -name '*.o' -type f 2>/dev/null | wc -l)
-			say "still compiling: $n objects built, $((SECONDS - start)) s so far"
+			say "still compiling: $n objects built (a full build has about 900), $((SECONDS - start)) s so far"
 		done
 	) &
 	ticker=$!

@@ -15,12 +15,17 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Directory holding `vmlinux`, `bzImage` and `initramfs.cpio`.
 pub fn guest_dir() -> PathBuf {
-    std::env::var_os("MVM_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"))
+    std::env::var_os("MVM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/guest"))
 }
 
 /// A test guest file; panics with the command to run when it is missing,
@@ -39,7 +44,11 @@ pub fn guest_file(name: &str) -> PathBuf {
 pub fn mvm_vmm() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> -> target/<profile>/mvm-vmm
-    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let bin = profile_dir.join("mvm-vmm");
     assert!(
         bin.exists(),
@@ -64,11 +73,17 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
-/// A `vm.toml` for the test guest.
+/// A `vm.toml` for the test guest booted from its ELF `vmlinux`.
 pub fn guest_config(vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
+    guest_config_with("vmlinux", vcpus, memory_mib, cmdline_extra)
+}
+
+/// A `vm.toml` for the test guest booted from `kernel` (`vmlinux` or
+/// `bzImage`) in the guest directory.
+pub fn guest_config_with(kernel: &str, vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
     format!(
         "version = 1\n[machine]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 reboot=k panic=-1 {cmdline_extra}\"\n[console]\ninput = \"stdin\"\n",
-        guest_file("vmlinux").display(),
+        guest_file(kernel).display(),
         guest_file("initramfs.cpio").display()
     )
 }
@@ -98,7 +113,11 @@ impl Finished {
 
     /// The console output as one string.
     pub fn console(&self) -> String {
-        self.transcript.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+        self.transcript
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -146,7 +165,13 @@ impl RunningVm {
             let _ = stderr.read_to_string(&mut s);
             s
         });
-        RunningVm { child, lines, started, transcript: Vec::new(), stderr }
+        RunningVm {
+            child,
+            lines,
+            started,
+            transcript: Vec::new(),
+            stderr,
+        }
     }
 
     /// Wait for a console line containing `needle`; `None` on timeout or
@@ -195,7 +220,11 @@ impl RunningVm {
                 self.transcript.extend(rest);
                 panic!(
                     "mvm-vmm did not exit within {timeout:?} (killed: {status}); console so far:\n{}",
-                    self.transcript.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+                    self.transcript
+                        .iter()
+                        .map(|(_, l)| l.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -205,7 +234,11 @@ impl RunningVm {
             self.transcript.push(line);
         }
         let stderr = self.stderr.join().unwrap_or_default();
-        Finished { status, transcript: self.transcript, stderr }
+        Finished {
+            status,
+            transcript: self.transcript,
+            stderr,
+        }
     }
 }
 
@@ -271,7 +304,13 @@ mod tests {
 
     #[test]
     fn results_parse_with_noise() {
-        let lines = ["[ 1.0] x", "MVM-RESULT a=1", "\rMVM-RESULT cmdline=x=y z", "MVM-RESULT bad", "MVM-DONE"];
+        let lines = [
+            "[ 1.0] x",
+            "MVM-RESULT a=1",
+            "\rMVM-RESULT cmdline=x=y z",
+            "MVM-RESULT bad",
+            "MVM-DONE",
+        ];
         let r = parse_results(lines.into_iter());
         assert_eq!(r.len(), 2);
         assert_eq!(r["a"], "1");

@@ -12,17 +12,28 @@ fn expect_config_error(dir: &Path, toml: &str, needles: &[&str]) {
     let config = write_config(dir, toml);
     let run = run_to_end(&config, QUICK);
     assert_eq!(run.status.code(), Some(2), "stderr: {}", run.stderr);
-    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("mvm-vmm: error:")).collect();
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("mvm-vmm: error:"))
+        .collect();
     assert_eq!(errors.len(), 1, "exactly one error line: {}", run.stderr);
     for needle in needles {
         assert!(errors[0].contains(needle), "{:?} lacks {needle:?}", errors[0]);
     }
-    assert!(!run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"),
+        "{}",
+        run.stderr
+    );
     assert!(run.transcript.is_empty(), "no guest ran");
 }
 
 fn kernel_toml(kernel: &Path, extra_boot: &str, machine: &str) -> String {
-    format!("version = 1\n[machine]\n{machine}\n[boot]\nkernel = \"{}\"\n{extra_boot}\n", kernel.display())
+    format!(
+        "version = 1\n[machine]\n{machine}\n[boot]\nkernel = \"{}\"\n{extra_boot}\n",
+        kernel.display()
+    )
 }
 
 #[test]
@@ -30,12 +41,20 @@ fn bad_kernels_and_files() {
     let dir = scratch_dir("bad-kernels");
     let garbage = dir.join("garbage.bin");
     std::fs::write(&garbage, vec![0x5a; 64 * 1024]).unwrap();
-    expect_config_error(&dir, &kernel_toml(&garbage, "", ""), &["garbage.bin", "not a Linux kernel"]);
+    expect_config_error(
+        &dir,
+        &kernel_toml(&garbage, "", ""),
+        &["garbage.bin", "not a Linux kernel"],
+    );
 
     let vmlinux = std::fs::read(guest_file("vmlinux")).unwrap();
     let truncated = dir.join("truncated-vmlinux");
     std::fs::write(&truncated, &vmlinux[..vmlinux.len() / 3]).unwrap();
-    expect_config_error(&dir, &kernel_toml(&truncated, "", ""), &["truncated-vmlinux", "truncated"]);
+    expect_config_error(
+        &dir,
+        &kernel_toml(&truncated, "", ""),
+        &["truncated-vmlinux", "truncated"],
+    );
 
     let tiny = dir.join("tiny");
     std::fs::write(&tiny, &vmlinux[..40]).unwrap();
@@ -58,27 +77,61 @@ fn bad_values() {
     let dir = scratch_dir("bad-values");
     let k = guest_file("vmlinux");
     expect_config_error(&dir, &kernel_toml(&k, "", "vcpus = 0"), &["machine.vcpus = 0"]);
-    expect_config_error(&dir, &kernel_toml(&k, "", "vcpus = 100000"), &["machine.vcpus = 100000", "at most"]);
-    expect_config_error(&dir, &kernel_toml(&k, "", "memory_mib = 8"), &["machine.memory_mib = 8", "too small", "at least"]);
     expect_config_error(
         &dir,
-        &kernel_toml(&k, &format!("initrd = \"{}\"", guest_file("initramfs.cpio").display()), "memory_mib = 24"),
+        &kernel_toml(&k, "", "vcpus = 100000"),
+        &["machine.vcpus = 100000", "at most"],
+    );
+    expect_config_error(
+        &dir,
+        &kernel_toml(&k, "", "memory_mib = 8"),
+        &["machine.memory_mib = 8", "too small", "at least"],
+    );
+    expect_config_error(
+        &dir,
+        &kernel_toml(
+            &k,
+            &format!("initrd = \"{}\"", guest_file("initramfs.cpio").display()),
+            "memory_mib = 24",
+        ),
         &["machine.memory_mib = 24", "initrd"],
     );
-    expect_config_error(&dir, &kernel_toml(&k, "", "vcpus = \"two\""), &["vm.toml:3", "vcpus = \"two\"", "invalid type"]);
-    expect_config_error(&dir, &kernel_toml(&k, "", "cpus = 2"), &["vm.toml:3", "unknown field `cpus`"]);
-    expect_config_error(&dir, &kernel_toml(&k, "", "").replace("version = 1", "version = 7"), &["version = 7"]);
+    expect_config_error(
+        &dir,
+        &kernel_toml(&k, "", "vcpus = \"two\""),
+        &["vm.toml:3", "vcpus = \"two\"", "invalid type"],
+    );
+    expect_config_error(
+        &dir,
+        &kernel_toml(&k, "", "cpus = 2"),
+        &["vm.toml:3", "unknown field `cpus`"],
+    );
+    expect_config_error(
+        &dir,
+        &kernel_toml(&k, "", "").replace("version = 1", "version = 7"),
+        &["version = 7"],
+    );
     expect_config_error(&dir, "version = 1\n[boot]\n", &["missing field `kernel`"]);
     let long = "x".repeat(3000);
-    expect_config_error(&dir, &kernel_toml(&k, &format!("cmdline = \"{long}\""), ""), &["boot.cmdline", "at most"]);
+    expect_config_error(
+        &dir,
+        &kernel_toml(&k, &format!("cmdline = \"{long}\""), ""),
+        &["boot.cmdline", "at most"],
+    );
 }
 
 #[test]
 fn usage_errors() {
-    let out = std::process::Command::new(mvm_vmm()).arg("frobnicate").output().unwrap();
+    let out = std::process::Command::new(mvm_vmm())
+        .arg("frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: mvm-vmm run <vm.toml>"));
-    let out = std::process::Command::new(mvm_vmm()).args(["run", "/nonexistent/vm.toml"]).output().unwrap();
+    let out = std::process::Command::new(mvm_vmm())
+        .args(["run", "/nonexistent/vm.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/vm.toml"));
 }

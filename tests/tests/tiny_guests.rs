@@ -12,7 +12,13 @@ const QUICK: Duration = Duration::from_secs(60);
 fn tiny_vm(dir: &std::path::Path, code: &[u8]) -> std::path::PathBuf {
     let kernel = dir.join("guest.elf");
     std::fs::write(&kernel, elf_guest(code, 0x10_0000)).unwrap();
-    write_config(dir, &format!("version = 1\n[boot]\nkernel = \"{}\"\n[console]\ninput = \"none\"\n", kernel.display()))
+    write_config(
+        dir,
+        &format!(
+            "version = 1\n[boot]\nkernel = \"{}\"\n[console]\ninput = \"none\"\n",
+            kernel.display()
+        ),
+    )
 }
 
 #[test]
@@ -52,7 +58,7 @@ fn unemulatable_or_faulting_instruction_is_a_crash_with_details() {
 fn sigterm_stops_a_spinning_guest() {
     let dir = scratch_dir("tiny-sigterm");
     // jmp $ : spins forever in the guest.
-    let mut vm = RunningVm::start(&tiny_vm(&dir, &[0xeb, 0xfe]));
+    let vm = RunningVm::start(&tiny_vm(&dir, &[0xeb, 0xfe]));
     std::thread::sleep(Duration::from_millis(300));
     vm.signal(libc::SIGTERM);
     let run = vm.finish(QUICK);
@@ -93,13 +99,21 @@ fn library_rejects_bad_input_without_panicking() {
     std::fs::write(&kernel, trivial_guest(b'x')).unwrap();
     config = VmConfig::new(&kernel);
     config.machine.vcpus = 255;
-    assert!(Vm::new(config).err().expect("too many vCPUs").to_string().contains("machine.vcpus = 255"));
+    assert!(Vm::new(config)
+        .err()
+        .expect("too many vCPUs")
+        .to_string()
+        .contains("machine.vcpus = 255"));
     config = VmConfig::new(&kernel);
     config.machine.memory_mib = u32::MAX;
     assert!(Vm::new(config).err().expect("absurd memory").is_config_error());
     config = VmConfig::new(&kernel);
     config.boot.cmdline = "a\0b".into();
-    assert!(Vm::new(config).err().expect("NUL in cmdline").to_string().starts_with("boot.cmdline"));
+    assert!(Vm::new(config)
+        .err()
+        .expect("NUL in cmdline")
+        .to_string()
+        .starts_with("boot.cmdline"));
 }
 
 mod terminal {
@@ -126,11 +140,20 @@ mod terminal {
         let dir = scratch_dir(name);
         let kernel = dir.join("guest.elf");
         std::fs::write(&kernel, elf_guest(&[0xeb, 0xfe], 0x10_0000)).unwrap();
-        let config = write_config(&dir, &format!("version = 1\n[boot]\nkernel = \"{}\"\n", kernel.display()));
+        let config = write_config(
+            &dir,
+            &format!("version = 1\n[boot]\nkernel = \"{}\"\n", kernel.display()),
+        );
         let (mut master, mut slave) = (0, 0);
         // SAFETY: openpty with out-pointers for the two descriptors.
         let r = unsafe {
-            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
         };
         assert_eq!(r, 0, "openpty");
         let before = termios(slave);
@@ -148,7 +171,10 @@ mod terminal {
             .unwrap();
         let deadline = std::time::Instant::now() + QUICK;
         while termios(slave).c_lflag & libc::ICANON != 0 {
-            assert!(std::time::Instant::now() < deadline, "mvm-vmm never put the terminal in raw mode");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mvm-vmm never put the terminal in raw mode"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         end(master, &child);

@@ -383,7 +383,14 @@ mod tests {
     #[test]
     fn minimal_file_gets_defaults_and_resolves_paths() {
         let c = parse("version = 1\n[boot]\nkernel = \"vmlinux\"\n").unwrap();
-        assert_eq!(c.machine, MachineConfig { vcpus: 1, memory_mib: 128, acpi: true });
+        assert_eq!(
+            c.machine,
+            MachineConfig {
+                vcpus: 1,
+                memory_mib: 128,
+                acpi: true
+            }
+        );
         assert_eq!(c.boot.kernel, PathBuf::from("/etc/vms/vmlinux"));
         assert_eq!(c.boot.cmdline, DEFAULT_CMDLINE);
         assert!(c.boot.host_cmdline);
@@ -410,7 +417,14 @@ file = "log/console.txt"
 "#,
         )
         .unwrap();
-        assert_eq!(c.machine, MachineConfig { vcpus: 4, memory_mib: 512, acpi: false });
+        assert_eq!(
+            c.machine,
+            MachineConfig {
+                vcpus: 4,
+                memory_mib: 512,
+                acpi: false
+            }
+        );
         assert_eq!(c.boot.kernel, PathBuf::from("/boot/vmlinux"));
         assert_eq!(c.boot.initrd, Some(PathBuf::from("/etc/vms/../initrd.img")));
         assert!(!c.boot.host_cmdline);
@@ -457,7 +471,8 @@ file = "log/console.txt"
         assert_eq!(e, "console.output = \"file\": needs console.file = \"<path>\"");
         let e = err("version = 1\n[boot]\nkernel = \"k\"\n[console]\nfile = \"x\"\n");
         assert!(e.starts_with("console.file = \"x\""), "{e}");
-        let c = parse("version = 1\n[boot]\nkernel = \"k\"\n[console]\noutput = \"none\"\ninput = \"stdin\"\n").unwrap();
+        let c =
+            parse("version = 1\n[boot]\nkernel = \"k\"\n[console]\noutput = \"none\"\ninput = \"stdin\"\n").unwrap();
         assert!(matches!(c.console.output, ConsoleOutput::Null));
         assert_eq!(c.console.input, ConsoleInput::Stdin);
     }
@@ -472,7 +487,10 @@ file = "log/console.txt"
         assert!(c.validate(8).is_ok());
 
         c.machine.vcpus = 0;
-        assert_eq!(c.validate(8).unwrap_err().to_string(), "machine.vcpus = 0: a VM needs at least 1 vCPU");
+        assert_eq!(
+            c.validate(8).unwrap_err().to_string(),
+            "machine.vcpus = 0: a VM needs at least 1 vCPU"
+        );
         c.machine.vcpus = 9;
         assert_eq!(
             c.validate(8).unwrap_err().to_string(),
@@ -480,19 +498,33 @@ file = "log/console.txt"
         );
         c.machine.vcpus = 1;
         c.machine.memory_mib = 0;
-        assert!(c.validate(8).unwrap_err().to_string().starts_with("machine.memory_mib = 0:"));
+        assert!(c
+            .validate(8)
+            .unwrap_err()
+            .to_string()
+            .starts_with("machine.memory_mib = 0:"));
         c.machine.memory_mib = 128;
 
         c.boot.initrd = Some(dir.join("missing.cpio"));
         let e = c.validate(8).unwrap_err();
         assert!(e.is_config_error());
-        assert_eq!(e.to_string(), format!("boot.initrd = \"{}\": file not found", dir.join("missing.cpio").display()));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "boot.initrd = \"{}\": file not found",
+                dir.join("missing.cpio").display()
+            )
+        );
         c.boot.initrd = Some(dir.clone());
         assert!(c.validate(8).unwrap_err().to_string().ends_with("not a regular file"));
         c.boot.initrd = None;
 
         c.boot.cmdline = "console=ttyS0\nfoo".into();
-        assert!(c.validate(8).unwrap_err().to_string().starts_with("boot.cmdline: contains '\\n'"));
+        assert!(c
+            .validate(8)
+            .unwrap_err()
+            .to_string()
+            .starts_with("boot.cmdline: contains '\\n'"));
         c.boot.cmdline = DEFAULT_CMDLINE.into();
 
         c.boot.kernel = dir.join("nope");

@@ -122,7 +122,13 @@ impl Read for ConsoleReceiver {
 /// `ConsoleOutput::Writer(Box::new(sender))`.
 pub fn channel() -> (ConsoleSender, ConsoleReceiver) {
     let (tx, rx) = mpsc::channel();
-    (ConsoleSender(tx), ConsoleReceiver { rx, buf: VecDeque::new() })
+    (
+        ConsoleSender(tx),
+        ConsoleReceiver {
+            rx,
+            buf: VecDeque::new(),
+        },
+    )
 }
 
 /// Puts a terminal in raw mode and restores it when dropped, on every path
@@ -291,10 +297,11 @@ impl MutEventSubscriber for InputPump {
                 let _ = ops.remove(Events::new_raw(self.input, EventSet::IN));
                 self.state = InputState::PausedFull;
             }
-            InputState::PausedFull if self.pending.len() < PENDING_LIMIT / 2 => {
-                if ops.add(Events::new_raw(self.input, EventSet::IN)).is_ok() {
-                    self.state = InputState::Reading;
-                }
+            InputState::PausedFull
+                if self.pending.len() < PENDING_LIMIT / 2
+                    && ops.add(Events::new_raw(self.input, EventSet::IN)).is_ok() =>
+            {
+                self.state = InputState::Reading;
             }
             _ => {}
         }
@@ -322,7 +329,10 @@ mod tests {
         assert!(!f.feed(b"ls\r", &mut out));
         assert!(!f.feed(&[ESCAPE], &mut out));
         assert!(!f.feed(&[ESCAPE, ESCAPE, b'q'], &mut out)); // split across reads
-        assert_eq!(out.iter().copied().collect::<Vec<_>>(), [b'l', b's', b'\r', ESCAPE, ESCAPE, b'q']);
+        assert_eq!(
+            out.iter().copied().collect::<Vec<_>>(),
+            [b'l', b's', b'\r', ESCAPE, ESCAPE, b'q']
+        );
         out.clear();
         assert!(f.feed(&[b'a', ESCAPE, b'x', b'b'], &mut out));
         assert_eq!(out.iter().copied().collect::<Vec<_>>(), [b'a']);

@@ -9,10 +9,7 @@ use std::path::PathBuf;
 pub enum Error {
     /// The configuration file could not be read.
     #[error("cannot read {}: {source}", path.display())]
-    ConfigRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ConfigRead { path: PathBuf, source: std::io::Error },
     /// The configuration file is not valid TOML for `vm.toml`.
     #[error("{location}: {message}")]
     ConfigSyntax { location: String, message: String },

@@ -69,7 +69,11 @@ impl HostKind {
             HostKind::Pvm { emulating } => Some(format!(
                 "host KVM is PVM{}: guest kernel code runs {}; {}",
                 if emulating { " in emulating mode" } else { "" },
-                if emulating { "interpreted (boots take minutes)" } else { "paravirtualised" },
+                if emulating {
+                    "interpreted (boots take minutes)"
+                } else {
+                    "paravirtualised"
+                },
                 if host_cmdline {
                     "adding nopv noxsave clearcpuid=... to the kernel command line"
                 } else {
@@ -95,9 +99,7 @@ pub fn compose_cmdline(user: &str, host: HostKind, add_host: bool, tsc_khz: Opti
         }
         for arg in extra.split(' ') {
             let key = arg.split('=').next().unwrap_or(arg);
-            let present = cmdline
-                .split_whitespace()
-                .any(|a| a.split('=').next() == Some(key));
+            let present = cmdline.split_whitespace().any(|a| a.split('=').next() == Some(key));
             if !present {
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
@@ -127,10 +129,7 @@ impl InternalError {
     pub fn decode(suberror: u32, ndata: u32, data: &[u64]) -> Self {
         let ndata = (ndata as usize).min(data.len());
         let mut instruction = Vec::new();
-        if suberror == KVM_INTERNAL_ERROR_EMULATION
-            && ndata >= 2
-            && data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0
-        {
+        if suberror == KVM_INTERNAL_ERROR_EMULATION && ndata >= 2 && data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
             let bytes: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
             let len = usize::from(bytes[0]).min(15).min(bytes.len() - 1);
             instruction = bytes[1..=len].to_vec();
@@ -141,7 +140,10 @@ impl InternalError {
     /// A human name for a few instructions known to fail on PVM hosts.
     pub fn known_instruction(&self) -> Option<&'static str> {
         let i = self.instruction.as_slice();
-        let body = i.iter().position(|b| !matches!(b, 0xf0 | 0xf2 | 0xf3 | 0x66 | 0x40..=0x4f)).map(|p| &i[p..])?;
+        let body = i
+            .iter()
+            .position(|b| !matches!(b, 0xf0 | 0xf2 | 0xf3 | 0x66 | 0x40..=0x4f))
+            .map(|p| &i[p..])?;
         let modrm_reg = |m: u8| (m >> 3) & 7;
         Some(match body {
             [0xcc, ..] => "int3",
@@ -197,8 +199,14 @@ mod tests {
     #[test]
     fn cmdline_gets_host_args_once() {
         let pvm = HostKind::Pvm { emulating: true };
-        assert_eq!(compose_cmdline(" console=ttyS0 ", HostKind::Hardware, true, Some(1000)), "console=ttyS0");
-        assert_eq!(compose_cmdline("console=ttyS0", pvm, false, Some(1000)), "console=ttyS0");
+        assert_eq!(
+            compose_cmdline(" console=ttyS0 ", HostKind::Hardware, true, Some(1000)),
+            "console=ttyS0"
+        );
+        assert_eq!(
+            compose_cmdline("console=ttyS0", pvm, false, Some(1000)),
+            "console=ttyS0"
+        );
         let c = compose_cmdline("console=ttyS0", pvm, true, None);
         assert!(c.starts_with("console=ttyS0 nopv noxsave clearcpuid=141,"), "{c}");
         assert!(!c.contains("tsc"), "{c}");
@@ -215,7 +223,10 @@ mod tests {
         let mut raw = [0u8; 24];
         raw[0] = 5;
         raw[1..6].copy_from_slice(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
-        let words: Vec<u64> = raw.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let words: Vec<u64> = raw
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let data = [1, words[0], words[1], words[2]];
         let e = InternalError::decode(1, 4, &data);
         assert_eq!(e.instruction, vec![0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
@@ -223,9 +234,19 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("f0 48 0f c7 0f (cmpxchg8b/cmpxchg16b)"), "{msg}");
 
-        let xrstor = InternalError { suberror: 1, instruction: vec![0x48, 0x0f, 0xae, 0x2f] };
+        let xrstor = InternalError {
+            suberror: 1,
+            instruction: vec![0x48, 0x0f, 0xae, 0x2f],
+        };
         assert_eq!(xrstor.known_instruction(), Some("xrstor"));
-        assert_eq!(InternalError { suberror: 1, instruction: vec![0xcc] }.known_instruction(), Some("int3"));
+        assert_eq!(
+            InternalError {
+                suberror: 1,
+                instruction: vec![0xcc]
+            }
+            .known_instruction(),
+            Some("int3")
+        );
     }
 
     #[test]
@@ -241,8 +262,14 @@ mod tests {
         assert!(InternalError::decode(3, 2, &[1, 0x01cc]).instruction.is_empty());
         assert!(InternalError::decode(1, 1, &[1]).instruction.is_empty());
         assert!(InternalError::decode(1, 0, &[]).instruction.is_empty());
-        assert_eq!(InternalError::decode(2, 0, &[]).to_string(), "KVM internal error, suberror 2");
-        let all_prefix = InternalError { suberror: 1, instruction: vec![0xf0, 0x66] };
+        assert_eq!(
+            InternalError::decode(2, 0, &[]).to_string(),
+            "KVM internal error, suberror 2"
+        );
+        let all_prefix = InternalError {
+            suberror: 1,
+            instruction: vec![0xf0, 0x66],
+        };
         assert_eq!(all_prefix.known_instruction(), None);
     }
 }

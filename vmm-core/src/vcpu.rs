@@ -86,7 +86,12 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<PioBus>, vm: Arc<VmShared>
     KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     start.wait();
     let crash = |reason: String, rip: Option<u64>, internal: Option<InternalError>| {
-        VmExit::Crash(CrashReport { vcpu: id, reason, rip, internal })
+        VmExit::Crash(CrashReport {
+            vcpu: id,
+            reason,
+            rip,
+            internal,
+        })
     };
     let ending = loop {
         if vm.stopping() {
@@ -113,7 +118,9 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<PioBus>, vm: Arc<VmShared>
             Ok(VcpuExit::SystemEvent(kind, _)) => Ending::Exit(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VmExit::Reboot,
-                KVM_SYSTEM_EVENT_CRASH => crash("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into(), None, None),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    crash("the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into(), None, None)
+                }
                 other => crash(format!("unknown KVM system event {other}"), None, None),
             }),
             Ok(VcpuExit::Shutdown) => Ending::Exit(crash("triple fault (KVM_EXIT_SHUTDOWN)".into(), None, None)),
@@ -123,7 +130,11 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<PioBus>, vm: Arc<VmShared>
                 None,
                 None,
             )),
-            Ok(VcpuExit::Hlt) => Ending::Exit(crash("vCPU halted (HLT exit with no in-kernel LAPIC)".into(), None, None)),
+            Ok(VcpuExit::Hlt) => Ending::Exit(crash(
+                "vCPU halted (HLT exit with no in-kernel LAPIC)".into(),
+                None,
+                None,
+            )),
             Ok(other) => Ending::Exit(crash(format!("unhandled VM exit {other:?}"), None, None)),
             Err(e) if e.errno() == libc::EINTR => {
                 vcpu.set_kvm_immediate_exit(0);

@@ -172,7 +172,10 @@ impl Vm {
         let initrd = match &config.boot.initrd {
             Some(path) => {
                 let file = check_file("boot.initrd", path)?;
-                let size = file.metadata().map_err(Error::host(format!("reading {}", path.display())))?.len();
+                let size = file
+                    .metadata()
+                    .map_err(Error::host(format!("reading {}", path.display())))?
+                    .len();
                 Some((path.clone(), file, size))
             }
             None => None,
@@ -181,14 +184,23 @@ impl Vm {
         let initrd_addr = boot::place_initrd(config.machine.memory_mib, &info, initrd_size)?;
 
         let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
-        vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
         if kvm.check_extension(Cap::SetIdentityMapAddr) {
             vm_fd
                 .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
                 .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
         }
+        // Memory before the irqchip: once an irqchip exists, the first
+        // memslot update waits for an SRCU grace period (measured 7 ms on
+        // the PVM host, 0.1 ms in this order).
+        let memory = create_memory(&vm_fd, mem_size)?;
         vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm_fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))?;
 
         let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
@@ -201,12 +213,14 @@ impl Vm {
             return Err(Error::Cmdline(format!(
                 "{} bytes{}; this kernel accepts at most {}",
                 cmdline.len(),
-                if cmdline.len() > config.boot.cmdline.len() { " with the host's additions" } else { "" },
+                if cmdline.len() > config.boot.cmdline.len() {
+                    " with the host's additions"
+                } else {
+                    ""
+                },
                 info.cmdline_max
             )));
         }
-
-        let memory = create_memory(&vm_fd, mem_size)?;
 
         let kernel = boot::load_kernel(&memory, &config.boot.kernel, &mut kernel_file, info)?;
         let initrd_region = match initrd {
@@ -214,7 +228,11 @@ impl Vm {
                 let len = usize::try_from(size).map_err(|_| Error::GuestMemory("initrd too large".into()))?;
                 memory
                     .read_exact_volatile_from(GuestAddress(initrd_addr), &mut file, len)
-                    .map_err(|e| Error::ConfigPath { key: "boot.initrd", path, reason: format!("cannot load: {e}") })?;
+                    .map_err(|e| Error::ConfigPath {
+                        key: "boot.initrd",
+                        path,
+                        reason: format!("cannot load: {e}"),
+                    })?;
                 Some((initrd_addr, size))
             }
             None => None,
@@ -222,12 +240,21 @@ impl Vm {
         let mut cmdline_bytes = cmdline.clone().into_bytes();
         cmdline_bytes.push(0);
         boot::write_blob(&memory, layout::CMDLINE_ADDR, &cmdline_bytes, "the kernel command line")?;
-        boot::write_blob(&memory, layout::SETUP_DATA_ADDR, &boot::rng_seed_setup_data()?, "the RNG seed")?;
+        boot::write_blob(
+            &memory,
+            layout::SETUP_DATA_ADDR,
+            &boot::rng_seed_setup_data()?,
+            "the RNG seed",
+        )?;
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
-        let cpu_signature = supported.as_slice().iter().find(|e| e.function == 1).map_or(0, |e| e.eax);
+        let cpu_signature = supported
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 1)
+            .map_or(0, |e| e.eax);
         let mp = mptable::build(layout::MPTABLE_ADDR, vcpus, cpu_signature).map_err(Error::GuestMemory)?;
         boot::write_blob(&memory, layout::MPTABLE_ADDR, &mp, "the MP table")?;
         let rsdp_addr = if config.machine.acpi {
@@ -254,7 +281,9 @@ impl Vm {
         let serial = Arc::new(Mutex::new(SerialPort::new(output)?));
         {
             let port = serial.lock().unwrap_or_else(|e| e.into_inner());
-            vm_fd.register_irqfd(port.irq().eventfd(), COM1_IRQ).map_err(kvm_error("KVM_IRQFD (serial)"))?;
+            vm_fd
+                .register_irqfd(port.irq().eventfd(), COM1_IRQ)
+                .map_err(kvm_error("KVM_IRQFD (serial)"))?;
         }
         let reset = Arc::new(Mutex::new(ResetController::new()?));
         let mut bus = PioBus::new();
@@ -282,8 +311,10 @@ impl Vm {
             fd.set_fpu(&regs::boot_fpu()).map_err(kvm_error("KVM_SET_FPU"))?;
             if id == 0 {
                 let sregs = fd.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
-                fd.set_sregs(&regs::boot_sregs(sregs)).map_err(kvm_error("KVM_SET_SREGS"))?;
-                fd.set_regs(&regs::boot_regs(kernel.entry)).map_err(kvm_error("KVM_SET_REGS"))?;
+                fd.set_sregs(&regs::boot_sregs(sregs))
+                    .map_err(kvm_error("KVM_SET_SREGS"))?;
+                fd.set_regs(&regs::boot_regs(kernel.entry))
+                    .map_err(kvm_error("KVM_SET_REGS"))?;
             }
         }
 
@@ -357,13 +388,23 @@ impl Vm {
             })?;
         let watcher = ExitWatcher {
             vm: self.shared.clone(),
-            reset: raw(&self.reset, |d: &ResetController| d.reset_requested().eventfd().as_raw_fd()),
-            poweroff: self.sleep.as_ref().map(|s| raw(s, |d: &AcpiSleepControl| d.poweroff_requested().eventfd().as_raw_fd())),
+            reset: raw(&self.reset, |d: &ResetController| {
+                d.reset_requested().eventfd().as_raw_fd()
+            }),
+            poweroff: self
+                .sleep
+                .as_ref()
+                .map(|s| raw(s, |d: &AcpiSleepControl| d.poweroff_requested().eventfd().as_raw_fd())),
         };
         events.add_subscriber(Box::new(watcher));
         if self.console_input == ConsoleInput::Stdin {
             let interactive = _terminal.is_some();
-            events.add_subscriber(Box::new(InputPump::new(stdin, interactive, self.serial.clone(), self.shared.clone())));
+            events.add_subscriber(Box::new(InputPump::new(
+                stdin,
+                interactive,
+                self.serial.clone(),
+                self.shared.clone(),
+            )));
         }
 
         let start = Arc::new(vcpu::StartGate::default());
@@ -411,7 +452,11 @@ impl Vm {
                 panicked.get_or_insert(id);
             }
         }
-        self.shared.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.shared
+            .vcpu_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         if let Some(id) = panicked {
             self.shared.set_exit(VmExit::Crash(CrashReport {
                 vcpu: id as u32,

@@ -44,10 +44,7 @@ fn build_dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // \_S5: SLP_TYP for soft-off, as AcpiSleepControl decodes it.
     let s5_type = mvm_devices::legacy::SLEEP_CONTROL_S5_TYPE;
-    let s5 = aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]),
-    );
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]));
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
@@ -90,10 +87,8 @@ pub fn build(base: u64, vcpus: u8) -> AcpiTables {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.iapc_boot_arch = (BOOT_ARCH_VGA_NOT_PRESENT
-        | BOOT_ARCH_MSI_NOT_SUPPORTED
-        | BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
-        .into();
+    fadt.iapc_boot_arch =
+        (BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED | BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
     fadt.sleep_control_reg = io_register(SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_register(SLEEP_CONTROL_PORT);
     // ACPI reboot pulses the same i8042 reset line as `reboot=k`.

@@ -70,7 +70,9 @@ pub fn inspect_kernel(path: &Path, file: &mut File) -> Result<KernelInfo> {
         .map_err(|e| image_error(path, format!("cannot read: {e}")))?;
     let mut read_at = |off: u64, size: usize| -> Option<Vec<u8>> {
         let mut buf = vec![0u8; size];
-        file.seek(SeekFrom::Start(off)).and_then(|_| file.read_exact(&mut buf)).ok()?;
+        file.seek(SeekFrom::Start(off))
+            .and_then(|_| file.read_exact(&mut buf))
+            .ok()?;
         Some(buf)
     };
     inspect_image(&head, len, &mut read_at).map_err(|reason| image_error(path, reason))
@@ -119,7 +121,10 @@ fn inspect_elf(
 ) -> std::result::Result<KernelInfo, String> {
     const PT_LOAD: u32 = 1;
     if head.len() < 64 {
-        return Err(format!("ELF image is truncated: {} bytes, an ELF header needs 64", head.len()));
+        return Err(format!(
+            "ELF image is truncated: {} bytes, an ELF header needs 64",
+            head.len()
+        ));
     }
     if head[4] != 2 || head[5] != 1 {
         return Err("not a 64-bit little-endian ELF; build an x86_64 vmlinux".into());
@@ -131,7 +136,9 @@ fn inspect_elf(
     let phentsize = usize::from(le16(head, 54));
     let phnum = usize::from(le16(head, 56));
     if phentsize != 56 || phnum == 0 {
-        return Err(format!("ELF has {phnum} program headers of {phentsize} bytes; a vmlinux has 56-byte ones"));
+        return Err(format!(
+            "ELF has {phnum} program headers of {phentsize} bytes; a vmlinux has 56-byte ones"
+        ));
     }
     let table_len = phentsize * phnum;
     if phoff.checked_add(table_len as u64).is_none_or(|end| end > file_len) {
@@ -155,7 +162,9 @@ fn inspect_elf(
             .checked_add(memsz.max(filesz))
             .ok_or_else(|| format!("ELF segment {i} wraps around the address space"))?;
         if paddr < HIGH_MEMORY_START {
-            return Err(format!("ELF segment {i} loads at {paddr:#x}, below 1 MiB where boot structures live"));
+            return Err(format!(
+                "ELF segment {i} loads at {paddr:#x}, below 1 MiB where boot structures live"
+            ));
         }
         start = start.min(paddr);
         end = end.max(seg_end);
@@ -183,7 +192,11 @@ fn inspect_bzimage(head: &[u8], file_len: u64) -> std::result::Result<KernelInfo
     }
     let version = le16(head, 0x206);
     if version < 0x020c {
-        return Err(format!("bzImage boot protocol {}.{:02} is too old; 2.12 (Linux 3.8) or newer is needed for 64-bit entry", version >> 8, version & 0xff));
+        return Err(format!(
+            "bzImage boot protocol {}.{:02} is too old; 2.12 (Linux 3.8) or newer is needed for 64-bit entry",
+            version >> 8,
+            version & 0xff
+        ));
     }
     let xloadflags = le16(head, 0x236);
     if xloadflags & XLF_KERNEL_64 == 0 {
@@ -296,8 +309,7 @@ pub struct BootParamsInput<'a> {
 
 /// Build the zero page.
 pub fn build_boot_params(input: &BootParamsInput) -> Result<boot_params> {
-    let mut params = boot_params::default();
-    params.hdr = match input.kernel.setup_header {
+    let hdr = match input.kernel.setup_header {
         Some(hdr) => hdr,
         None => setup_header {
             boot_flag: BOOT_FLAG,
@@ -307,6 +319,10 @@ pub fn build_boot_params(input: &BootParamsInput) -> Result<boot_params> {
             kernel_alignment: 0x0100_0000,
             ..Default::default()
         },
+    };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
@@ -318,7 +334,11 @@ pub fn build_boot_params(input: &BootParamsInput) -> Result<boot_params> {
                 params.hdr.ramdisk_image = a;
                 params.hdr.ramdisk_size = s;
             }
-            _ => return Err(Error::GuestMemory(format!("initrd at {addr:#x}+{size:#x} is not below 4 GiB"))),
+            _ => {
+                return Err(Error::GuestMemory(format!(
+                    "initrd at {addr:#x}+{size:#x} is not below 4 GiB"
+                )))
+            }
         }
     }
     params.hdr.setup_data = input.setup_data.unwrap_or(0);
@@ -389,7 +409,9 @@ mod tests {
 
     fn check_elf(head: &[u8], len: u64) -> std::result::Result<KernelInfo, String> {
         let h = head.to_vec();
-        inspect_elf(&h, len, &mut |off, n| h.get(off as usize..off as usize + n).map(<[u8]>::to_vec))
+        inspect_elf(&h, len, &mut |off, n| {
+            h.get(off as usize..off as usize + n).map(<[u8]>::to_vec)
+        })
     }
 
     #[test]
@@ -405,7 +427,11 @@ mod tests {
 
     #[test]
     fn elf_sizes_come_from_segments() {
-        let (h, len) = elf(&[(0x1000, 0x100_0000, 0x2000, 0x3000), (0x3000, 0x200_0000, 0x100, 0x100)], 0x100_0000, 0x4000);
+        let (h, len) = elf(
+            &[(0x1000, 0x100_0000, 0x2000, 0x3000), (0x3000, 0x200_0000, 0x100, 0x100)],
+            0x100_0000,
+            0x4000,
+        );
         let info = check_elf(&h, len).unwrap();
         assert_eq!(info.format, KernelFormat::Elf);
         assert_eq!((info.load_start, info.end), (0x100_0000, 0x200_0100));
@@ -452,12 +478,22 @@ mod tests {
         assert_eq!(info.end, 0x300_0000);
         assert_eq!(info.cmdline_max, 2048);
         assert_eq!(info.initrd_addr_max, 0x7fff_ffff);
-        assert!(inspect_bzimage(&bzimage_head(0x0206, 3), 5 << 20).unwrap_err().contains("too old"));
-        assert!(inspect_bzimage(&bzimage_head(0x020f, 0), 5 << 20).unwrap_err().contains("64-bit"));
-        assert!(inspect_bzimage(&bzimage_head(0x020f, 1), 1000).unwrap_err().contains("truncated"));
+        assert!(inspect_bzimage(&bzimage_head(0x0206, 3), 5 << 20)
+            .unwrap_err()
+            .contains("too old"));
+        assert!(inspect_bzimage(&bzimage_head(0x020f, 0), 5 << 20)
+            .unwrap_err()
+            .contains("64-bit"));
+        assert!(inspect_bzimage(&bzimage_head(0x020f, 1), 1000)
+            .unwrap_err()
+            .contains("truncated"));
         let garbage = vec![0x42u8; 4096];
-        assert!(inspect_bzimage(&garbage, 4096).unwrap_err().starts_with("not a Linux kernel"));
-        assert!(inspect_bzimage(&[1, 2, 3], 3).unwrap_err().starts_with("not a Linux kernel"));
+        assert!(inspect_bzimage(&garbage, 4096)
+            .unwrap_err()
+            .starts_with("not a Linux kernel"));
+        assert!(inspect_bzimage(&[1, 2, 3], 3)
+            .unwrap_err()
+            .starts_with("not a Linux kernel"));
     }
 
     fn elf_info(end: u64) -> KernelInfo {
@@ -501,7 +537,11 @@ mod tests {
 
     #[test]
     fn boot_params_point_at_everything() {
-        let kernel = LoadedKernel { info: elf_info(0x200_0000), entry: 0x100_0000, setup_header: None };
+        let kernel = LoadedKernel {
+            info: elf_info(0x200_0000),
+            entry: 0x100_0000,
+            setup_header: None,
+        };
         let p = build_boot_params(&BootParamsInput {
             kernel: &kernel,
             mem_size: 128 << 20,

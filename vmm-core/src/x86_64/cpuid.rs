@@ -79,15 +79,29 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn apic_ids_and_topology_per_vcpu() {
         let base = vec![
             entry(1, 0),
-            kvm_cpuid_entry2 { function: 4, index: 0, eax: 0x121, ..Default::default() },
-            kvm_cpuid_entry2 { function: 4, index: 3, eax: 0x163, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 0,
+                eax: 0x121,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 3,
+                eax: 0x163,
+                ..Default::default()
+            },
             entry(0xb, 0),
             entry(0xb, 1),
             entry(0xb, 2),

@@ -61,6 +61,8 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,10 +71,7 @@ mod tests {
     fn regions_split_around_the_mmio_gap() {
         assert_eq!(ram_regions(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(ram_regions(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
-        assert_eq!(
-            ram_regions(4 << 30),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]
-        );
+        assert_eq!(ram_regions(4 << 30), vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]);
     }
 
     #[test]
@@ -93,6 +92,5 @@ mod tests {
             }
         }
         assert_eq!(MPTABLE_ADDR + MPTABLE_MAX, HIGH_MEMORY_START);
-        assert!(BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 0x1000 && BOOT_STACK_POINTER < PML4_ADDR);
     }
 }

@@ -35,8 +35,8 @@ pub fn build(addr: u64, vcpus: u8, cpu_signature: u32) -> Result<Vec<u8>, String
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(format!("the MP table describes 1 to {MAX_VCPUS} vCPUs, not {vcpus}"));
     }
-    let table_addr = u32::try_from(addr + FLOATING_LEN as u64)
-        .map_err(|_| format!("MP table address {addr:#x} is above 4 GiB"))?;
+    let table_addr =
+        u32::try_from(addr + FLOATING_LEN as u64).map_err(|_| format!("MP table address {addr:#x} is above 4 GiB"))?;
     let ioapic_id = vcpus;
 
     let mut entries = Vec::new();
@@ -69,8 +69,7 @@ pub fn build(addr: u64, vcpus: u8, cpu_signature: u32) -> Result<Vec<u8>, String
         count += 1;
     }
 
-    let table_len = u16::try_from(HEADER_LEN + entries.len())
-        .map_err(|_| "MP table too large".to_string())?;
+    let table_len = u16::try_from(HEADER_LEN + entries.len()).map_err(|_| "MP table too large".to_string())?;
     let mut table = Vec::with_capacity(usize::from(table_len));
     table.extend_from_slice(b"PCMP");
     table.extend_from_slice(&table_len.to_le_bytes());
@@ -137,7 +136,10 @@ mod tests {
             assert_eq!(off, len);
             assert_eq!(cpus.len(), vcpus as usize);
             assert_eq!(cpus[0], (0, CPU_ENABLED | CPU_BSP));
-            assert!(cpus[1..].iter().enumerate().all(|(i, c)| *c == (i as u8 + 1, CPU_ENABLED)));
+            assert!(cpus[1..]
+                .iter()
+                .enumerate()
+                .all(|(i, c)| *c == (i as u8 + 1, CPU_ENABLED)));
         }
     }
 
