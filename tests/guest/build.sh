@@ -94,15 +94,6 @@ hash_inputs() {
 		done
 	} | sha256sum | cut -c1-16
 }
-patch_items=()
-for p in "${patches[@]}"; do patch_items+=("file:$p"); done
-kernel_hash=$(hash_inputs kernel "file:$fragment" "${patch_items[@]}" "file:$self" \
-	"linux-source-6.1=$linux_version" "gcc=$gcc_version")
-initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$self" \
-	"busybox-static=$busybox_version")
-kernel_dir="$cache/kernel-$kernel_hash"
-initramfs_dir="$cache/initramfs-$initramfs_hash"
-
 mkdir -p "$cache"
 # One build at a time per cache (parallel test runs may all call this).
 exec 9>"$cache/.lock"
@@ -113,14 +104,40 @@ fi
 
 tmp=
 ticker=
+inputs=
 cleanup() {
 	[ -n "$ticker" ] && kill "$ticker" 2>/dev/null && wait "$ticker" 2>/dev/null
 	[ -n "$tmp" ] && rm -rf "$tmp"
+	[ -n "$inputs" ] && rm -rf "$inputs"
 	return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# Leftovers of builds that were killed outright (we hold the lock: no other
+# build is running).
+rm -rf "$cache"/.tmp-kernel-* "$cache"/.tmp-initramfs-* "$cache"/.tmp-inputs-*
+
+# Build from a snapshot of the inputs, so that editing them during a build
+# cannot put new content into a cache entry named after the old hash.
+inputs=$(mktemp -d "$cache/.tmp-inputs-XXXXXX")
+mkdir "$inputs/patches"
+cp "$fragment" "$inputs/kernel.config"
+cp "${patches[@]}" "$inputs/patches/"
+cp "$init_script" "$inputs/init"
+fragment="$inputs/kernel.config"
+patches=("$inputs"/patches/*.patch)
+init_script="$inputs/init"
+
+patch_items=()
+for p in "${patches[@]}"; do patch_items+=("file:$p"); done
+kernel_hash=$(hash_inputs kernel "file:$fragment" "${patch_items[@]}" "file:$self" \
+	"linux-source-6.1=$linux_version" "gcc=$gcc_version")
+initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$self" \
+	"busybox-static=$busybox_version")
+kernel_dir="$cache/kernel-$kernel_hash"
+initramfs_dir="$cache/initramfs-$initramfs_hash"
 
 # Every `CONFIG_X=...` / `# CONFIG_X is not set` line of the fragment must be
 # in .config verbatim (a "not set" option may also be absent: its
@@ -164,6 +181,7 @@ build_kernel() {
 	tmp=$(mktemp -d "$cache/.tmp-kernel-$kernel_hash.XXXXXX")
 	src="$tmp/src"
 	mkdir -p "$src" "$tmp/out"
+	rm -f "$cache"/kernel-*.log    # failure logs of earlier attempts
 	: >"$log"
 	say "building kernel $kernel_hash (linux-source-6.1 $linux_version, gcc $gcc_version); log: $log"
 
@@ -186,6 +204,7 @@ build_kernel() {
 	say "compiling kernel with $jobs jobs (several minutes) ..."
 	(
 		while sleep 30; do
+			kill -0 $$ 2>/dev/null || exit 0 # build.sh itself was killed
 			n=$(find "$src" -name '*.o' -type f 2>/dev/null | wc -l)
 			say "still compiling: $n objects built (a full build has about 900), $((SECONDS - start)) s so far"
 		done
@@ -249,10 +268,6 @@ build_initramfs() {
 	rm -rf "$tmp"
 	tmp=
 }
-
-# Leftovers of builds that were killed outright (we hold the lock: no other
-# build is running).
-rm -rf "$cache"/.tmp-kernel-* "$cache"/.tmp-initramfs-*
 
 if [ -f "$kernel_dir/vmlinux" ] && [ -f "$kernel_dir/bzImage" ] && [ -x "$kernel_dir/gen_init_cpio" ]; then
 	say "kernel $kernel_hash: cached"
