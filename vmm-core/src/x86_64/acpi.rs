@@ -6,7 +6,7 @@ use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{aml, rsdp::Rsdp, xsdt::XSDT, Aml};
-use mvm_devices::legacy::{I8042_PORT_BASE, SLEEP_CONTROL_PORT};
+use mvm_devices::legacy::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE, SLEEP_CONTROL_PORT};
 
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -45,8 +45,19 @@ fn build_dsdt() -> Vec<u8> {
     // \_S5: SLP_TYP for soft-off, as AcpiSleepControl decodes it.
     let s5_type = mvm_devices::legacy::SLEEP_CONTROL_S5_TYPE;
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type, &s5_type, &0u8, &0u8]));
+    // COM1 as an ACPI device: on a hardware-reduced platform Linux maps no
+    // ISA IRQs by itself (there is no legacy PIC), so the UART's interrupt
+    // reaches the guest only through this _CRS (8250_pnp binds to it).
+    let io = aml::IO::new(COM1_PORT_BASE, COM1_PORT_BASE, 1, COM1_PORT_LEN as u8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_resources = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &0u8);
+    let crs = aml::Name::new("_CRS".into(), &com1_resources);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
+    com1.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
 }
@@ -166,6 +177,9 @@ mod tests {
         let dlen = u32_at(b, dsdt + 4) as usize;
         assert_eq!(sum(&b[dsdt..dsdt + dlen]), 0);
         assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == b"_S5_"));
+        assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == b"COM1"));
+        // EISA ID of PNP0501, compressed as AML stores it.
+        assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == [0x41, 0xd0, 0x05, 0x01]));
         let sleep_ctl = fadt + 244;
         assert_eq!(b[sleep_ctl], 1, "system I/O space");
         assert_eq!(u64_at(b, sleep_ctl + 4), u64::from(SLEEP_CONTROL_PORT));
