@@ -309,7 +309,14 @@ impl MutEventSubscriber for InputPump {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new_raw(self.input, EventSet::IN)) {
-            log::warn!("console input cannot be watched ({e:?}); the guest gets no input");
+            // epoll refuses regular files and /dev/null (EPERM): such an
+            // input has nothing to wait for, so it is not worth a warning.
+            let not_pollable = matches!(&e, event_manager::Error::Epoll(errno) if errno.errno() == libc::EPERM);
+            if not_pollable {
+                log::debug!("standard input cannot be polled; the guest gets no console input");
+            } else {
+                log::warn!("console input cannot be watched ({e}); the guest gets no console input");
+            }
             self.state = InputState::Ended;
         }
         if let Err(e) = ops.add(Events::new_raw(self.space_fd, EventSet::IN)) {
