@@ -56,12 +56,6 @@ impl HostKind {
         }
     }
 
-    /// Whether PVH (32-bit) entry may be used: never on PVM, where 32-bit
-    /// guest code is interpreted and fails.
-    pub fn allows_pvh(self) -> bool {
-        self == HostKind::Hardware
-    }
-
     /// The one warning to log at VM start, if any.
     pub fn warning(self, host_cmdline: bool) -> Option<String> {
         match self {
@@ -192,8 +186,6 @@ mod tests {
         std::fs::write(dir.join("kvm_pvm/parameters/pvm_native"), "Y\n").unwrap();
         assert_eq!(HostKind::detect_in(&dir), HostKind::Pvm { emulating: true });
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(!HostKind::Pvm { emulating: true }.allows_pvh());
-        assert!(HostKind::Hardware.allows_pvh());
     }
 
     #[test]
