@@ -1,56 +1,66 @@
-//! Port I/O bus: maps guest port accesses to the device that owns the port.
+//! Address buses: map a guest access (x86 port I/O or MMIO) to the device
+//! that owns the address, with the offset inside the device's range.
 
 use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
 
-/// A device reachable through x86 port I/O.
+/// A device on a bus.
 ///
 /// `offset` is relative to the start of the device's range; `data` is the
-/// access as the guest made it (1, 2 or 4 bytes, unchecked: devices must
-/// accept any length).
-pub trait PioDevice: Send {
-    /// Guest `in`: fill `data`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Guest `out` of `data`.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// access as the guest made it (any length: devices must check it).
+pub trait BusDevice: Send {
+    /// Guest read: fill `data`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Guest write of `data`.
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 struct Range {
-    base: u16,
-    len: u16,
+    base: u64,
+    len: u64,
     name: &'static str,
-    device: Arc<Mutex<dyn PioDevice>>,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
 impl Range {
-    fn end(&self) -> u32 {
-        u32::from(self.base) + u32::from(self.len)
+    fn end(&self) -> u128 {
+        u128::from(self.base) + u128::from(self.len)
     }
 }
 
-/// The set of port ranges with their devices, sorted by base port.
-#[derive(Default)]
-pub struct PioBus {
+/// The set of address ranges with their devices, sorted by base address.
+/// One bus serves port I/O (addresses up to 0xffff), another MMIO.
+pub struct Bus {
     ranges: Vec<Range>,
+    limit: u128,
 }
 
-impl PioBus {
-    /// An empty bus.
-    pub fn new() -> Self {
-        Self::default()
+/// The x86 port I/O bus (64 Ki ports).
+pub fn pio_bus() -> Bus {
+    Bus::with_limit(0x1_0000)
+}
+
+/// A bus for the whole 64-bit physical address space.
+pub fn mmio_bus() -> Bus {
+    Bus::with_limit(1 << 64)
+}
+
+impl Bus {
+    fn with_limit(limit: u128) -> Self {
+        Bus { ranges: Vec::new(), limit }
     }
 
-    /// Attach `device` at ports `base..base + len`.
-    pub fn insert(&mut self, name: &'static str, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<()> {
-        if len == 0 || u32::from(base) + u32::from(len) > 0x1_0000 {
+    /// Attach `device` at addresses `base..base + len`.
+    pub fn insert(&mut self, name: &'static str, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<()> {
+        let new_end = u128::from(base) + u128::from(len);
+        if len == 0 || new_end > self.limit {
             return Err(Error::PortRange { name, base, len });
         }
-        let new_end = u32::from(base) + u32::from(len);
         if let Some(other) = self
             .ranges
             .iter()
-            .find(|r| u32::from(base) < r.end() && u32::from(r.base) < new_end)
+            .find(|r| u128::from(base) < r.end() && u128::from(r.base) < new_end)
         {
             return Err(Error::PortOverlap {
                 name,
@@ -72,15 +82,15 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
-        let idx = self.ranges.partition_point(|r| r.base <= port).checked_sub(1)?;
+    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
+        let idx = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
         let range = &self.ranges[idx];
-        (u32::from(port) < range.end()).then(|| (range, port - range.base))
+        (u128::from(addr) < range.end()).then(|| (range, addr - range.base))
     }
 
-    /// Dispatch a guest `in`. Ports nobody owns read as all-ones, as on a
-    /// real ISA bus. Returns whether a device owned the port.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
+    /// Dispatch a guest read. Addresses nobody owns read as all-ones, as
+    /// on a real ISA bus. Returns whether a device owned the address.
+    pub fn read(&self, port: u64, data: &mut [u8]) -> bool {
         match self.find(port) {
             Some((range, offset)) => {
                 // A poisoned lock means another vCPU thread died mid-access;
@@ -96,8 +106,8 @@ impl PioBus {
         }
     }
 
-    /// Dispatch a guest `out`. Writes to unowned ports are dropped.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
+    /// Dispatch a guest write. Writes to unowned addresses are dropped.
+    pub fn write(&self, port: u64, data: &[u8]) -> bool {
         match self.find(port) {
             Some((range, offset)) => {
                 let mut dev = range.device.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,14 +125,14 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        writes: Vec<(u16, Vec<u8>)>,
+        writes: Vec<(u64, Vec<u8>)>,
     }
 
-    impl PioDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
     }
@@ -131,7 +141,7 @@ mod tests {
     fn dispatches_by_range_and_offset() {
         let a = Arc::new(Mutex::new(Recorder::default()));
         let b = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = PioBus::new();
+        let mut bus = pio_bus();
         bus.insert("b", 0x3f8, 8, b.clone()).unwrap();
         bus.insert("a", 0x60, 5, a.clone()).unwrap();
         assert!(bus.write(0x64, &[0xfe]));
@@ -149,7 +159,7 @@ mod tests {
     #[test]
     fn rejects_overlap_and_bad_ranges() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = PioBus::new();
+        let mut bus = pio_bus();
         bus.insert("a", 0x60, 5, dev.clone()).unwrap();
         assert!(matches!(
             bus.insert("b", 0x64, 2, dev.clone()),
@@ -170,5 +180,34 @@ mod tests {
         ));
         assert!(bus.insert("g", 0xffff, 1, dev).is_ok());
         assert!(bus.write(0xffff, &[0]));
+    }
+}
+
+#[cfg(test)]
+mod mmio_tests {
+    use super::*;
+
+    struct Echo;
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn mmio_bus_covers_high_addresses() {
+        let mut bus = mmio_bus();
+        bus.insert("top", u64::MAX - 0xfff, 0x1000, Arc::new(Mutex::new(Echo))).unwrap();
+        bus.insert("dev", 0xd000_0000, 0x1000, Arc::new(Mutex::new(Echo))).unwrap();
+        let mut d = [0u8; 4];
+        assert!(bus.read(0xd000_0010, &mut d));
+        assert_eq!(d, [0x10; 4]);
+        assert!(bus.read(u64::MAX, &mut d));
+        assert!(!bus.read(0xd000_1000, &mut d));
+        assert!(matches!(
+            bus.insert("x", 0xd000_0800, 0x1000, Arc::new(Mutex::new(Echo))),
+            Err(Error::PortOverlap { .. })
+        ));
     }
 }

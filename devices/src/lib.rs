@@ -5,7 +5,7 @@
 //! device does not understand is ignored (writes) or answered with all-ones
 //! (reads), never a panic.
 //!
-//! - [`bus::PioBus`]: dispatches x86 port I/O exits to devices by port range.
+//! - [`bus::Bus`]: dispatches port I/O and MMIO exits to devices by address range.
 //! - [`legacy::SerialPort`]: a 16550A UART (vm-superio) with its interrupt line.
 //! - [`legacy::ResetController`]: the i8042 controller's CPU reset line.
 //! - [`legacy::AcpiSleepControl`]: the ACPI hardware-reduced sleep control
@@ -17,17 +17,17 @@ pub mod legacy;
 /// Errors of the device crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Two devices were given overlapping port ranges (a VMM bug, not a guest one).
-    #[error("port range {base:#x}+{len} of {name} overlaps {other}")]
+    /// Two devices were given overlapping address ranges (a VMM bug, not a guest one).
+    #[error("address range {base:#x}+{len:#x} of {name} overlaps {other}")]
     PortOverlap {
         name: &'static str,
         other: &'static str,
-        base: u16,
-        len: u16,
+        base: u64,
+        len: u64,
     },
-    /// A zero-length or wrapping port range.
-    #[error("port range {base:#x}+{len} of {name} is empty or wraps around")]
-    PortRange { name: &'static str, base: u16, len: u16 },
+    /// A zero-length range or one beyond the bus.
+    #[error("address range {base:#x}+{len:#x} of {name} is empty or beyond the bus")]
+    PortRange { name: &'static str, base: u64, len: u64 },
     /// Creating an eventfd failed.
     #[error("cannot create eventfd for {what}: {source}")]
     EventFd { what: &'static str, source: std::io::Error },

@@ -4,18 +4,18 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use mvm_devices::bus::PioBus;
+use mvm_devices::bus::pio_bus;
 use mvm_devices::legacy::*;
 
 fuzz_target!(|data: &[u8]| {
     let serial = Arc::new(Mutex::new(SerialPort::new(Box::new(std::io::sink())).unwrap()));
     let reset = Arc::new(Mutex::new(ResetController::new().unwrap()));
     let sleep = Arc::new(Mutex::new(AcpiSleepControl::new().unwrap()));
-    let mut bus = PioBus::new();
-    bus.insert("serial", COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
+    let mut bus = pio_bus();
+    bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())
         .unwrap();
-    bus.insert("i8042", I8042_PORT_BASE, I8042_PORT_LEN, reset).unwrap();
-    bus.insert("sleep", SLEEP_CONTROL_PORT, 1, sleep).unwrap();
+    bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset).unwrap();
+    bus.insert("sleep", SLEEP_CONTROL_PORT.into(), 1, sleep).unwrap();
     // Each operation: [kind, port selector, width, value bytes...].
     let mut ops = data;
     while ops.len() >= 3 {
@@ -32,11 +32,11 @@ fuzz_target!(|data: &[u8]| {
         ops = rest;
         match kind % 3 {
             0 => {
-                bus.write(port, value);
+                bus.write(u64::from(port), value);
             }
             1 => {
                 let mut buf = vec![0u8; width];
-                bus.read(port, &mut buf);
+                bus.read(u64::from(port), &mut buf);
             }
             _ => {
                 serial.lock().unwrap().enqueue_input(value);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use mvm_devices::bus::PioBus;
+use mvm_devices::bus::Bus;
 
 use crate::host::InternalError;
 use crate::vm::{CrashReport, VmExit, VmShared};
@@ -73,6 +73,12 @@ impl StartGate {
     }
 }
 
+/// The buses vCPU exits are dispatched to.
+pub(crate) struct Buses {
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
+}
+
 /// Guest exits that end the run, decided inside the match on `run()`
 /// (whose result borrows the vCPU) and completed after it.
 enum Ending {
@@ -82,7 +88,7 @@ enum Ending {
 
 /// Run vCPU `id` until the VM stops; the return value is what this vCPU
 /// saw end the VM, if anything.
-pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<PioBus>, vm: Arc<VmShared>, start: Arc<StartGate>) {
+pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<Buses>, vm: Arc<VmShared>, start: Arc<StartGate>) {
     KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     start.wait();
     let crash = |reason: String, rip: Option<u64>, internal: Option<InternalError>| {
@@ -99,20 +105,23 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u32, bus: Arc<PioBus>, vm: Arc<VmShared>
         }
         let ending = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                bus.read(port, data);
+                bus.pio.read(u64::from(port), data);
                 continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                bus.write(port, data);
+                bus.pio.write(u64::from(port), data);
                 continue;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
-                data.fill(0xff);
+                if !bus.mmio.read(addr, data) {
+                    log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
+                }
                 continue;
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !bus.mmio.write(addr, data) {
+                    log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}");
+                }
                 continue;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => Ending::Exit(match kind {

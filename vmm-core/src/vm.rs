@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use mvm_devices::bus::PioBus;
+use mvm_devices::bus::{mmio_bus, pio_bus};
 use mvm_devices::legacy::{
     AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
     I8042_PORT_LEN, SLEEP_CONTROL_PORT,
@@ -136,7 +136,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs and devices before the VM fd,
     // memory last.
     vcpus: Vec<VcpuFd>,
-    bus: Arc<PioBus>,
+    bus: Arc<vcpu::Buses>,
     serial: Arc<Mutex<SerialPort>>,
     reset: Arc<Mutex<ResetController>>,
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
@@ -286,12 +286,12 @@ impl Vm {
                 .map_err(kvm_error("KVM_IRQFD (serial)"))?;
         }
         let reset = Arc::new(Mutex::new(ResetController::new()?));
-        let mut bus = PioBus::new();
-        bus.insert("serial", COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())?;
-        bus.insert("i8042", I8042_PORT_BASE, I8042_PORT_LEN, reset.clone())?;
+        let mut bus = pio_bus();
+        bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())?;
+        bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset.clone())?;
         let sleep = if config.machine.acpi {
             let dev = Arc::new(Mutex::new(AcpiSleepControl::new()?));
-            bus.insert("acpi-sleep", SLEEP_CONTROL_PORT, 1, dev.clone())?;
+            bus.insert("acpi-sleep", SLEEP_CONTROL_PORT.into(), 1, dev.clone())?;
             Some(dev)
         } else {
             None
@@ -327,7 +327,7 @@ impl Vm {
         Ok(Vm {
             shared: Arc::new(VmShared::new()?),
             vcpus: vcpu_fds,
-            bus: Arc::new(bus),
+            bus: Arc::new(vcpu::Buses { pio: bus, mmio: mmio_bus() }),
             serial,
             reset,
             sleep,

@@ -5,7 +5,7 @@
 //! that "sleeps" has nothing to wake it.
 
 use super::EventLine;
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::Result;
 
 /// I/O port of the sleep control (and status) register.
@@ -36,13 +36,13 @@ impl AcpiSleepControl {
     }
 }
 
-impl PioDevice for AcpiSleepControl {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for AcpiSleepControl {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Sleep status: no wake events ever pending.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let (0, [value]) = (offset, data) else { return };
         if value & SLP_EN != 0 && (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == S5_SLEEP_TYPE {
             if let Err(e) = self.poweroff.eventfd().write(1) {

@@ -4,7 +4,7 @@
 use vm_superio::I8042Device;
 
 use super::EventLine;
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::Result;
 
 /// First i8042 port (data, 0x60); the command/status port is 0x64.
@@ -31,15 +31,15 @@ impl ResetController {
     }
 }
 
-impl PioDevice for ResetController {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for ResetController {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data.len()) {
             (Ok(off), 1) => data[0] = self.dev.read(off),
             _ => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.dev.write(off, *value) {
                 log::warn!("i8042: cannot signal the reset request: {e}");

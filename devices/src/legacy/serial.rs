@@ -10,7 +10,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
 
 use super::EventLine;
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::Result;
 
 /// I/O base of COM1.
@@ -84,17 +84,17 @@ impl SerialPort {
     }
 }
 
-impl PioDevice for SerialPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data.len()) {
-            (Ok(off), 1) if offset < COM1_PORT_LEN => data[0] = self.uart.read(off),
+            (Ok(off), 1) if offset < u64::from(COM1_PORT_LEN) => data[0] = self.uart.read(off),
             _ => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
-            if offset < COM1_PORT_LEN {
+            if offset < u64::from(COM1_PORT_LEN) {
                 if let Err(e) = self.uart.write(off, *value) {
                     log::debug!("serial: write to register {off}: {e}");
                 }
@@ -120,8 +120,8 @@ mod tests {
         }
     }
 
-    const IER: u16 = 1;
-    const LSR: u16 = 5;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
 
     #[test]
     fn transmits_and_raises_thr_empty_interrupt() {
