@@ -48,7 +48,10 @@ pub fn mmio_bus() -> Bus {
 
 impl Bus {
     fn with_limit(limit: u128) -> Self {
-        Bus { ranges: Vec::new(), limit }
+        Bus {
+            ranges: Vec::new(),
+            limit,
+        }
     }
 
     /// Attach `device` at addresses `base..base + len`.
@@ -198,8 +201,10 @@ mod mmio_tests {
     #[test]
     fn mmio_bus_covers_high_addresses() {
         let mut bus = mmio_bus();
-        bus.insert("top", u64::MAX - 0xfff, 0x1000, Arc::new(Mutex::new(Echo))).unwrap();
-        bus.insert("dev", 0xd000_0000, 0x1000, Arc::new(Mutex::new(Echo))).unwrap();
+        bus.insert("top", u64::MAX - 0xfff, 0x1000, Arc::new(Mutex::new(Echo)))
+            .unwrap();
+        bus.insert("dev", 0xd000_0000, 0x1000, Arc::new(Mutex::new(Echo)))
+            .unwrap();
         let mut d = [0u8; 4];
         assert!(bus.read(0xd000_0010, &mut d));
         assert_eq!(d, [0x10; 4]);

@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 /// Errors of the device crate.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum Error {
     /// A zero-length range or one beyond the bus.
     #[error("address range {base:#x}+{len:#x} of {name} is empty or beyond the bus")]
     PortRange { name: &'static str, base: u64, len: u64 },
+    /// A virtio device could not be set up.
+    #[error("virtio: {0}")]
+    Virtio(String),
     /// Creating an eventfd failed.
     #[error("cannot create eventfd for {what}: {source}")]
     EventFd { what: &'static str, source: std::io::Error },

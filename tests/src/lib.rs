@@ -75,14 +75,15 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
 
 /// A `vm.toml` for the test guest booted from its ELF `vmlinux`.
 pub fn guest_config(vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
-    guest_config_with("vmlinux", vcpus, memory_mib, cmdline_extra)
+    guest_config_with("vmlinux", vcpus, memory_mib, true, cmdline_extra)
 }
 
 /// A `vm.toml` for the test guest booted from `kernel` (`vmlinux` or
-/// `bzImage`) in the guest directory.
-pub fn guest_config_with(kernel: &str, vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
+/// `bzImage`) in the guest directory; without `acpi` the guest finds its
+/// devices through the command line.
+pub fn guest_config_with(kernel: &str, vcpus: u32, memory_mib: u32, acpi: bool, cmdline_extra: &str) -> String {
     format!(
-        "version = 1\n[machine]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 reboot=k panic=-1 {cmdline_extra}\"\n[console]\ninput = \"stdin\"\n",
+        "version = 1\n[machine]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\nacpi = {acpi}\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 reboot=k panic=-1 {cmdline_extra}\"\n[console]\ninput = \"stdin\"\n",
         guest_file(kernel).display(),
         guest_file("initramfs.cpio").display()
     )

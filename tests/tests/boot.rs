@@ -43,6 +43,7 @@ fn guest_sees_configured_machine_and_powers_off() {
         r["cmdline"]
     );
     assert_eq!(r.get("userspace").map(String::as_str), Some("ok"));
+    assert_hwrng_works(&r, &console);
     assert!(console.contains("mvm-init: start"), "init's output arrived");
     assert!(
         console.contains("mvm-init: hello from a userspace program"),
@@ -53,16 +54,26 @@ fn guest_sees_configured_machine_and_powers_off() {
     assert!(run.stderr.lines().count() <= 1, "stderr: {}", run.stderr);
 }
 
+/// virtio-rng, found through ACPI or the command line, serves the guest's
+/// /dev/hwrng with host bytes.
+fn assert_hwrng_works(r: &std::collections::BTreeMap<String, String>, console: &str) {
+    assert_eq!(r.get("hwrng").map(String::as_str), Some("virtio_rng.0"), "{console}");
+    assert_eq!(r.get("hwrng_bytes").map(String::as_str), Some("4096"), "{console}");
+    let head = r.get("hwrng_head").map(String::as_str).unwrap_or("");
+    assert_eq!(head.split(' ').count(), 8, "{head:?}");
+    assert_ne!(head, "00 00 00 00 00 00 00 00");
+}
+
 /// The bzImage of the same kernel (it decompresses itself, interpreted
-/// here, so this boot is the slower one), one vCPU; the host types a line
-/// that guest userspace reads back; then the guest reboots, which ends
-/// mvm-vmm with status 3.
+/// here, so this boot is the slower one), one vCPU, no ACPI (devices on the
+/// command line); the host types a line that guest userspace reads back;
+/// then the guest reboots, which ends mvm-vmm with status 3.
 #[test]
 fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
     let dir = scratch_dir("echo");
     let config = write_config(
         &dir,
-        &guest_config_with("bzImage", 1, 128, "mvm.scenario=echo mvm.end=reboot"),
+        &guest_config_with("bzImage", 1, 128, false, "mvm.scenario=echo mvm.end=reboot"),
     );
     let mut vm = RunningVm::start(&config);
     assert!(
@@ -84,5 +95,12 @@ fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
         run.console()
     );
     assert_eq!(r.get("status").map(String::as_str), Some("ok"));
+    // The kernel prints the command line it got: the device is on it.
+    assert!(
+        run.console().contains("virtio_mmio.device=4K@0xd0000000:5"),
+        "{}",
+        run.console()
+    );
+    assert_hwrng_works(&r, &run.console());
     assert_eq!(run.status.code(), Some(3), "reboot exits 3; stderr: {}", run.stderr);
 }

@@ -11,6 +11,7 @@
 //! vcpus = 2           # default 1
 //! memory_mib = 256    # default 128
 //! acpi = true         # default true
+//! rng = true          # default true: virtio-rng
 //!
 //! [boot]
 //! kernel = "vmlinux"  # required; ELF vmlinux or bzImage
@@ -62,6 +63,8 @@ pub struct MachineConfig {
     pub memory_mib: u32,
     /// Provide ACPI tables (needed for guest power-off and by stock kernels).
     pub acpi: bool,
+    /// Give the guest a virtio-rng device (`/dev/hwrng`) fed by the host.
+    pub rng: bool,
 }
 
 /// What to boot.
@@ -126,6 +129,7 @@ impl VmConfig {
                 vcpus: DEFAULT_VCPUS,
                 memory_mib: DEFAULT_MEMORY_MIB,
                 acpi: true,
+                rng: true,
             },
             boot: BootConfig {
                 kernel: kernel.into(),
@@ -195,6 +199,7 @@ impl VmConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
                 acpi: file.machine.acpi,
+                rng: file.machine.rng,
             },
             boot: BootConfig {
                 kernel: resolve(file.boot.kernel),
@@ -304,6 +309,8 @@ struct FileMachine {
     memory_mib: u32,
     #[serde(default = "default_true")]
     acpi: bool,
+    #[serde(default = "default_true")]
+    rng: bool,
 }
 
 impl Default for FileMachine {
@@ -312,6 +319,7 @@ impl Default for FileMachine {
             vcpus: DEFAULT_VCPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             acpi: true,
+            rng: true,
         }
     }
 }
@@ -388,7 +396,8 @@ mod tests {
             MachineConfig {
                 vcpus: 1,
                 memory_mib: 128,
-                acpi: true
+                acpi: true,
+                rng: true
             }
         );
         assert_eq!(c.boot.kernel, PathBuf::from("/etc/vms/vmlinux"));
@@ -406,6 +415,7 @@ mod tests {
 vcpus = 4
 memory_mib = 512
 acpi = false
+rng = false
 [boot]
 kernel = "/boot/vmlinux"
 initrd = "../initrd.img"
@@ -422,7 +432,8 @@ file = "log/console.txt"
             MachineConfig {
                 vcpus: 4,
                 memory_mib: 512,
-                acpi: false
+                acpi: false,
+                rng: false
             }
         );
         assert_eq!(c.boot.kernel, PathBuf::from("/boot/vmlinux"));

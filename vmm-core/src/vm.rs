@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use mvm_devices::bus::{mmio_bus, pio_bus};
 use mvm_devices::legacy::{
     AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
     I8042_PORT_LEN, SLEEP_CONTROL_PORT,
 };
+use mvm_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use mvm_devices::virtio::rng::Rng;
+use mvm_devices::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -140,6 +143,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialPort>>,
     reset: Arc<Mutex<ResetController>>,
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     console_input: ConsoleInput,
     cmdline: String,
     host: HostKind,
@@ -208,7 +212,25 @@ impl Vm {
             vcpu_fds.push(vm_fd.create_vcpu(u64::from(id)).map_err(kvm_error("KVM_CREATE_VCPU"))?);
         }
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
-        let cmdline = compose_cmdline(&config.boot.cmdline, host, config.boot.host_cmdline, tsc_khz);
+        let mut virtio_devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        if config.machine.rng {
+            virtio_devices.push(Box::new(Rng::new()));
+        }
+        let virtio_slots: Vec<acpi::MmioDevice> = (0..virtio_devices.len().min(layout::VIRTIO_MAX_DEVICES))
+            .map(|i| acpi::MmioDevice {
+                base: layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                len: MMIO_WINDOW as u32,
+                gsi: layout::VIRTIO_FIRST_GSI + i as u32,
+            })
+            .collect();
+        let mut cmdline = compose_cmdline(&config.boot.cmdline, host, config.boot.host_cmdline, tsc_khz);
+        if !config.machine.acpi {
+            // Without ACPI the guest learns of the devices from its command
+            // line (Linux: CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+            for slot in &virtio_slots {
+                cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.gsi));
+            }
+        }
         if cmdline.len() > info.cmdline_max {
             return Err(Error::Cmdline(format!(
                 "{} bytes{}; this kernel accepts at most {}",
@@ -258,7 +280,7 @@ impl Vm {
         let mp = mptable::build(layout::MPTABLE_ADDR, vcpus, cpu_signature).map_err(Error::GuestMemory)?;
         boot::write_blob(&memory, layout::MPTABLE_ADDR, &mp, "the MP table")?;
         let rsdp_addr = if config.machine.acpi {
-            let tables = acpi::build(layout::ACPI_ADDR, vcpus);
+            let tables = acpi::build(layout::ACPI_ADDR, vcpus, &virtio_slots);
             boot::write_blob(&memory, layout::ACPI_ADDR, &tables.bytes, "the ACPI tables")?;
             Some(tables.rsdp_addr)
         } else {
@@ -297,6 +319,23 @@ impl Vm {
             None
         };
 
+        let mut mmio = mmio_bus();
+        let mut virtio = Vec::new();
+        for (device, slot) in virtio_devices.into_iter().zip(&virtio_slots) {
+            let transport = MmioTransport::new(device, memory.clone())?;
+            for (queue, evt) in transport.queue_events().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET), queue as u32)
+                    .map_err(kvm_error("KVM_IOEVENTFD (virtio queue notify)"))?;
+            }
+            vm_fd
+                .register_irqfd(transport.interrupt().line(), slot.gsi)
+                .map_err(kvm_error("KVM_IRQFD (virtio)"))?;
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert("virtio-mmio", slot.base, MMIO_WINDOW, transport.clone())?;
+            virtio.push(transport);
+        }
+
         // vCPUs.
         for (fd, id) in vcpu_fds.iter().zip(0u8..) {
             let mut cpuid = supported.clone();
@@ -327,10 +366,11 @@ impl Vm {
         Ok(Vm {
             shared: Arc::new(VmShared::new()?),
             vcpus: vcpu_fds,
-            bus: Arc::new(vcpu::Buses { pio: bus, mmio: mmio_bus() }),
+            bus: Arc::new(vcpu::Buses { pio: bus, mmio }),
             serial,
             reset,
             sleep,
+            virtio,
             console_input: config.console.input,
             cmdline,
             host,
@@ -397,6 +437,9 @@ impl Vm {
                 .map(|s| raw(s, |d: &AcpiSleepControl| d.poweroff_requested().eventfd().as_raw_fd())),
         };
         events.add_subscriber(Box::new(watcher));
+        for transport in &self.virtio {
+            events.add_subscriber(Box::new(QueueNotifications::new(transport.clone())));
+        }
         if self.console_input == ConsoleInput::Stdin {
             let interactive = _terminal.is_some();
             events.add_subscriber(Box::new(InputPump::new(
@@ -499,6 +542,46 @@ fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         unsafe { vm_fd.set_user_memory_region(mem_region) }.map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(memory)
+}
+
+/// Runs a virtio device's queue work on the event loop when the guest's
+/// notification (caught in KVM by ioeventfd) arrives.
+struct QueueNotifications {
+    transport: Arc<Mutex<MmioTransport>>,
+    fds: Vec<RawFd>,
+}
+
+impl QueueNotifications {
+    fn new(transport: Arc<Mutex<MmioTransport>>) -> Self {
+        let fds = raw_all(&transport);
+        QueueNotifications { transport, fds }
+    }
+}
+
+fn raw_all(transport: &Arc<Mutex<MmioTransport>>) -> Vec<RawFd> {
+    let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+    t.queue_events().iter().map(|e| e.as_raw_fd()).collect()
+}
+
+impl MutEventSubscriber for QueueNotifications {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let Some(index) = self.fds.iter().position(|fd| *fd == events.fd()) else {
+            return;
+        };
+        let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        // Drain the counter first: a notification arriving while we work
+        // then wakes us again instead of being lost.
+        let _ = t.queue_events()[index].read();
+        t.process_queue(index);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in &self.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                log::error!("cannot watch a virtio queue: {e:?}");
+            }
+        }
+    }
 }
 
 /// Turns device requests (reset, power off) into the VM's exit.

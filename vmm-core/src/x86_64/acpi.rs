@@ -40,7 +40,15 @@ fn io_register(port: u16) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
 }
 
-fn build_dsdt() -> Vec<u8> {
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub len: u32,
+    pub gsi: u32,
+}
+
+fn build_dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // \_S5: SLP_TYP for soft-off, as AcpiSleepControl decodes it.
     let s5_type = mvm_devices::legacy::SLEEP_CONTROL_S5_TYPE;
@@ -58,6 +66,18 @@ fn build_dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
+    // virtio-mmio devices as Linux's virtio_mmio driver finds them: _HID
+    // LNRO0005, one memory window and one edge-triggered interrupt each.
+    for (i, dev) in virtio.iter().enumerate() {
+        let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.len);
+        let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+        let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &(i as u32));
+        let crs = aml::Name::new("_CRS".into(), &crs);
+        let path = format!("_SB_.V{i:03X}");
+        aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut body);
+    }
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
 }
@@ -78,9 +98,10 @@ fn build_madt(vcpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
-/// Build the tables for `vcpus` vCPUs at guest address `base`.
-pub fn build(base: u64, vcpus: u8) -> AcpiTables {
-    let dsdt = build_dsdt();
+/// Build the tables for `vcpus` vCPUs and the `virtio` devices at guest
+/// address `base`.
+pub fn build(base: u64, vcpus: u8, virtio: &[MmioDevice]) -> AcpiTables {
+    let dsdt = build_dsdt(virtio);
     let madt = build_madt(vcpus);
 
     let rsdp_off = 0usize;
@@ -149,7 +170,19 @@ mod tests {
     #[test]
     fn tables_chain_and_checksum() {
         let base = 0xe_0000u64;
-        let t = build(base, 3);
+        let virtio = [
+            MmioDevice {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let t = build(base, 3, &virtio);
         let b = &t.bytes;
         assert_eq!(t.rsdp_addr, base);
         assert_eq!(&b[0..8], b"RSD PTR ");
@@ -178,6 +211,14 @@ mod tests {
         assert_eq!(sum(&b[dsdt..dsdt + dlen]), 0);
         assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == b"_S5_"));
         assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == b"COM1"));
+        let dsdt_bytes = &b[dsdt..dsdt + dlen];
+        assert_eq!(dsdt_bytes.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        assert!(dsdt_bytes.windows(4).any(|w| w == b"V001"));
+        // Memory32Fixed descriptor of the second device: tag 0x86, length 9, RW, base, size.
+        let mut m32 = vec![0x86, 9, 0, 1];
+        m32.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        m32.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(dsdt_bytes.windows(m32.len()).any(|w| w == m32.as_slice()));
         // EISA ID of PNP0501, compressed as AML stores it.
         assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == [0x41, 0xd0, 0x05, 0x01]));
         let sleep_ctl = fadt + 244;

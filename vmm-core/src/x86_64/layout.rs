@@ -50,6 +50,12 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// IOAPIC pins in KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u8 = 24;
+/// virtio-mmio register windows, one page each, from here up.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSIs for virtio-mmio devices: above the legacy ones in use (COM1 = 4),
+/// up to the last IOAPIC pin.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+pub const VIRTIO_MAX_DEVICES: usize = (IOAPIC_PINS as u32 - VIRTIO_FIRST_GSI) as usize;
 
 /// RAM regions of a guest with `size` bytes: low RAM up to the MMIO gap,
 /// the rest above 4 GiB.
@@ -92,5 +98,7 @@ mod tests {
             }
         }
         assert_eq!(MPTABLE_ADDR + MPTABLE_MAX, HIGH_MEMORY_START);
+        let virtio_end = VIRTIO_MMIO_BASE + VIRTIO_MAX_DEVICES as u64 * 0x1000;
+        assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START && virtio_end < IOAPIC_ADDR);
     }
 }

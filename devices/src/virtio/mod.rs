@@ -1,0 +1,111 @@
+//! virtio 1.x devices on the virtio-mmio transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns the register model, the
+//! feature negotiation, the queues and the status machine. A device
+//! ([`VirtioDevice`]) only describes itself and processes its queues. Every
+//! value a guest supplies (register writes, ring addresses, descriptor
+//! chains) is checked; a device that meets a malformed request fails with
+//! [`DeviceError`], and the transport then sets `NEEDS_RESET` and tells the
+//! driver, instead of the VMM panicking.
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: modern device (the only kind offered here).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bits of the virtio-mmio transport.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Why a device stopped processing a queue: the guest handed it something
+/// it must not accept. The transport sets `DEVICE_NEEDS_RESET`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    #[error("queue {0} is not usable: {1}")]
+    Queue(u16, String),
+    #[error("descriptor chain {head}: {reason}")]
+    Chain { head: u16, reason: String },
+}
+
+/// The device's interrupt line and the transport's interrupt status
+/// register, shared between the transport (which the guest acknowledges)
+/// and the device (which raises it from the event loop).
+pub struct Interrupt {
+    status: AtomicU32,
+    line: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(line: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Set `bits` in the interrupt status and pulse the line.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.write(1) {
+            log::warn!("virtio: cannot signal interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The eventfd to bind to a GSI with `KVM_IRQFD`.
+    pub fn line(&self) -> &EventFd {
+        &self.line
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Device type (4 = entropy, 2 = block, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (the transport adds VERSION_1).
+    fn features(&self) -> u64 {
+        0
+    }
+    /// The features the driver accepted (a subset of the offer).
+    fn ack_features(&mut self, _features: u64) {}
+    /// Read device configuration space at `offset`; out-of-range reads
+    /// must leave `data` zeroed.
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+    /// Write device configuration space.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Process the available buffers of queue `index`. Returns whether a
+    /// used-buffer interrupt is due.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError>;
+    /// Forget any per-activation state (the transport resets the queues).
+    fn reset(&mut self) {}
+}
