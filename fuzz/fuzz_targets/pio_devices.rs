@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let mut bus = pio_bus();
     bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())
         .unwrap();
-    bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset).unwrap();
+    bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset)
+        .unwrap();
     bus.insert("sleep", SLEEP_CONTROL_PORT.into(), 1, sleep).unwrap();
     // Each operation: [kind, port selector, width, value bytes...].
     let mut ops = data;
