@@ -86,6 +86,28 @@ impl Interrupt {
     }
 }
 
+/// Check that a descriptor chain ends properly: at least one readable
+/// descriptor, and the last one without `NEXT`. The chain iterator stops
+/// silently on a loop, a chain longer than the queue, a `next` index past
+/// the table or an unreadable descriptor; this turns those into an error.
+pub fn chain_terminates<M>(chain: &virtio_queue::DescriptorChain<M>) -> Result<(), String>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut count = 0usize;
+    let mut last_has_next = true;
+    for desc in chain.clone() {
+        count += 1;
+        last_has_next = desc.has_next();
+    }
+    if count == 0 || last_has_next {
+        Err("chain is unreadable, loops, or is longer than the queue".into())
+    } else {
+        Ok(())
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Device type (4 = entropy, 2 = block, ...).

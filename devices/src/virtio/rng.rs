@@ -4,7 +4,7 @@
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{DeviceError, VirtioDevice};
+use super::{chain_terminates, DeviceError, VirtioDevice};
 
 const DEVICE_TYPE_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 256;
@@ -64,13 +64,10 @@ impl VirtioDevice for Rng {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let fail = |reason: String| DeviceError::Chain { head, reason };
+            chain_terminates(&chain).map_err(fail)?;
             let mut written: u32 = 0;
-            let mut last_has_next = true;
-            let mut count = 0usize;
             let mut buf = Vec::new();
             for desc in chain {
-                count += 1;
-                last_has_next = desc.has_next();
                 if !desc.is_write_only() {
                     return Err(fail("entropy requests must be device-writable".into()));
                 }
@@ -87,9 +84,6 @@ impl VirtioDevice for Rng {
                     ))
                 })?;
                 written += want;
-            }
-            if count == 0 || last_has_next {
-                return Err(fail("chain is unreadable, loops, or is longer than the queue".into()));
             }
             queue.add_used(mem, head, written).map_err(qerr)?;
             used_any = true;

@@ -1,0 +1,17 @@
+//! Storage for microvm-dev guests: [`block::Block`], a virtio-blk device
+//! over a raw image file.
+
+pub mod block;
+
+use std::path::PathBuf;
+
+/// Errors of the storage crate: each names the disk image and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("disk \"{}\": cannot open: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("disk \"{}\": size {size} bytes is not a multiple of 512; resize the image (e.g. truncate -s %512)", path.display())]
+    Size { path: PathBuf, size: u64 },
+    #[error("disk \"{}\": serial {serial:?} is longer than 20 bytes", path.display())]
+    Serial { path: PathBuf, serial: String },
+}
