@@ -89,6 +89,26 @@ pub fn guest_config_with(kernel: &str, vcpus: u32, memory_mib: u32, acpi: bool, 
     )
 }
 
+/// `[[disk]]` entries for a `vm.toml`: (image, read-only, serial).
+pub fn disk_entries(disks: &[(&Path, bool, &str)]) -> String {
+    disks
+        .iter()
+        .map(|(path, ro, serial)| {
+            format!(
+                "[[disk]]\npath = \"{}\"\nread_only = {ro}\nserial = \"{serial}\"\n",
+                path.display()
+            )
+        })
+        .collect()
+}
+
+/// Create a raw disk image of `size` bytes that starts with `head`.
+pub fn make_disk(path: &Path, size: usize, head: &[u8]) {
+    let mut bytes = vec![0u8; size];
+    bytes[..head.len()].copy_from_slice(head);
+    std::fs::write(path, bytes).expect("write disk image");
+}
+
 /// A running `mvm-vmm` whose console lines arrive on a channel.
 pub struct RunningVm {
     child: Child,

@@ -16,9 +16,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 fn guest_sees_configured_machine_and_powers_off() {
     let dir = scratch_dir("facts");
     let marker = format!("mvm.marker=e2e-{}", std::process::id());
+    let (rw, ro) = disks(&dir);
     let config = write_config(
         &dir,
-        &guest_config(2, 128, &format!("mvm.scenario=facts mvm.end=poweroff {marker}")),
+        &(guest_config(2, 128, &format!("mvm.scenario=facts mvm.end=poweroff {marker}"))
+            + &disk_entries(&[(&rw, false, "data-disk"), (&ro, true, "ro-disk")])),
     );
     let run = run_to_end(&config, BOOT_TIMEOUT);
     let console = run.console();
@@ -44,6 +46,7 @@ fn guest_sees_configured_machine_and_powers_off() {
     );
     assert_eq!(r.get("userspace").map(String::as_str), Some("ok"));
     assert_hwrng_works(&r, &console);
+    assert_disks_work(&r, &console, &dir);
     assert!(console.contains("mvm-init: start"), "init's output arrived");
     assert!(
         console.contains("mvm-init: hello from a userspace program"),
@@ -52,6 +55,39 @@ fn guest_sees_configured_machine_and_powers_off() {
     assert!(console.contains("MVM-DONE"));
     // One warning on this host, and nothing else on stderr.
     assert!(run.stderr.lines().count() <= 1, "stderr: {}", run.stderr);
+}
+
+const RW_HEAD: &[u8] = b"MVM-DISK-PATTERN";
+const RO_HEAD: &[u8] = b"READ-ONLY-DISK!!";
+
+/// A 4 MiB writable and a 1 MiB read-only image with known first bytes.
+fn disks(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
+    make_disk(&rw, 4 << 20, RW_HEAD);
+    make_disk(&ro, 1 << 20, RO_HEAD);
+    (rw, ro)
+}
+
+/// virtio-blk, found through ACPI or the command line: the guest sees both
+/// disks with their sizes, serials and contents; its write to the first
+/// reached the image file (it fsynced, so before the VM ended); the
+/// read-only disk refused the write and its image is unchanged.
+fn assert_disks_work(r: &std::collections::BTreeMap<String, String>, console: &str, dir: &std::path::Path) {
+    let get = |k: &str| r.get(k).map(String::as_str).unwrap_or("<missing>");
+    assert_eq!(get("vda_sectors"), "8192", "{console}");
+    assert_eq!(get("vda_serial"), "data-disk");
+    assert_eq!(get("vda_head").replace(' ', ""), "MVM-DISK-PATTERN");
+    assert_eq!(get("vdb_sectors"), "2048");
+    assert_eq!(get("vdb_serial"), "ro-disk");
+    assert_eq!(get("vdb_head").replace(' ', ""), "READ-ONLY-DISK!!");
+    assert_eq!(get("vda_write"), "ok");
+    assert_eq!(get("vdb_write"), "refused");
+    let rw = std::fs::read(dir.join("rw.img")).unwrap();
+    assert_eq!(&rw[1 << 20..(1 << 20) + 20], b"written-by-the-guest");
+    assert_eq!(&rw[..16], RW_HEAD);
+    let ro = std::fs::read(dir.join("ro.img")).unwrap();
+    assert_eq!(&ro[..16], RO_HEAD);
+    assert!(ro[16..].iter().all(|b| *b == 0), "read-only image untouched");
 }
 
 /// virtio-rng, found through ACPI or the command line, serves the guest's
@@ -73,7 +109,11 @@ fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
     let dir = scratch_dir("echo");
     let config = write_config(
         &dir,
-        &guest_config_with("bzImage", 1, 128, false, "mvm.scenario=echo mvm.end=reboot"),
+        &(guest_config_with("bzImage", 1, 128, false, "mvm.scenario=echo mvm.end=reboot")
+            + &disk_entries(&[
+                (&disks(&dir).0, false, "data-disk"),
+                (&dir.join("ro.img"), true, "ro-disk"),
+            ])),
     );
     let mut vm = RunningVm::start(&config);
     assert!(
@@ -102,5 +142,6 @@ fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
         run.console()
     );
     assert_hwrng_works(&r, &run.console());
+    assert_disks_work(&r, &run.console(), &dir);
     assert_eq!(run.status.code(), Some(3), "reboot exits 3; stderr: {}", run.stderr);
 }

@@ -73,6 +73,39 @@ fn bad_kernels_and_files() {
 }
 
 #[test]
+fn bad_disks() {
+    let dir = scratch_dir("bad-disks");
+    let k = guest_file("vmlinux");
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let with_disk = |path: &Path, extra: &str| {
+        format!(
+            "{}[[disk]]\npath = \"{}\"\n{extra}",
+            kernel_toml(&k, "", ""),
+            path.display()
+        )
+    };
+    expect_config_error(
+        &dir,
+        &with_disk(&odd, ""),
+        &["odd.img", "1000 bytes is not a multiple of 512"],
+    );
+    expect_config_error(
+        &dir,
+        &with_disk(&dir.join("none.img"), ""),
+        &["disk.path", "none.img", "file not found"],
+    );
+    let ok = dir.join("ok.img");
+    std::fs::write(&ok, vec![0u8; 1024]).unwrap();
+    expect_config_error(
+        &dir,
+        &with_disk(&ok, "serial = \"012345678901234567890\""),
+        &["disk.serial", "at most 20"],
+    );
+    expect_config_error(&dir, &with_disk(&ok, "readonly = true"), &["unknown field `readonly`"]);
+}
+
+#[test]
 fn bad_values() {
     let dir = scratch_dir("bad-values");
     let k = guest_file("vmlinux");

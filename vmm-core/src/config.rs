@@ -19,6 +19,11 @@
 //! cmdline = "console=ttyS0 reboot=k panic=-1"
 //! host_cmdline = true # default true: add what this host's KVM needs
 //!
+//! [[disk]]            # any number; vda, vdb, ... in this order
+//! path = "disk.img"   # required; raw image, size a multiple of 512
+//! read_only = false   # default false
+//! serial = "data"     # default "mvm-disk<N>"
+//!
 //! [console]
 //! output = "stdio"    # "stdio" (default), "file" or "none"
 //! file = "console.log"
@@ -52,6 +57,20 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     pub boot: BootConfig,
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image; its size must be a multiple of 512 bytes.
+    pub path: PathBuf,
+    /// The guest cannot write (the device says so; writes fail).
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (at most 20 bytes);
+    /// default `mvm-disk<index>`.
+    pub serial: Option<String>,
 }
 
 /// vCPUs, memory and platform.
@@ -141,6 +160,7 @@ impl VmConfig {
                 output: ConsoleOutput::Stdout,
                 input: ConsoleInput::None,
             },
+            disks: Vec::new(),
         }
     }
 
@@ -208,6 +228,15 @@ impl VmConfig {
                 host_cmdline: file.boot.host_cmdline,
             },
             console: ConsoleConfig { output, input },
+            disks: file
+                .disk
+                .into_iter()
+                .map(|d| DiskConfig {
+                    path: resolve(d.path),
+                    read_only: d.read_only,
+                    serial: d.serial,
+                })
+                .collect(),
         })
     }
 
@@ -239,6 +268,18 @@ impl VmConfig {
         check_file("boot.kernel", &self.boot.kernel)?;
         if let Some(initrd) = &self.boot.initrd {
             check_file("boot.initrd", initrd)?;
+        }
+        for disk in &self.disks {
+            check_file("disk.path", &disk.path)?;
+            if let Some(serial) = &disk.serial {
+                if serial.len() > 20 || !serial.is_ascii() {
+                    return Err(Error::ConfigValue {
+                        key: "disk.serial",
+                        value: format!("{serial:?}"),
+                        reason: "at most 20 ASCII characters".into(),
+                    });
+                }
+            }
         }
         if let Some(bad) = self.boot.cmdline.chars().find(|c| !(' '..='~').contains(c)) {
             return Err(Error::Cmdline(format!(
@@ -298,6 +339,17 @@ struct FileConfig {
     boot: FileBoot,
     #[serde(default)]
     console: FileConsole,
+    #[serde(default)]
+    disk: Vec<FileDisk>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    serial: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -441,6 +493,33 @@ file = "log/console.txt"
         assert!(!c.boot.host_cmdline);
         assert!(matches!(&c.console.output, ConsoleOutput::File(p) if p == Path::new("/etc/vms/log/console.txt")));
         assert_eq!(c.console.input, ConsoleInput::None);
+    }
+
+    #[test]
+    fn disks_in_order_with_defaults() {
+        let c = parse(
+            "version = 1\n[boot]\nkernel = \"k\"\n[[disk]]\npath = \"a.img\"\n[[disk]]\npath = \"/b.img\"\nread_only = true\nserial = \"bee\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskConfig {
+                    path: "/etc/vms/a.img".into(),
+                    read_only: false,
+                    serial: None
+                },
+                DiskConfig {
+                    path: "/b.img".into(),
+                    read_only: true,
+                    serial: Some("bee".into())
+                },
+            ]
+        );
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[[disk]]\nread_only = true\n");
+        assert!(e.contains("missing field `path`"), "{e}");
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[[disk]]\npath = \"a\"\nro = true\n");
+        assert!(e.contains("unknown field `ro`"), "{e}");
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum Error {
     /// Guest memory could not be created or written.
     #[error("guest memory: {0}")]
     GuestMemory(String),
+    /// A disk image cannot be used.
+    #[error("{0}")]
+    Disk(#[from] mvm_storage::Error),
     /// A device could not be created.
     #[error("device setup: {0}")]
     Device(#[from] mvm_devices::Error),
@@ -78,6 +81,7 @@ impl Error {
                 | Error::KernelImage { .. }
                 | Error::MemoryTooSmall { .. }
                 | Error::Cmdline(_)
+                | Error::Disk(_)
         )
     }
 

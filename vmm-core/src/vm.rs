@@ -213,6 +213,24 @@ impl Vm {
         }
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
         let mut virtio_devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let serial = disk.serial.clone().unwrap_or_else(|| format!("mvm-disk{i}"));
+            virtio_devices.push(Box::new(mvm_storage::block::Block::open(
+                &disk.path,
+                disk.read_only,
+                &serial,
+            )?));
+        }
+        if virtio_devices.len() + usize::from(config.machine.rng) > layout::VIRTIO_MAX_DEVICES {
+            return Err(Error::ConfigValue {
+                key: "disk",
+                value: format!("{} entries", config.disks.len()),
+                reason: format!(
+                    "at most {} virtio devices fit (rng included)",
+                    layout::VIRTIO_MAX_DEVICES
+                ),
+            });
+        }
         if config.machine.rng {
             virtio_devices.push(Box::new(Rng::new()));
         }
