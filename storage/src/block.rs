@@ -31,11 +31,20 @@ const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_BLK_T_FLUSH: u32 = 4;
 const VIRTIO_BLK_T_GET_ID: u32 = 8;
+const VIRTIO_BLK_T_DISCARD: u32 = 11;
+const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Segments per discard / write-zeroes request (config max_*_seg).
+const MAX_RANGE_SEGMENTS: u32 = 1;
+/// Sectors per discard / write-zeroes segment (config max_*_sectors).
+const MAX_RANGE_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
 
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
@@ -49,6 +58,26 @@ pub struct Block {
     read_only: bool,
     serial: [u8; SERIAL_LEN],
     sizes: [u16; 1],
+    /// The host file system can punch holes (discard, write-zeroes).
+    punch_hole: bool,
+}
+
+/// Whether `file`'s file system supports punching holes: punching past
+/// the end of the file changes nothing but fails where unsupported.
+fn supports_punch_hole(file: &File, size: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(offset) = libc::off_t::try_from(size) else {
+        return false;
+    };
+    // SAFETY: fallocate on our own descriptor, beyond EOF with KEEP_SIZE.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            512,
+        ) == 0
+    }
 }
 
 impl Block {
@@ -84,6 +113,7 @@ impl Block {
         }
         let mut id = [0u8; SERIAL_LEN];
         id[..serial.len()].copy_from_slice(serial.as_bytes());
+        let punch_hole = !read_only && supports_punch_hole(&file, size);
         Ok(Block {
             file,
             path: path.to_path_buf(),
@@ -91,6 +121,7 @@ impl Block {
             read_only,
             serial: id,
             sizes: [QUEUE_SIZE],
+            punch_hole,
         })
     }
 
@@ -99,14 +130,79 @@ impl Block {
         self.sectors
     }
 
-    fn config_space(&self) -> [u8; 24] {
-        let mut c = [0u8; 24];
+    fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        let mut put = |off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        // size_max (8) unused; seg_max: a request fits one queue.
+        put(12, u32::from(QUEUE_SIZE - 2));
+        // geometry (16) unused; blk_size:
+        put(20, SECTOR_SIZE as u32);
+        if self.punch_hole {
+            put(36, MAX_RANGE_SECTORS); // max_discard_sectors
+            put(40, MAX_RANGE_SEGMENTS); // max_discard_seg
+            put(44, 1); // discard_sector_alignment
+            put(48, MAX_RANGE_SECTORS); // max_write_zeroes_sectors
+            put(52, MAX_RANGE_SEGMENTS); // max_write_zeroes_seg
+        }
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
-        // size_max (8..12) unused; seg_max: a request fits one queue.
-        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
-        // geometry (16..20) unused; blk_size:
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[56] = u8::from(self.punch_hole); // write_zeroes_may_unmap
         c
+    }
+
+    /// Discard or zero `[sector, sector + sectors)`: punching a hole does
+    /// both (reads return zeroes afterwards) and frees the host blocks.
+    fn punch(&self, sector: u64, sectors: u32) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(sector * SECTOR_SIZE).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let len = libc::off_t::from(sectors) * SECTOR_SIZE as libc::off_t;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on our own descriptor within the image.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// A discard or write-zeroes request: one segment of
+    /// `{sector: u64, num_sectors: u32, flags: u32}`.
+    fn ranges(&self, kind: u32, reader: &mut (impl Read + AvailableBytes)) -> u8 {
+        if self.read_only || !self.punch_hole {
+            return if self.read_only {
+                VIRTIO_BLK_S_IOERR
+            } else {
+                VIRTIO_BLK_S_UNSUPP
+            };
+        }
+        let len = reader.available();
+        if len == 0 || len % 16 != 0 || len / 16 > MAX_RANGE_SEGMENTS as usize {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let mut seg = [0u8; 16];
+        if reader.read_exact(&mut seg).is_err() {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
+        let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+        let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        if flags & !allowed != 0 {
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        if sectors > MAX_RANGE_SECTORS || self.range(sector, sectors as usize * SECTOR_SIZE as usize).is_none() {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        match self.punch(sector, sectors) {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                log::warn!("disk {}: discard/write-zeroes failed: {e}", self.path.display());
+                VIRTIO_BLK_S_IOERR
+            }
+        }
     }
 
     /// Check that `len` bytes at `sector` lie on the disk.
@@ -152,7 +248,12 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
-        VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | ro
+        let ranges = if self.punch_hole {
+            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        } else {
+            0
+        };
+        VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | ro | ranges
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -239,6 +340,7 @@ impl Block {
                 let n = writer.available().min(SERIAL_LEN);
                 io(writer.write_all(&self.serial[..n]), "get id")
             }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.ranges(kind, reader),
             _ => VIRTIO_BLK_S_UNSUPP,
         }
     }
@@ -447,6 +549,59 @@ mod tests {
             assert!(matches!(r, Err(DeviceError::Chain { .. })), "{what}: {r:?}");
         }
         assert_eq!(disk.bytes(), before, "nothing was written");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_punch_holes() {
+        let disk = Disk::new("discard", 16);
+        let mut dev = Block::open(&disk.path, false, "").unwrap();
+        if !dev.punch_hole {
+            eprintln!("host file system cannot punch holes; only the refusal is checked");
+            let m = mem();
+            header(&m, VIRTIO_BLK_T_DISCARD, 0);
+            let (_, status, _) = submit(&mut dev, &m, &request(16, 0));
+            assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+            return;
+        }
+        assert_ne!(dev.features() & VIRTIO_BLK_F_DISCARD, 0);
+        let m = mem();
+        let segment = |sector: u64, sectors: u32, flags: u32| {
+            let mut s = [0u8; 16];
+            s[0..8].copy_from_slice(&sector.to_le_bytes());
+            s[8..12].copy_from_slice(&sectors.to_le_bytes());
+            s[12..16].copy_from_slice(&flags.to_le_bytes());
+            m.write_slice(&s, GuestAddress(DATA)).unwrap();
+        };
+        segment(8, 8, 0);
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        let (r, status, _) = submit(&mut dev, &m, &request(16, 0));
+        assert_eq!((r, status), (Ok(true), VIRTIO_BLK_S_OK));
+        let bytes = disk.bytes();
+        assert!(
+            bytes[8 * 512..].iter().all(|b| *b == 0),
+            "discarded range reads as zeroes"
+        );
+        assert!(bytes[7 * 512..8 * 512].iter().all(|b| *b == 7), "neighbour untouched");
+        segment(2, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let (_, status, _) = submit(&mut dev, &m, &request(16, 0));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert!(disk.bytes()[2 * 512..3 * 512].iter().all(|b| *b == 0));
+        // Beyond the end, bad flags, two segments, a partial segment.
+        for (sector, sectors, flags, len, want) in [
+            (15u64, 2u32, 0u32, 16u32, VIRTIO_BLK_S_IOERR),
+            (0, 1, 2, 16, VIRTIO_BLK_S_UNSUPP),
+            (0, 1, 0, 32, VIRTIO_BLK_S_IOERR),
+            (0, 1, 0, 8, VIRTIO_BLK_S_IOERR),
+        ] {
+            segment(sector, sectors, flags);
+            header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            let (_, status, _) = submit(&mut dev, &m, &request(len, 0));
+            assert_eq!(
+                status, want,
+                "sector {sector} sectors {sectors} flags {flags} len {len}"
+            );
+        }
     }
 
     #[test]
