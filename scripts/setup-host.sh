@@ -19,6 +19,8 @@ packages=(
 	# test guest initramfs
 	busybox-static     # /bin/busybox
 	cpio
+	# end-to-end tests: ext4 root file system images
+	e2fsprogs          # mkfs.ext4 -d, debugfs
 )
 
 missing=()

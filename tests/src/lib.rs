@@ -102,6 +102,17 @@ pub fn disk_entries(disks: &[(&Path, bool, &str)]) -> String {
         .collect()
 }
 
+/// A system tool that may live outside a non-root PATH (`mkfs.ext4`,
+/// `debugfs` are in /usr/sbin); panics naming the package when missing.
+pub fn system_tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found: install {package} (scripts/setup-host.sh does)"))
+}
+
 /// Create a raw disk image of `size` bytes that starts with `head`.
 pub fn make_disk(path: &Path, size: usize, head: &[u8]) {
     let mut bytes = vec![0u8; size];

@@ -145,3 +145,56 @@ fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
     assert_disks_work(&r, &run.console(), &dir);
     assert_eq!(run.status.code(), Some(3), "reboot exits 3; stderr: {}", run.stderr);
 }
+
+/// A virtio-blk disk as the root file system (ext4 image made here from the
+/// test guest's files, no initramfs): the guest writes a file and syncs,
+/// powers off, and the file is in the image on the host.
+#[test]
+fn ext4_root_on_virtio_blk_persists_a_file() {
+    use std::process::{Command, Stdio};
+    let dir = scratch_dir("rootfs");
+    let staging = dir.join("root");
+    std::fs::create_dir_all(&staging).unwrap();
+    let unpacked = Command::new("cpio")
+        .args(["-idm", "--quiet"])
+        .current_dir(&staging)
+        .stdin(std::fs::File::open(guest_file("initramfs.cpio")).unwrap())
+        .status()
+        .expect("run cpio");
+    assert!(unpacked.success(), "unpacking the initramfs");
+    let image = dir.join("root.img");
+    let made = Command::new(system_tool("mkfs.ext4", "e2fsprogs"))
+        .args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&staging)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .expect("run mkfs.ext4");
+    assert!(made.success(), "mkfs.ext4");
+    let marker = format!("rootfs-{}", std::process::id());
+    let config = write_config(
+        &dir,
+        &format!(
+            "version = 1\n[machine]\nmemory_mib = 128\n[boot]\nkernel = \"{}\"\ncmdline = \"console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 init=/init mvm.scenario=persist mvm.marker={marker}\"\n[console]\ninput = \"none\"\n{}",
+            guest_file("vmlinux").display(),
+            disk_entries(&[(&image, false, "root")])
+        ),
+    );
+    let run = run_to_end(&config, BOOT_TIMEOUT);
+    let r = run.results();
+    assert_eq!(run.status.code(), Some(0), "stderr: {}\n{}", run.stderr, run.console());
+    assert_eq!(r.get("persist").map(String::as_str), Some("ok"), "{}", run.console());
+    assert!(
+        r["root_mount"].starts_with("/dev/root / ext4 rw"),
+        "{}",
+        r["root_mount"]
+    );
+    let out = Command::new(system_tool("debugfs", "e2fsprogs"))
+        .args(["-R", "cat /persist.txt"])
+        .arg(&image)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run debugfs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("persisted-by-the-guest {marker}"));
+}
