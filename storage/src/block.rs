@@ -13,8 +13,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use mvm_devices::virtio::{chain_terminates, DeviceError, VirtioDevice};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use mvm_devices::virtio::{serve_queue, DeviceError, VirtioDevice};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use crate::Error;
@@ -265,14 +265,9 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let qerr = |e: virtio_queue::Error| DeviceError::Queue(index as u16, e.to_string());
-        let mut used_any = false;
-        for _ in 0..queue.size() {
-            let chain = queue.iter(mem).map_err(qerr)?.next();
-            let Some(chain) = chain else { break };
+        serve_queue(index, queue, mem, |chain| {
             let head = chain.head_index();
             let fail = |reason: String| DeviceError::Chain { head, reason };
-            chain_terminates(&chain).map_err(fail)?;
             let mut reader = chain
                 .clone()
                 .reader(mem)
@@ -293,11 +288,8 @@ impl VirtioDevice for Block {
             status_writer
                 .write_all(&[status])
                 .map_err(|e| fail(format!("status byte: {e}")))?;
-            let used = writer.bytes_written() + 1;
-            queue.add_used(mem, head, used as u32).map_err(qerr)?;
-            used_any = true;
-        }
-        Ok(used_any && queue.needs_notification(mem).map_err(qerr)?)
+            Ok(writer.bytes_written() as u32 + 1)
+        })
     }
 }
 

@@ -108,6 +108,31 @@ where
     }
 }
 
+/// The request loop every device shares: pop each available chain (one
+/// ring's worth at most per call), check that it terminates, let `handle`
+/// serve it and return the number of bytes it wrote to guest buffers, and
+/// complete it. Returns whether the driver wants an interrupt.
+pub fn serve_queue<'m>(
+    index: usize,
+    queue: &mut virtio_queue::Queue,
+    mem: &'m GuestMemoryMmap,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>) -> Result<u32, DeviceError>,
+) -> Result<bool, DeviceError> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let qerr = |e: virtio_queue::Error| DeviceError::Queue(index as u16, e.to_string());
+    let mut used_any = false;
+    for _ in 0..queue.size() {
+        let chain = queue.iter(mem).map_err(qerr)?.next();
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        chain_terminates(&chain).map_err(|reason| DeviceError::Chain { head, reason })?;
+        let used = handle(chain)?;
+        queue.add_used(mem, head, used).map_err(qerr)?;
+        used_any = true;
+    }
+    Ok(used_any && queue.needs_notification(mem).map_err(qerr)?)
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Device type (4 = entropy, 2 = block, ...).

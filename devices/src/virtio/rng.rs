@@ -1,10 +1,10 @@
 //! virtio-rng (entropy device, type 4): fills the guest's device-writable
 //! buffers with bytes from the host's `getrandom`.
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{chain_terminates, DeviceError, VirtioDevice};
+use super::{serve_queue, DeviceError, VirtioDevice};
 
 const DEVICE_TYPE_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 256;
@@ -56,17 +56,11 @@ impl VirtioDevice for Rng {
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let qerr = |e: virtio_queue::Error| DeviceError::Queue(index as u16, e.to_string());
-        let mut used_any = false;
-        // At most one pass over the ring per notification.
-        for _ in 0..queue.size() {
-            let chain = queue.iter(mem).map_err(qerr)?.next();
-            let Some(chain) = chain else { break };
+        let mut buf = Vec::new();
+        serve_queue(index, queue, mem, |chain| {
             let head = chain.head_index();
             let fail = |reason: String| DeviceError::Chain { head, reason };
-            chain_terminates(&chain).map_err(fail)?;
             let mut written: u32 = 0;
-            let mut buf = Vec::new();
             for desc in chain {
                 if !desc.is_write_only() {
                     return Err(fail("entropy requests must be device-writable".into()));
@@ -85,10 +79,8 @@ impl VirtioDevice for Rng {
                 })?;
                 written += want;
             }
-            queue.add_used(mem, head, written).map_err(qerr)?;
-            used_any = true;
-        }
-        Ok(used_any && queue.needs_notification(mem).map_err(qerr)?)
+            Ok(written)
+        })
     }
 }
 
