@@ -223,7 +223,7 @@ fn inspect_bzimage(head: &[u8], file_len: u64) -> std::result::Result<KernelInfo
     })
 }
 
-/// Where everything was put; input to [`write_boot_params`].
+/// Where the kernel was put; input to [`build_boot_params`].
 #[derive(Debug, Clone)]
 pub struct LoadedKernel {
     pub info: KernelInfo,
