@@ -89,13 +89,13 @@ impl Row {
 pub fn report(name: &str, note: &str, rows: &[Row]) {
     println!("\n{name}: {note}");
     println!(
-        "{:<28} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>24}",
+        "{:<28} {:>6} {:>14} {:>14} {:>14} {:>10} {:>8} {:>24}",
         "metric", "n", "min", "median", "p90", "target", "met", "peer (same host)"
     );
     for r in rows {
         let f = |v: f64| format!("{v:.2} {}", r.unit);
         println!(
-            "{:<28} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>24}",
+            "{:<28} {:>6} {:>14} {:>14} {:>14} {:>10} {:>8} {:>24}",
             r.metric,
             r.ours.n,
             f(r.ours.min),
