@@ -120,6 +120,23 @@ impl MmioTransport {
         }
     }
 
+    /// Host-side descriptors of the device (see [`VirtioDevice::event_fds`]).
+    pub fn device_event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.device.event_fds()
+    }
+
+    /// One of the device's host-side descriptors is ready.
+    pub fn process_device_event(&mut self, fd: std::os::fd::RawFd) {
+        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        match self.device.process_event(fd, &mut self.queues, &self.mem) {
+            Ok(true) => self.interrupt.raise(INT_USED_RING),
+            Ok(false) => {}
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// The device met a request it must not accept: tell the driver the
     /// device needs a reset and stop processing until it gets one.
     fn fail(&mut self, e: DeviceError) {

@@ -155,4 +155,19 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError>;
     /// Forget any per-activation state (the transport resets the queues).
     fn reset(&mut self) {}
+    /// Host-side descriptors the device waits on besides its queues (a
+    /// TAP, a socket); the VMM watches them and calls [`Self::process_event`].
+    fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// One of [`Self::event_fds`] is ready. Returns whether a used-buffer
+    /// interrupt is due.
+    fn process_event(
+        &mut self,
+        _fd: std::os::fd::RawFd,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 }

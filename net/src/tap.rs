@@ -1,0 +1,182 @@
+//! A Linux TAP device with a virtio-net header on every frame, created by
+//! name or taken over when it already exists.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::device::{FrameIo, VNET_HDR_LEN};
+use crate::Error;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+const SIOCGIFINDEX: libc::c_ulong = 0x8933;
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> Result<Self, Error> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(Error::Name(name.to_string()));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(req)
+    }
+
+    fn set_short(&mut self, v: i16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn short(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+}
+
+fn ioctl(fd: RawFd, request: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
+    // SAFETY: every caller passes a request with a pointer to the argument
+    // type that request expects (an ifreq or an integer).
+    if unsafe { libc::ioctl(fd, request, arg) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An open TAP device.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Create the TAP `name`, or attach to it if it exists (a persistent
+    /// TAP made by `ip tuntap add ... vnet_hdr`), with virtio-net headers.
+    pub fn open(name: &str) -> Result<Tap, Error> {
+        let fail = |what: &'static str| {
+            let name = name.to_string();
+            move |source| Error::Tap { name, what, source }
+        };
+        let mut req = IfReq::new(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(fail("opening /dev/net/tun"))?;
+        req.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+        ioctl(file.as_raw_fd(), TUNSETIFF, (&mut req as *mut IfReq).cast()).map_err(fail("TUNSETIFF"))?;
+        let mut hdr_len = VNET_HDR_LEN as libc::c_int;
+        ioctl(
+            file.as_raw_fd(),
+            TUNSETVNETHDRSZ,
+            (&mut hdr_len as *mut libc::c_int).cast(),
+        )
+        .map_err(fail("TUNSETVNETHDRSZ"))?;
+        let tap = Tap {
+            file,
+            name: name.to_string(),
+        };
+        tap.set_up().map_err(fail("bringing the interface up"))?;
+        Ok(tap)
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn control_socket() -> io::Result<File> {
+        // SAFETY: a plain datagram socket for interface ioctls.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: we own the new descriptor.
+        Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    fn set_up(&self) -> io::Result<()> {
+        let sock = Self::control_socket()?;
+        let mut req = IfReq::new(&self.name).map_err(|e| io::Error::other(e.to_string()))?;
+        ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, (&mut req as *mut IfReq).cast())?;
+        let flags = req.short() | libc::IFF_UP as i16;
+        req.set_short(flags);
+        ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, (&mut req as *mut IfReq).cast())
+    }
+
+    /// Add this TAP to the Linux bridge `bridge`.
+    pub fn attach_to_bridge(&self, bridge: &str) -> Result<(), Error> {
+        let fail = |source| Error::Bridge {
+            bridge: bridge.to_string(),
+            tap: self.name.clone(),
+            source,
+        };
+        let sock = Self::control_socket().map_err(fail)?;
+        let mut req = IfReq::new(&self.name)?;
+        ioctl(sock.as_raw_fd(), SIOCGIFINDEX, (&mut req as *mut IfReq).cast()).map_err(fail)?;
+        let index = req.int();
+        let mut breq = IfReq::new(bridge)?;
+        breq.data[..4].copy_from_slice(&index.to_ne_bytes());
+        ioctl(sock.as_raw_fd(), SIOCBRADDIF, (&mut breq as *mut IfReq).cast()).map_err(fail)
+    }
+}
+
+impl FrameIo for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        let n = self.file.write(frame)?;
+        if n != frame.len() {
+            return Err(io::Error::other(format!("TAP took {n} of {} bytes", frame.len())));
+        }
+        Ok(())
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        ioctl(
+            self.file.as_raw_fd(),
+            TUNSETOFFLOAD,
+            flags as usize as *mut libc::c_void,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(matches!(IfReq::new(""), Err(Error::Name(_))));
+        assert!(matches!(IfReq::new("a-very-long-name0"), Err(Error::Name(_))));
+        assert!(IfReq::new("tap0").is_ok());
+        assert!(matches!(Tap::open("x\0y"), Err(Error::Name(_))));
+    }
+}
