@@ -169,8 +169,19 @@ impl RunningVm {
     }
 
     pub fn start_bin(bin: &Path, config: &Path) -> Self {
+        Self::start_command(Command::new(bin), config)
+    }
+
+    /// Start `mvm-vmm run <config>` inside network namespace `ns`.
+    pub fn start_in_netns(ns: &str, config: &Path) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(mvm_vmm());
+        Self::start_command(cmd, config)
+    }
+
+    fn start_command(mut cmd: Command, config: &Path) -> Self {
         let started = Instant::now();
-        let mut child = Command::new(bin)
+        let mut child = cmd
             .arg("run")
             .arg(config)
             .stdin(Stdio::piped())

@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! version = 1
+//! name = "web"        # default: the file's stem; MACs derive from it
 //!
 //! [machine]
 //! vcpus = 2           # default 1
@@ -18,6 +19,11 @@
 //! initrd = "initramfs.cpio"
 //! cmdline = "console=ttyS0 reboot=k panic=-1"
 //! host_cmdline = true # default true: add what this host's KVM needs
+//!
+//! [[net]]             # any number; eth0, eth1, ... in this order
+//! tap = "mvmtap0"     # required; created, or taken over if it exists
+//! mac = "02:00:00:00:00:01"  # default: derived from the VM name
+//! bridge = "virbr-mvm"       # optional: attach the TAP to this bridge
 //!
 //! [[disk]]            # any number; vda, vdb, ... in this order
 //! path = "disk.img"   # required; raw image, size a multiple of 512
@@ -54,11 +60,27 @@ pub const MAX_MEMORY_MIB: u32 = 1 << 24; // 16 TiB
 /// A complete VM definition.
 #[derive(Debug)]
 pub struct VmConfig {
+    /// The VM's name: MAC addresses are derived from it. Default: the
+    /// vm.toml file's stem, or "vm" for a configuration built in code.
+    pub name: String,
     pub machine: MachineConfig,
     pub boot: BootConfig,
     pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, ...).
+    pub nets: Vec<NetConfig>,
+}
+
+/// A virtio-net interface on a host TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP device name: created, or taken over when it exists.
+    pub tap: String,
+    /// Guest MAC; default derived from the VM name and the interface index.
+    pub mac: Option<[u8; 6]>,
+    /// Linux bridge to attach the TAP to.
+    pub bridge: Option<String>,
 }
 
 /// A virtio-blk disk backed by a raw image file.
@@ -144,6 +166,7 @@ impl VmConfig {
     /// [`DEFAULT_CMDLINE`], console on stdout without input.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
+            name: "vm".to_string(),
             machine: MachineConfig {
                 vcpus: DEFAULT_VCPUS,
                 memory_mib: DEFAULT_MEMORY_MIB,
@@ -161,6 +184,7 @@ impl VmConfig {
                 input: ConsoleInput::None,
             },
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -173,12 +197,26 @@ impl VmConfig {
             source,
         })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_toml(&text, &path.display().to_string(), base)
+        let mut config = Self::parse(&text, &path.display().to_string(), base)?;
+        if config.name.is_empty() {
+            config.name = path
+                .file_stem()
+                .map_or("vm".into(), |s| s.to_string_lossy().into_owned());
+        }
+        Ok(config)
     }
 
     /// Parse `vm.toml` text. `origin` names the text in error messages;
     /// relative paths are resolved against `base_dir`.
     pub fn from_toml(text: &str, origin: &str, base_dir: &Path) -> Result<Self> {
+        let mut config = Self::parse(text, origin, base_dir)?;
+        if config.name.is_empty() {
+            config.name = "vm".into();
+        }
+        Ok(config)
+    }
+
+    fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self> {
         let file: FileConfig = toml::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
         if file.version != CONFIG_VERSION {
             return Err(Error::ConfigValue {
@@ -214,7 +252,25 @@ impl VmConfig {
             InputKind::Auto if matches!(output, ConsoleOutput::Stdout) => ConsoleInput::Stdin,
             InputKind::Auto => ConsoleInput::None,
         };
+        let mut nets = Vec::new();
+        for net in file.net {
+            let mac = match &net.mac {
+                Some(text) => Some(parse_mac(text).ok_or_else(|| Error::ConfigValue {
+                    key: "net.mac",
+                    value: format!("{text:?}"),
+                    reason: "expected six hex bytes like \"02:00:00:00:00:01\", unicast".into(),
+                })?),
+                None => None,
+            };
+            nets.push(NetConfig {
+                tap: net.tap,
+                mac,
+                bridge: net.bridge,
+            });
+        }
         Ok(VmConfig {
+            name: file.name.unwrap_or_default(),
+            nets,
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -330,10 +386,35 @@ fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> Error {
     Error::ConfigSyntax { location, message }
 }
 
+/// `aa:bb:cc:dd:ee:ff`, unicast.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNet {
+    tap: String,
+    mac: Option<String>,
+    bridge: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     version: u32,
+    name: Option<String>,
+    #[serde(default)]
+    net: Vec<FileNet>,
     #[serde(default)]
     machine: FileMachine,
     boot: FileBoot,
@@ -493,6 +574,34 @@ file = "log/console.txt"
         assert!(!c.boot.host_cmdline);
         assert!(matches!(&c.console.output, ConsoleOutput::File(p) if p == Path::new("/etc/vms/log/console.txt")));
         assert_eq!(c.console.input, ConsoleInput::None);
+    }
+
+    #[test]
+    fn nets_and_macs() {
+        let c = parse("version = 1\nname = \"web\"\n[boot]\nkernel = \"k\"\n[[net]]\ntap = \"t0\"\n[[net]]\ntap = \"t1\"\nmac = \"02:aa:bb:cc:dd:0e\"\nbridge = \"br0\"\n").unwrap();
+        assert_eq!(c.name, "web");
+        assert_eq!(
+            c.nets[0],
+            NetConfig {
+                tap: "t0".into(),
+                mac: None,
+                bridge: None
+            }
+        );
+        assert_eq!(c.nets[1].mac, Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]));
+        assert_eq!(c.nets[1].bridge.as_deref(), Some("br0"));
+        for bad in [
+            "01:00:00:00:00:01",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "zz:00:00:00:00:01",
+            "2:0:0:0:0:1",
+        ] {
+            let e = err(&format!(
+                "version = 1\n[boot]\nkernel = \"k\"\n[[net]]\ntap = \"t\"\nmac = \"{bad}\"\n"
+            ));
+            assert!(e.starts_with("net.mac = "), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error("{0}")]
     Disk(#[from] mvm_storage::Error),
+    /// A network interface cannot be set up.
+    #[error("{0}")]
+    Net(#[from] mvm_net::Error),
     /// A device could not be created.
     #[error("device setup: {0}")]
     Device(#[from] mvm_devices::Error),

@@ -221,6 +221,14 @@ impl Vm {
                 &serial,
             )?));
         }
+        for (i, net) in config.nets.iter().enumerate() {
+            let tap = mvm_net::tap::Tap::open(&net.tap)?;
+            if let Some(bridge) = &net.bridge {
+                tap.attach_to_bridge(bridge)?;
+            }
+            let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
+            virtio_devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
+        }
         if virtio_devices.len() + usize::from(config.machine.rng) > layout::VIRTIO_MAX_DEVICES {
             return Err(Error::ConfigValue {
                 key: "disk",
@@ -567,12 +575,18 @@ fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
 struct QueueNotifications {
     transport: Arc<Mutex<MmioTransport>>,
     fds: Vec<RawFd>,
+    device_fds: Vec<RawFd>,
 }
 
 impl QueueNotifications {
     fn new(transport: Arc<Mutex<MmioTransport>>) -> Self {
         let fds = raw_all(&transport);
-        QueueNotifications { transport, fds }
+        let device_fds = transport.lock().unwrap_or_else(|e| e.into_inner()).device_event_fds();
+        QueueNotifications {
+            transport,
+            fds,
+            device_fds,
+        }
     }
 }
 
@@ -583,6 +597,11 @@ fn raw_all(transport: &Arc<Mutex<MmioTransport>>) -> Vec<RawFd> {
 
 impl MutEventSubscriber for QueueNotifications {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.device_fds.contains(&events.fd()) {
+            let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+            t.process_device_event(events.fd());
+            return;
+        }
         let Some(index) = self.fds.iter().position(|fd| *fd == events.fd()) else {
             return;
         };
@@ -597,6 +616,14 @@ impl MutEventSubscriber for QueueNotifications {
         for fd in &self.fds {
             if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
                 log::error!("cannot watch a virtio queue: {e:?}");
+            }
+        }
+        // Edge-triggered: a device drains its descriptor until it would
+        // block or the guest has no room; the guest's next notification
+        // resumes it, so a full guest never makes the loop spin.
+        for fd in &self.device_fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+                log::error!("cannot watch a device descriptor: {e:?}");
             }
         }
     }

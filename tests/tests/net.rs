@@ -1,0 +1,121 @@
+//! virtio-net end to end, in a network namespace this test makes (no
+//! traffic leaves it): a TAP with 10.0.2.1 on the host side, the guest at
+//! 10.0.2.15 pings it and moves 1 MiB over TCP each way; the checksums on
+//! both sides must match.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mvm_tests::*;
+
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: String) -> NetNs {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run(&["netns", "add", &name]);
+        let ns = NetNs(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        run(&all);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed (root and iproute2 needed)");
+}
+
+const PEER: &str = r#"
+import hashlib, os, socket, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("10.0.2.1", 5001))
+srv.listen(1)
+srv.settimeout(400)
+conn, _ = srv.accept()
+data = b""
+while len(data) < (1 << 20):
+    chunk = conn.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+conn.close()
+print("received", len(data), hashlib.md5(data).hexdigest(), flush=True)
+payload = os.urandom(1 << 20)
+deadline = time.time() + 400
+while True:
+    try:
+        s = socket.create_connection(("10.0.2.15", 5002), timeout=10)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.5)
+s.sendall(payload)
+s.close()
+print("sent", hashlib.md5(payload).hexdigest(), flush=True)
+"#;
+
+#[test]
+fn guest_pings_host_and_moves_a_mib_each_way_over_tap() {
+    let dir = scratch_dir("net");
+    let ns = NetNs::new(format!("mvm-e2e-{}", std::process::id()));
+    ns.ip(&["tuntap", "add", "dev", "mvmtap0", "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "mvmtap0"]);
+    ns.ip(&["link", "set", "mvmtap0", "up"]);
+    let script = dir.join("peer.py");
+    std::fs::write(&script, PEER).unwrap();
+    let peer = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3"])
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the host-side peer");
+
+    let config = write_config(
+        &dir,
+        &(guest_config(1, 128, "mvm.scenario=net mvm.end=poweroff")
+            .replace("version = 1\n", "version = 1\nname = \"nettest\"\n")
+            + "[[net]]\ntap = \"mvmtap0\"\n"),
+    );
+    let run = RunningVm::start_in_netns(&ns.0, &config).finish(Duration::from_secs(420));
+    let peer = peer.wait_with_output().expect("peer output");
+    let peer_out = String::from_utf8_lossy(&peer.stdout);
+    let r = run.results();
+    let console = run.console();
+    assert_eq!(run.status.code(), Some(0), "stderr: {}\n{console}", run.stderr);
+    assert_eq!(
+        r.get("status").map(String::as_str),
+        Some("ok"),
+        "{console}\npeer: {peer_out}"
+    );
+    let mac = mvm_net::mac_for("nettest", 0).map(|b| format!("{b:02x}")).join(":");
+    assert_eq!(r["mac"], mac, "MAC derived from the VM name");
+    assert_eq!(r["ping"], "ok");
+    assert!(peer.status.success(), "peer failed: {peer_out}");
+    let mut lines = peer_out.lines();
+    let received: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+    let sent: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+    assert_eq!(
+        received,
+        ["received", "1048576", r["sent_md5"].as_str()],
+        "guest to host"
+    );
+    assert_eq!(sent, ["sent", r["received_md5"].as_str()], "host to guest");
+    assert_eq!(r["received_bytes"], "1048576");
+}
