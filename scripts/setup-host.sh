@@ -21,6 +21,7 @@ packages=(
 	cpio
 	# end-to-end tests: ext4 root file system images
 	e2fsprogs          # mkfs.ext4 -d, debugfs
+	iproute2           # ip netns / tuntap for the virtio-net test
 )
 
 missing=()
