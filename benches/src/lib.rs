@@ -2,7 +2,6 @@
 //! wall time, CPU time and peak RSS, statistics, and reporting as a table
 //! and as JSON (to stdout and `target/bench-results/<name>.json`).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -145,11 +144,6 @@ pub fn report(name: &str, note: &str, rows: &[Row]) {
 /// The release `mvm-vmm` next to this benchmark binary.
 pub fn vmm_binary() -> std::path::PathBuf {
     mvm_tests::mvm_vmm()
-}
-
-/// True when `path` exists (for friendlier messages than a panic).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }
 
 #[cfg(test)]

@@ -68,11 +68,6 @@ impl MmioTransport {
         })
     }
 
-    /// Device type, for the transport's DeviceID register and for naming.
-    pub fn device_type(&self) -> u32 {
-        self.device.device_type()
-    }
-
     /// One eventfd per queue: register each with `KVM_IOEVENTFD` at
     /// `base + NOTIFY_OFFSET` with the queue index as datamatch, and call
     /// [`Self::process_queue`] when it fires.
@@ -83,11 +78,6 @@ impl MmioTransport {
     /// The interrupt line (bind it to the device's GSI with `KVM_IRQFD`).
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
-    }
-
-    /// Device status as the driver last set it (plus NEEDS_RESET).
-    pub fn status(&self) -> u32 {
-        self.status
     }
 
     fn device_features(&self) -> u64 {
@@ -207,9 +197,11 @@ impl MmioTransport {
                 return;
             }
             self.activated = true;
-            // Buffers made available before DRIVER_OK are not lost.
-            for i in 0..self.queues.len() {
-                self.process_queue(i);
+            // Buffers made available before DRIVER_OK are not lost: hand
+            // every queue to the event loop (this runs on a vCPU thread,
+            // which must not do device work).
+            for evt in &self.queue_events {
+                let _ = evt.write(1);
             }
             return;
         }
@@ -410,6 +402,9 @@ mod tests {
         setup_queue(&mut t, &q, 16);
         wr(&mut t, 0x70, ALL);
         assert_eq!(rd(&mut t, 0x70), ALL);
+        // Activation hands the queue to the event loop instead of working
+        // on the (vCPU) thread that wrote DRIVER_OK.
+        assert_eq!(t.queue_events()[0].read().unwrap(), 1);
         let desc = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
             0x8000, 64, 2, // VRING_DESC_F_WRITE
             0,
