@@ -29,7 +29,8 @@ impl Default for Rng {
     }
 }
 
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fill `buf` from the host's `getrandom` (retrying short reads and EINTR).
+pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: writes into the unfilled tail of `buf`.

@@ -355,19 +355,7 @@ pub fn build_boot_params(input: &BootParamsInput) -> Result<boot_params> {
 /// interpreted, jitter-entropy wait.
 pub fn rng_seed_setup_data() -> Result<Vec<u8>> {
     let mut seed = [0u8; RNG_SEED_LEN];
-    let mut filled = 0;
-    while filled < seed.len() {
-        // SAFETY: the pointer and length describe the unfilled part of `seed`.
-        let n = unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::host("getrandom for the guest's RNG seed")(err));
-        }
-        filled += n as usize;
-    }
+    mvm_devices::virtio::rng::getrandom(&mut seed).map_err(Error::host("getrandom for the guest's RNG seed"))?;
     let mut node = Vec::with_capacity(16 + RNG_SEED_LEN);
     node.extend_from_slice(&0u64.to_le_bytes()); // next: end of chain
     node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
