@@ -56,8 +56,8 @@ pub struct Net<T: FrameIo> {
     mac: [u8; 6],
     acked: u64,
     sizes: [u16; 2],
-    /// A received frame the guest had no room for yet.
-    pending: Option<Vec<u8>>,
+    /// Length of a received frame (in `rx_buf`) the guest had no room for yet.
+    pending: Option<usize>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
 }
@@ -79,12 +79,15 @@ impl<T: FrameIo> Net<T> {
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let qerr = |e: virtio_queue::Error| DeviceError::Queue(RX as u16, e.to_string());
         let mut used_any = false;
+        let mergeable = self.acked & F_MRG_RXBUF != 0;
         loop {
-            let frame = match self.pending.take() {
-                Some(f) => f,
+            // The frame lives in rx_buf (no copy per frame); `pending` holds
+            // its length while the guest has no room for it.
+            let len = match self.pending.take() {
+                Some(len) => len,
                 None => match self.io.read_frame(&mut self.rx_buf) {
                     Ok(0) => break,
-                    Ok(n) => self.rx_buf[..n].to_vec(),
+                    Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -93,82 +96,84 @@ impl<T: FrameIo> Net<T> {
                     }
                 },
             };
-            if frame.len() < VNET_HDR_LEN {
+            if len < VNET_HDR_LEN {
                 continue; // not a frame the TAP can produce; drop it
             }
-            match self.deliver(&frame, queue, mem)? {
+            match deliver(&mut self.rx_buf[..len], mergeable, queue, mem)? {
                 true => used_any = true,
                 false => {
-                    self.pending = Some(frame);
+                    self.pending = Some(len);
                     break;
                 }
             }
         }
         Ok(used_any && queue.needs_notification(mem).map_err(qerr)?)
     }
+}
 
-    /// Place one frame into as many receive chains as it needs (one unless
-    /// mergeable buffers were negotiated). `false`: not enough buffers yet.
-    fn deliver(&mut self, frame: &[u8], queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
-        let qerr = |e: virtio_queue::Error| DeviceError::Queue(RX as u16, e.to_string());
-        let mergeable = self.acked & F_MRG_RXBUF != 0;
-        let mut chains: Vec<(DescriptorChain<&GuestMemoryMmap>, usize)> = Vec::new();
-        let mut room = 0usize;
-        while room < frame.len() && (mergeable || chains.is_empty()) {
-            let Some(chain) = queue.iter(mem).map_err(qerr)?.next() else {
-                break;
-            };
-            let head = chain.head_index();
-            mvm_devices::virtio::chain_terminates(&chain).map_err(|reason| DeviceError::Chain { head, reason })?;
-            let writer = chain.clone().writer(mem).map_err(|e| DeviceError::Chain {
+/// Place one frame into as many receive chains as it needs (one unless
+/// mergeable buffers were negotiated), setting its header's num_buffers in
+/// place. `false`: not enough buffers yet.
+fn deliver(frame: &mut [u8], mergeable: bool, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    let qerr = |e: virtio_queue::Error| DeviceError::Queue(RX as u16, e.to_string());
+    let mut chains: Vec<(DescriptorChain<&GuestMemoryMmap>, usize)> = Vec::new();
+    let mut room = 0usize;
+    while room < frame.len() && (mergeable || chains.is_empty()) {
+        let Some(chain) = queue.iter(mem).map_err(qerr)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        mvm_devices::virtio::chain_terminates(&chain).map_err(|reason| DeviceError::Chain { head, reason })?;
+        let writer = chain.clone().writer(mem).map_err(|e| DeviceError::Chain {
+            head,
+            reason: e.to_string(),
+        })?;
+        let cap = writer.available_bytes();
+        if cap < VNET_HDR_LEN {
+            return Err(DeviceError::Chain {
                 head,
-                reason: e.to_string(),
-            })?;
-            let cap = writer.available_bytes();
-            if cap < VNET_HDR_LEN {
-                return Err(DeviceError::Chain {
-                    head,
-                    reason: "receive buffer smaller than the net header".into(),
-                });
-            }
-            room += cap;
-            chains.push((chain, cap));
+                reason: "receive buffer smaller than the net header".into(),
+            });
         }
-        if room < frame.len() {
-            if !mergeable && !chains.is_empty() {
-                // A single buffer too small for this frame: the driver
-                // chose small buffers without mergeable ones; drop it.
-                log::debug!("virtio-net: dropping a {}-byte frame that fits no buffer", frame.len());
-                let (chain, _) = &chains[0];
-                queue.add_used(mem, chain.head_index(), 0).map_err(qerr)?;
-                return Ok(true);
-            }
-            for _ in 0..chains.len() {
-                queue.go_to_previous_position();
-            }
-            return Ok(false);
-        }
-        let mut data = frame.to_vec();
-        let count = if mergeable { chains.len() as u16 } else { 1 };
-        data[10..12].copy_from_slice(&count.to_le_bytes());
-        let mut offset = 0;
-        for (chain, cap) in chains {
-            let head = chain.head_index();
-            let n = cap.min(data.len() - offset);
-            let mut writer = chain.writer(mem).map_err(|e| DeviceError::Chain {
-                head,
-                reason: e.to_string(),
-            })?;
-            io::Write::write_all(&mut writer, &data[offset..offset + n]).map_err(|e| DeviceError::Chain {
-                head,
-                reason: e.to_string(),
-            })?;
-            queue.add_used(mem, head, n as u32).map_err(qerr)?;
-            offset += n;
-        }
-        Ok(true)
+        room += cap;
+        chains.push((chain, cap));
     }
+    if room < frame.len() {
+        if !mergeable && !chains.is_empty() {
+            // A single buffer too small for this frame: the driver
+            // chose small buffers without mergeable ones; drop it.
+            log::debug!("virtio-net: dropping a {}-byte frame that fits no buffer", frame.len());
+            let (chain, _) = &chains[0];
+            queue.add_used(mem, chain.head_index(), 0).map_err(qerr)?;
+            return Ok(true);
+        }
+        for _ in 0..chains.len() {
+            queue.go_to_previous_position();
+        }
+        return Ok(false);
+    }
+    let data = frame;
+    let count = if mergeable { chains.len() as u16 } else { 1 };
+    data[10..12].copy_from_slice(&count.to_le_bytes());
+    let mut offset = 0;
+    for (chain, cap) in chains {
+        let head = chain.head_index();
+        let n = cap.min(data.len() - offset);
+        let mut writer = chain.writer(mem).map_err(|e| DeviceError::Chain {
+            head,
+            reason: e.to_string(),
+        })?;
+        io::Write::write_all(&mut writer, &data[offset..offset + n]).map_err(|e| DeviceError::Chain {
+            head,
+            reason: e.to_string(),
+        })?;
+        queue.add_used(mem, head, n as u32).map_err(qerr)?;
+        offset += n;
+    }
+    Ok(true)
+}
 
+impl<T: FrameIo> Net<T> {
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let (io, buf) = (&mut self.io, &mut self.tx_buf);
         serve_queue(TX, queue, mem, |chain| {

@@ -60,6 +60,8 @@ pub struct Block {
     sizes: [u16; 1],
     /// The host file system can punch holes (discard, write-zeroes).
     punch_hole: bool,
+    /// Copy buffer reused by every request (allocated once, at most COPY_CHUNK).
+    scratch: Vec<u8>,
 }
 
 /// Whether `file`'s file system supports punching holes: punching past
@@ -122,6 +124,7 @@ impl Block {
             serial: id,
             sizes: [QUEUE_SIZE],
             punch_hole,
+            scratch: Vec::new(),
         })
     }
 
@@ -212,8 +215,8 @@ impl Block {
         (len as u64 % SECTOR_SIZE == 0 && end <= self.sectors * SECTOR_SIZE).then_some(start)
     }
 
-    fn read_into(&self, offset: u64, out: &mut impl Write, len: usize) -> std::io::Result<()> {
-        let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    fn read_into(&mut self, offset: u64, out: &mut impl Write, len: usize) -> std::io::Result<()> {
+        let buf = scratch(&mut self.scratch, len);
         let mut done = 0usize;
         while done < len {
             let n = (len - done).min(buf.len());
@@ -224,8 +227,8 @@ impl Block {
         Ok(())
     }
 
-    fn write_from(&self, offset: u64, input: &mut impl Read, len: usize) -> std::io::Result<()> {
-        let mut buf = vec![0u8; len.min(COPY_CHUNK)];
+    fn write_from(&mut self, offset: u64, input: &mut impl Read, len: usize) -> std::io::Result<()> {
+        let buf = scratch(&mut self.scratch, len);
         let mut done = 0usize;
         while done < len {
             let n = (len - done).min(buf.len());
@@ -296,46 +299,59 @@ impl VirtioDevice for Block {
 impl Block {
     /// Carry out one well-formed request; the result is its status byte.
     fn handle(
-        &self,
+        &mut self,
         kind: u32,
         sector: u64,
         reader: &mut (impl Read + AvailableBytes),
         writer: &mut (impl Write + AvailableBytes),
     ) -> u8 {
-        let io = |r: std::io::Result<()>, what: &str| match r {
-            Ok(()) => VIRTIO_BLK_S_OK,
-            Err(e) => {
-                log::warn!("disk {}: {what} failed: {e}", self.path.display());
-                VIRTIO_BLK_S_IOERR
-            }
-        };
         match kind {
             VIRTIO_BLK_T_IN => {
                 let len = writer.available();
                 match self.range(sector, len) {
-                    Some(offset) => io(self.read_into(offset, writer, len), "read"),
+                    Some(offset) => io_status(self.read_into(offset, writer, len), "read", &self.path),
                     None => VIRTIO_BLK_S_IOERR,
                 }
             }
             VIRTIO_BLK_T_OUT => {
                 let len = reader.available();
                 match (self.read_only, self.range(sector, len)) {
-                    (false, Some(offset)) => io(self.write_from(offset, reader, len), "write"),
+                    (false, Some(offset)) => io_status(self.write_from(offset, reader, len), "write", &self.path),
                     _ => VIRTIO_BLK_S_IOERR,
                 }
             }
             // The guest sees completion only after the data is on the
             // file's storage.
             VIRTIO_BLK_T_FLUSH if self.read_only => VIRTIO_BLK_S_OK,
-            VIRTIO_BLK_T_FLUSH => io(self.file.sync_data(), "flush"),
+            VIRTIO_BLK_T_FLUSH => io_status(self.file.sync_data(), "flush", &self.path),
             VIRTIO_BLK_T_GET_ID => {
                 let n = writer.available().min(SERIAL_LEN);
-                io(writer.write_all(&self.serial[..n]), "get id")
+                io_status(writer.write_all(&self.serial[..n]), "get id", &self.path)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => self.ranges(kind, reader),
             _ => VIRTIO_BLK_S_UNSUPP,
         }
     }
+}
+
+/// The status byte for an I/O result, logging failures with the disk.
+fn io_status(result: std::io::Result<()>, what: &str, path: &Path) -> u8 {
+    match result {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(e) => {
+            log::warn!("disk {}: {what} failed: {e}", path.display());
+            VIRTIO_BLK_S_IOERR
+        }
+    }
+}
+
+/// The reusable copy buffer, grown on first use up to what `len` needs.
+fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let want = len.clamp(1, COPY_CHUNK);
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    &mut buf[..want]
 }
 
 /// Remaining bytes of a chain reader or writer.
