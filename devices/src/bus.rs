@@ -58,14 +58,14 @@ impl Bus {
     pub fn insert(&mut self, name: &'static str, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<()> {
         let new_end = u128::from(base) + u128::from(len);
         if len == 0 || new_end > self.limit {
-            return Err(Error::PortRange { name, base, len });
+            return Err(Error::AddressRange { name, base, len });
         }
         if let Some(other) = self
             .ranges
             .iter()
             .find(|r| u128::from(base) < r.end() && u128::from(r.base) < new_end)
         {
-            return Err(Error::PortOverlap {
+            return Err(Error::AddressOverlap {
                 name,
                 other: other.name,
                 base,
@@ -166,20 +166,20 @@ mod tests {
         bus.insert("a", 0x60, 5, dev.clone()).unwrap();
         assert!(matches!(
             bus.insert("b", 0x64, 2, dev.clone()),
-            Err(Error::PortOverlap { other: "a", .. })
+            Err(Error::AddressOverlap { other: "a", .. })
         ));
         assert!(matches!(
             bus.insert("c", 0x5c, 5, dev.clone()),
-            Err(Error::PortOverlap { .. })
+            Err(Error::AddressOverlap { .. })
         ));
         assert!(bus.insert("d", 0x5b, 5, dev.clone()).is_ok());
         assert!(matches!(
             bus.insert("e", 0, 0, dev.clone()),
-            Err(Error::PortRange { .. })
+            Err(Error::AddressRange { .. })
         ));
         assert!(matches!(
             bus.insert("f", 0xffff, 2, dev.clone()),
-            Err(Error::PortRange { .. })
+            Err(Error::AddressRange { .. })
         ));
         assert!(bus.insert("g", 0xffff, 1, dev).is_ok());
         assert!(bus.write(0xffff, &[0]));
@@ -212,7 +212,7 @@ mod mmio_tests {
         assert!(!bus.read(0xd000_1000, &mut d));
         assert!(matches!(
             bus.insert("x", 0xd000_0800, 0x1000, Arc::new(Mutex::new(Echo))),
-            Err(Error::PortOverlap { .. })
+            Err(Error::AddressOverlap { .. })
         ));
     }
 }

@@ -20,7 +20,7 @@ pub mod virtio;
 pub enum Error {
     /// Two devices were given overlapping address ranges (a VMM bug, not a guest one).
     #[error("address range {base:#x}+{len:#x} of {name} overlaps {other}")]
-    PortOverlap {
+    AddressOverlap {
         name: &'static str,
         other: &'static str,
         base: u64,
@@ -28,7 +28,7 @@ pub enum Error {
     },
     /// A zero-length range or one beyond the bus.
     #[error("address range {base:#x}+{len:#x} of {name} is empty or beyond the bus")]
-    PortRange { name: &'static str, base: u64, len: u64 },
+    AddressRange { name: &'static str, base: u64, len: u64 },
     /// A virtio device could not be set up.
     #[error("virtio: {0}")]
     Virtio(String),
