@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the benchmarks (release build): (a) the trivial guest cycle, (b) boot
-# to guest userspace. Results print as tables and JSON, and are written to
-# target/bench-results/. MVM_BENCH_RUNS / MVM_BENCH_BOOT_RUNS set the counts.
+# Run the benchmarks (release build): every bench of benches/ (the trivial
+# guest cycle, boot to guest userspace, device request costs, guest block
+# and network throughput; README.md lists them). Results print as tables and
+# JSON, and are written to target/bench-results/. MVM_BENCH_RUNS /
+# MVM_BENCH_BOOT_RUNS set the counts. guest_net makes a network namespace
+# and a TAP: run as root.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo"

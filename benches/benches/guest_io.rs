@@ -11,20 +11,10 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use mvm_benches::{report, Row, Stats};
+use mvm_benches::{host_memcpy_mib_s, report, Row, Stats};
 use mvm_tests::{disk_entries, guest_config, make_disk, scratch_dir, write_config, RunningVm};
 
 const MIB: usize = 16;
-
-fn host_memcpy_mib_s() -> f64 {
-    // Both buffers touched first, so page faults are not timed.
-    let src = vec![1u8; 256 << 20];
-    let mut dst = vec![2u8; 256 << 20];
-    let start = Instant::now();
-    dst.copy_from_slice(&src);
-    std::hint::black_box(&dst);
-    256.0 / start.elapsed().as_secs_f64()
-}
 
 fn host_file_read_mib_s(path: &std::path::Path) -> f64 {
     let mut file = std::fs::File::open(path).unwrap();

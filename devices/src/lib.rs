@@ -32,6 +32,9 @@ pub enum Error {
     /// A virtio device could not be set up.
     #[error("virtio: {0}")]
     Virtio(String),
+    /// The vsock device's host socket could not be set up.
+    #[error("vsock socket {path}: {reason}")]
+    VsockSocket { path: std::path::PathBuf, reason: String },
     /// Creating an eventfd failed.
     #[error("cannot create eventfd for {what}: {source}")]
     EventFd { what: &'static str, source: std::io::Error },

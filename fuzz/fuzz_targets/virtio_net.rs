@@ -8,8 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use libfuzzer_sys::fuzz_target;
 use mvm_devices::virtio::VirtioDevice;
+use mvm_fuzz::queue;
 use mvm_net::device::{FrameIo, Net};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// One end of a datagram socket pair, standing in for the TAP.
@@ -54,16 +54,6 @@ impl FrameIo for Wire {
     fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
         Ok(())
     }
-}
-
-fn queue(base: u64) -> Queue {
-    let mut q = Queue::new(16).unwrap();
-    q.set_size(16);
-    q.set_desc_table_address(Some(base as u32), Some(0));
-    q.set_avail_ring_address(Some(base as u32 + 0x100), Some(0));
-    q.set_used_ring_address(Some(base as u32 + 0x200), Some(0));
-    q.set_ready(true);
-    q
 }
 
 fuzz_target!(|data: &[u8]| {

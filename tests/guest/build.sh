@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the microvm-dev test guest: a minimal Linux 6.1 kernel (vmlinux ELF and
-# bzImage) and a tiny uncompressed initramfs (busybox + tests/guest/init).
+# bzImage) and a tiny uncompressed initramfs (busybox, tests/guest/init and
+# /bin/mvm-vsock built from tests/guest/vsock.c).
 #
 #   tests/guest/build.sh            (from any directory)
 #
 # Inputs: /usr/src/linux-source-6.1.tar.xz (Debian package linux-source-6.1),
 # tests/guest/kernel.config (Kconfig fragment over tinyconfig),
-# tests/guest/patches/*.patch, tests/guest/init, /bin/busybox
-# (busybox-static).  scripts/setup-host.sh installs the packages.
+# tests/guest/patches/*.patch, tests/guest/init, tests/guest/vsock.c,
+# /bin/busybox (busybox-static), gcc and the kernel's UAPI headers
+# (build-essential).  scripts/setup-host.sh installs the packages.
 #
 # Results are cached, keyed by a SHA-256 of their inputs, under
 #   ${MVM_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/microvm-dev/guest}/
@@ -40,6 +42,7 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 fragment="$here/kernel.config"
 patch_dir="$here/patches"
 init_script="$here/init"
+vsock_src="$here/vsock.c"
 cache=${MVM_GUEST_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/microvm-dev/guest}
 jobs=${MVM_GUEST_JOBS:-$(nproc)}
 linux_tar=/usr/src/linux-source-6.1.tar.xz
@@ -58,6 +61,7 @@ for tool in make gcc cc flex bison bc perl tar xz patch sha256sum dpkg-query flo
 	command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -r /usr/include/libelf.h ] || missing+=("libelf.h (libelf-dev)")
+[ -r /usr/include/linux/vm_sockets.h ] || missing+=("linux/vm_sockets.h (linux-libc-dev)")
 [ -r "$linux_tar" ] || missing+=("$linux_tar (linux-source-6.1)")
 [ -x "$busybox" ] || missing+=("$busybox (busybox-static)")
 if [ ${#missing[@]} -gt 0 ]; then
@@ -65,6 +69,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 [ -r "$fragment" ] || die "missing $fragment"
 [ -r "$init_script" ] || die "missing $init_script"
+[ -r "$vsock_src" ] || die "missing $vsock_src"
 shopt -s nullglob
 patches=("$patch_dir"/*.patch)
 shopt -u nullglob
@@ -73,6 +78,7 @@ shopt -u nullglob
 pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
 linux_version=$(pkg_version linux-source-6.1)
 busybox_version=$(pkg_version busybox-static)
+uapi_version=$(pkg_version linux-libc-dev)
 gcc_version=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
 
 # ---------------------------------------------------------------- hashes
@@ -126,16 +132,18 @@ mkdir "$inputs/patches"
 cp "$fragment" "$inputs/kernel.config"
 cp "${patches[@]}" "$inputs/patches/"
 cp "$init_script" "$inputs/init"
+cp "$vsock_src" "$inputs/vsock.c"
 fragment="$inputs/kernel.config"
 patches=("$inputs"/patches/*.patch)
 init_script="$inputs/init"
+vsock_src="$inputs/vsock.c"
 
 patch_items=()
 for p in "${patches[@]}"; do patch_items+=("file:$p"); done
 kernel_hash=$(hash_inputs kernel "file:$fragment" "${patch_items[@]}" "file:$self" \
 	"linux-source-6.1=$linux_version" "gcc=$gcc_version")
-initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$self" \
-	"busybox-static=$busybox_version")
+initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$vsock_src" "file:$self" \
+	"busybox-static=$busybox_version" "gcc=$gcc_version" "linux-libc-dev=$uapi_version")
 kernel_dir="$cache/kernel-$kernel_hash"
 initramfs_dir="$cache/initramfs-$initramfs_hash"
 
@@ -240,6 +248,11 @@ build_initramfs() {
 	EOF
 	cp "$init_script" "$tmp/out/init"
 	cp "$busybox" "$tmp/out/busybox"
+	# No libc, stripped: 10 KiB instead of a static glibc binary's 670
+	# (the guest kernel copies the initramfs interpreted on PVM hosts).
+	gcc -static -Os -Wall -Wextra -Werror -nostdlib -ffreestanding \
+		-fno-stack-protector -fno-asynchronous-unwind-tables -fno-pie -no-pie -s \
+		-o "$tmp/out/mvm-vsock" "$vsock_src" || die "compiling tests/guest/vsock.c failed"
 	list="$tmp/out/cpio.list"
 	# Uncompressed newc; /dev/console must exist when the kernel starts /init
 	# (devtmpfs is mounted by /init itself).  Applet symlinks are left out on
@@ -255,6 +268,7 @@ build_initramfs() {
 		dir /bin 0755 0 0
 		dir /etc 0755 0 0
 		file /bin/busybox $tmp/out/busybox 0755 0 0
+		file /bin/mvm-vsock $tmp/out/mvm-vsock 0755 0 0
 		slink /bin/sh busybox 0777 0 0
 		file /etc/fstab $tmp/out/fstab 0644 0 0
 		file /init $tmp/out/init 0755 0 0
@@ -262,8 +276,8 @@ build_initramfs() {
 	"$kernel_dir/gen_init_cpio" -t 0 "$list" >"$tmp/out/initramfs.cpio" ||
 		die "gen_init_cpio failed"
 	# Record the list with stable paths, drop the copies.
-	sed -i "s|$tmp/out/busybox|$busybox|; s|$tmp/out/init|tests/guest/init|; s|$tmp/out/fstab|(generated fstab)|" "$list"
-	rm -f "$tmp/out/busybox" "$tmp/out/init"
+	sed -i "s|$tmp/out/busybox|$busybox|; s|$tmp/out/init|tests/guest/init|; s|$tmp/out/fstab|(generated fstab)|; s|$tmp/out/mvm-vsock|(built from tests/guest/vsock.c)|" "$list"
+	rm -f "$tmp/out/busybox" "$tmp/out/init" "$tmp/out/mvm-vsock"
 	mv -T "$tmp/out" "$initramfs_dir"
 	rm -rf "$tmp"
 	tmp=

@@ -341,6 +341,51 @@ pub fn trivial_guest(byte: u8) -> Vec<u8> {
     elf_guest(&uart_then_reset_code(byte), 0x10_0000)
 }
 
+/// A network namespace made for a test and deleted on drop; needs root and
+/// iproute2. [`Self::with_tap`] gives it a TAP with an address, the host
+/// side of a guest's virtio-net.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(name: String) -> NetNs {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A namespace holding TAP `tap` (with a vnet header) at `cidr`, up.
+    pub fn with_tap(name: String, tap: &str, cidr: &str) -> NetNs {
+        let ns = NetNs::new(name);
+        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ns.ip(&["addr", "add", cidr, "dev", tap]);
+        ns.ip(&["link", "set", tap, "up"]);
+        ns
+    }
+
+    /// Run `ip -n <ns> <args>`; panics when it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed (root and iproute2 needed)");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,6 +154,36 @@ fn bad_values() {
 }
 
 #[test]
+fn bad_vsock_sockets() {
+    let dir = scratch_dir("bad-vsock");
+    let k = guest_file("vmlinux");
+    let vsock = |path: &Path| {
+        format!(
+            "{}[vsock]\nuds_path = \"{}\"\n",
+            kernel_toml(&k, "", ""),
+            path.display()
+        )
+    };
+    // Another VM (here: any program) already listens on the socket.
+    let live = dir.join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    expect_config_error(&dir, &vsock(&live), &["live.sock", "listening"]);
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    expect_config_error(&dir, &vsock(&file), &["plain-file", "not a socket"]);
+    expect_config_error(
+        &dir,
+        &vsock(&dir.join("no-dir/v.sock")),
+        &["vsock.uds_path", "does not exist"],
+    );
+    expect_config_error(
+        &dir,
+        &(vsock(&dir.join("v.sock")) + "guest_cid = 2\n"),
+        &["vsock.guest_cid = 2", "reserved"],
+    );
+}
+
+#[test]
 fn usage_errors() {
     let out = std::process::Command::new(mvm_vmm())
         .arg("frobnicate")

@@ -8,38 +8,6 @@ use std::time::Duration;
 
 use mvm_tests::*;
 
-struct NetNs(String);
-
-impl NetNs {
-    fn new(name: String) -> NetNs {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run(&["netns", "add", &name]);
-        let ns = NetNs(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        run(&all);
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed (root and iproute2 needed)");
-}
-
 const PEER: &str = r#"
 import hashlib, os, socket, time
 srv = socket.socket()
@@ -74,10 +42,7 @@ print("sent", hashlib.md5(payload).hexdigest(), flush=True)
 #[test]
 fn guest_pings_host_and_moves_a_mib_each_way_over_tap() {
     let dir = scratch_dir("net");
-    let ns = NetNs::new(format!("mvm-e2e-{}", std::process::id()));
-    ns.ip(&["tuntap", "add", "dev", "mvmtap0", "mode", "tap", "vnet_hdr"]);
-    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "mvmtap0"]);
-    ns.ip(&["link", "set", "mvmtap0", "up"]);
+    let ns = NetNs::with_tap(format!("mvm-e2e-{}", std::process::id()), "mvmtap0", "10.0.2.1/24");
     let script = dir.join("peer.py");
     std::fs::write(&script, PEER).unwrap();
     let peer = Command::new("ip")

@@ -30,6 +30,11 @@
 //! read_only = false   # default false
 //! serial = "data"     # default "mvm-disk<N>"
 //!
+//! [vsock]             # optional: a host channel (Firecracker's protocol)
+//! uds_path = "vsock.sock"    # required; host programs connect here;
+//!                            # guest connections to port P go to "<uds_path>_P"
+//! guest_cid = 3              # default 3
+//!
 //! [console]
 //! output = "stdio"    # "stdio" (default), "file" or "none"
 //! file = "console.log"
@@ -53,6 +58,11 @@ pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// Default kernel command line: serial console, reboot through the i8042
 /// (which ends the VM), and reboot (so: end the VM) on a kernel panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Default guest context id of the vsock device (the first one not reserved).
+pub const DEFAULT_GUEST_CID: u32 = 3;
+/// Longest `vsock.uds_path`: `<uds_path>_<port>` must still fit a Unix
+/// socket address (108 bytes with its terminating zero).
+pub const MAX_UDS_PATH: usize = 107 - 11;
 /// Upper bound on guest memory, far above any use here; it keeps size
 /// arithmetic comfortably inside u64.
 pub const MAX_MEMORY_MIB: u32 = 1 << 24; // 16 TiB
@@ -70,6 +80,19 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, ...).
     pub nets: Vec<NetConfig>,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id, 3 to 2^32-2; each VM has its own device, so
+    /// copies of one definition may share it.
+    pub guest_cid: u32,
+    /// Where host programs connect (`CONNECT <port>\n`); guest connections
+    /// to host port P go to `<uds_path>_P`. A stale socket file is replaced.
+    pub uds_path: PathBuf,
 }
 
 /// A virtio-net interface on a host TAP device.
@@ -185,6 +208,7 @@ impl VmConfig {
             },
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -268,9 +292,14 @@ impl VmConfig {
                 bridge: net.bridge,
             });
         }
+        let vsock = file.vsock.map(|v| VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: resolve(v.uds_path),
+        });
         Ok(VmConfig {
             name: file.name.unwrap_or_default(),
             nets,
+            vsock,
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -335,6 +364,36 @@ impl VmConfig {
                         reason: "at most 20 ASCII characters".into(),
                     });
                 }
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if !(3..u32::MAX).contains(&vsock.guest_cid) {
+                return Err(Error::ConfigValue {
+                    key: "vsock.guest_cid",
+                    value: vsock.guest_cid.to_string(),
+                    reason: format!("0-2 and {} are reserved; use 3 to {}", u32::MAX, u32::MAX - 1),
+                });
+            }
+            let path = &vsock.uds_path;
+            if path.as_os_str().len() > MAX_UDS_PATH {
+                return Err(Error::ConfigPath {
+                    key: "vsock.uds_path",
+                    path: path.clone(),
+                    reason: format!(
+                        "longer than {MAX_UDS_PATH} bytes: \"<uds_path>_<port>\" would not fit a Unix socket address"
+                    ),
+                });
+            }
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(Error::ConfigPath {
+                    key: "vsock.uds_path",
+                    path: path.clone(),
+                    reason: format!("directory {} does not exist", parent.display()),
+                });
             }
         }
         if let Some(bad) = self.boot.cmdline.chars().find(|c| !(' '..='~').contains(c)) {
@@ -422,6 +481,19 @@ struct FileConfig {
     console: FileConsole,
     #[serde(default)]
     disk: Vec<FileDisk>,
+    vsock: Option<FileVsock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVsock {
+    uds_path: PathBuf,
+    #[serde(default = "default_guest_cid")]
+    guest_cid: u32,
+}
+
+fn default_guest_cid() -> u32 {
+    DEFAULT_GUEST_CID
 }
 
 #[derive(Deserialize)]
@@ -632,6 +704,24 @@ file = "log/console.txt"
     }
 
     #[test]
+    fn vsock_section() {
+        let c = parse("version = 1\n[boot]\nkernel = \"k\"\n").unwrap();
+        assert_eq!(c.vsock, None);
+        let c = parse("version = 1\n[boot]\nkernel = \"k\"\n[vsock]\nuds_path = \"v.sock\"\n").unwrap();
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                guest_cid: DEFAULT_GUEST_CID,
+                uds_path: PathBuf::from("/etc/vms/v.sock")
+            })
+        );
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[vsock]\nguest_cid = 4\n");
+        assert!(e.contains("missing field `uds_path`"), "{e}");
+        let e = err("version = 1\n[boot]\nkernel = \"k\"\n[vsock]\nuds_path = \"v\"\ncid = 4\n");
+        assert!(e.contains("unknown field `cid`"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_name_the_key_and_line() {
         let e = err("version = 1\n[machine]\nvcpu = 2\n[boot]\nkernel = \"k\"\n");
         assert!(e.starts_with("vm.toml:3:1: unknown field `vcpu`"), "{e}");
@@ -684,6 +774,30 @@ file = "log/console.txt"
         std::fs::write(&kernel, b"x").unwrap();
         let mut c = VmConfig::new(&kernel);
         assert!(c.validate(8).is_ok());
+
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: dir.join("v.sock"),
+        });
+        assert_eq!(
+            c.validate(8).unwrap_err().to_string(),
+            "vsock.guest_cid = 2: 0-2 and 4294967295 are reserved; use 3 to 4294967294"
+        );
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("missing-dir/v.sock"),
+        });
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(
+            e.starts_with("vsock.uds_path") && e.contains("missing-dir does not exist"),
+            "{e}"
+        );
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("x".repeat(100)),
+        });
+        assert!(c.validate(8).unwrap_err().to_string().contains("longer than 96 bytes"));
+        c.vsock = None;
 
         c.machine.vcpus = 0;
         assert_eq!(

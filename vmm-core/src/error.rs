@@ -85,6 +85,7 @@ impl Error {
                 | Error::MemoryTooSmall { .. }
                 | Error::Cmdline(_)
                 | Error::Disk(_)
+                | Error::Device(mvm_devices::Error::VsockSocket { .. })
         )
     }
 

@@ -229,18 +229,23 @@ impl Vm {
             let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
             virtio_devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
         }
-        if virtio_devices.len() + usize::from(config.machine.rng) > layout::VIRTIO_MAX_DEVICES {
+        let extra = usize::from(config.machine.rng) + usize::from(config.vsock.is_some());
+        if virtio_devices.len() + extra > layout::VIRTIO_MAX_DEVICES {
             return Err(Error::ConfigValue {
                 key: "disk",
-                value: format!("{} entries", config.disks.len()),
+                value: format!("{} disks and {} nets", config.disks.len(), config.nets.len()),
                 reason: format!(
-                    "at most {} virtio devices fit (rng included)",
+                    "at most {} virtio devices fit (rng and vsock included)",
                     layout::VIRTIO_MAX_DEVICES
                 ),
             });
         }
         if config.machine.rng {
             virtio_devices.push(Box::new(Rng::new()));
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = mvm_devices::virtio::vsock::Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
+            virtio_devices.push(Box::new(device));
         }
         let virtio_slots: Vec<acpi::MmioDevice> = (0..virtio_devices.len().min(layout::VIRTIO_MAX_DEVICES))
             .map(|i| acpi::MmioDevice {
@@ -515,6 +520,10 @@ impl Vm {
             }
         }
         self.shared.kick_vcpus();
+        // Host programs see the VM's sockets close now, not at teardown.
+        for transport in &self.virtio {
+            transport.lock().unwrap_or_else(|e| e.into_inner()).stop();
+        }
         let mut panicked = None;
         for (id, t) in threads.into_iter().enumerate() {
             if t.join().is_err() {

@@ -97,13 +97,7 @@ impl MmioTransport {
         if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        match self.device.process_queue(index, queue, &self.mem) {
+        match self.device.queue_notified(index, &mut self.queues, &self.mem) {
             Ok(true) => self.interrupt.raise(INT_USED_RING),
             Ok(false) => {}
             Err(e) => self.fail(e),
@@ -125,6 +119,11 @@ impl MmioTransport {
             Ok(false) => {}
             Err(e) => self.fail(e),
         }
+    }
+
+    /// The VM stopped (see [`VirtioDevice::stop`]).
+    pub fn stop(&mut self) {
+        self.device.stop();
     }
 
     /// The device met a request it must not accept: tell the driver the

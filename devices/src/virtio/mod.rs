@@ -10,6 +10,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -153,8 +154,26 @@ pub trait VirtioDevice: Send {
     /// Process the available buffers of queue `index`. Returns whether a
     /// used-buffer interrupt is due.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError>;
+    /// The guest notified queue `index` (or the device was just activated).
+    /// Most devices serve just that queue; one whose requests are answered
+    /// on another queue (vsock replies on its receive queue) overrides this.
+    fn queue_notified(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        use virtio_queue::QueueT;
+        match queues.get_mut(index) {
+            Some(queue) if queue.ready() => self.process_queue(index, queue, mem),
+            _ => Ok(false),
+        }
+    }
     /// Forget any per-activation state (the transport resets the queues).
     fn reset(&mut self) {}
+    /// The VM stopped: release what host programs can see (sockets,
+    /// their files) now rather than when the device is dropped.
+    fn stop(&mut self) {}
     /// Host-side descriptors the device waits on besides its queues (a
     /// TAP, a socket); the VMM watches them and calls [`Self::process_event`].
     fn event_fds(&self) -> Vec<std::os::fd::RawFd> {

@@ -1,0 +1,454 @@
+/*
+ * mvm-vsock: an AF_VSOCK netcat for the microvm-dev test guest (busybox nc
+ * has no vsock), with a TCP client mode for bulk transfers.
+ *
+ *   mvm-vsock echo PORT        listen on (VMADDR_CID_ANY, PORT), print
+ *                              "listening" on stdout once bound, accept one
+ *                              connection and echo it until the peer's EOF
+ *   mvm-vsock connect CID PORT copy stdin to the socket and the socket to
+ *                              stdout at once; half-close at stdin's EOF,
+ *                              exit at the socket's EOF
+ *   mvm-vsock tcp IPV4 PORT    the same as connect, over a TCP connection
+ *                              to the dotted-quad IPV4 (e.g. 10.0.2.1)
+ *
+ * Every read and write is of up to 64 KiB.  That is what the tcp mode is
+ * for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
+ * transfers measure the interpreted syscall path, not the guest's TCP.
+ *
+ * Exit status 0 on success, 1 with a message on stderr on any error, 2 on
+ * bad usage.
+ *
+ * Freestanding on purpose (no libc, raw x86-64 system calls): a static
+ * glibc binary is about 670 KiB, and the guest kernel copies every byte of
+ * the initramfs interpreted on the PVM development hosts (about 2.5 s per
+ * MiB of boot time, see shared/HOST-KVM.md); this one is a few KiB.
+ */
+
+/* Headers for constants and types only: nothing of libc is linked. */
+#include <asm/unistd.h>
+#include <errno.h>
+#include <linux/vm_sockets.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+/* ------------------------------------------------------------ system calls */
+
+static long syscall6(long n, long a, long b, long c, long d, long e, long f)
+{
+	register long r10 __asm__("r10") = d;
+	register long r8 __asm__("r8") = e;
+	register long r9 __asm__("r9") = f;
+	long ret;
+
+	__asm__ volatile("syscall"
+			 : "=a"(ret)
+			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+			 : "rcx", "r11", "memory");
+	return ret;
+}
+
+/* Each returns the result, or -errno as the kernel does. */
+#define SYS3(n, a, b, c) syscall6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define SYS6(n, a, b, c, d, e, f) syscall6(n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), (long)(f))
+
+static ssize_t sys_read(int fd, void *buf, size_t len) { return SYS3(__NR_read, fd, buf, len); }
+static ssize_t sys_write(int fd, const void *buf, size_t len) { return SYS3(__NR_write, fd, buf, len); }
+static ssize_t sys_recv(int fd, void *buf, size_t len, int flags)
+{
+	return SYS6(__NR_recvfrom, fd, buf, len, flags, 0, 0);
+}
+static ssize_t sys_send(int fd, const void *buf, size_t len, int flags)
+{
+	return SYS6(__NR_sendto, fd, buf, len, flags, 0, 0);
+}
+
+static __attribute__((noreturn)) void sys_exit(int status)
+{
+	for (;;)
+		SYS3(__NR_exit_group, status, 0, 0);
+}
+
+/* -------------------------------------------------------------- messages */
+
+static size_t str_len(const char *s)
+{
+	size_t n = 0;
+
+	while (s[n])
+		n++;
+	return n;
+}
+
+static void put(int fd, const char *s) { sys_write(fd, s, str_len(s)); }
+
+/* The errors a vsock connection can plausibly end with; others by number. */
+static const struct {
+	int err;
+	const char *text;
+} errors[] = {
+	{ EPERM, "Operation not permitted" },
+	{ EINTR, "Interrupted system call" },
+	{ EIO, "Input/output error" },
+	{ EBADF, "Bad file descriptor" },
+	{ EAGAIN, "Resource temporarily unavailable" },
+	{ ENOMEM, "Cannot allocate memory" },
+	{ EACCES, "Permission denied" },
+	{ EFAULT, "Bad address" },
+	{ ENODEV, "No such device" },
+	{ EINVAL, "Invalid argument" },
+	{ EPIPE, "Broken pipe" },
+	{ ENOTSOCK, "Socket operation on non-socket" },
+	{ EPROTONOSUPPORT, "Protocol not supported" },
+	{ EOPNOTSUPP, "Operation not supported" },
+	{ EAFNOSUPPORT, "Address family not supported by protocol" },
+	{ EADDRINUSE, "Address already in use" },
+	{ EADDRNOTAVAIL, "Cannot assign requested address" },
+	{ ENETUNREACH, "Network is unreachable" },
+	{ ECONNABORTED, "Software caused connection abort" },
+	{ ECONNRESET, "Connection reset by peer" },
+	{ ENOTCONN, "Transport endpoint is not connected" },
+	{ ETIMEDOUT, "Connection timed out" },
+	{ ECONNREFUSED, "Connection refused" },
+	{ EHOSTUNREACH, "No route to host" },
+};
+
+/* Decimal digits of v, written backwards from the end of buf. */
+static char *fmt_uint(char *end, unsigned long v)
+{
+	*--end = 0;
+	do
+		*--end = (char)('0' + v % 10);
+	while (v /= 10);
+	return end;
+}
+
+/* "mvm-vsock: <what>: <error text> (errno N)" on stderr, then exit 1. */
+static __attribute__((noreturn)) void fail(const char *what, long ret)
+{
+	char num[24];
+	size_t i;
+	int err = (int)-ret;
+
+	put(2, "mvm-vsock: ");
+	put(2, what);
+	put(2, ": ");
+	for (i = 0; i < sizeof(errors) / sizeof(errors[0]); i++) {
+		if (errors[i].err == err) {
+			put(2, errors[i].text);
+			put(2, " ");
+			break;
+		}
+	}
+	put(2, "(errno ");
+	put(2, fmt_uint(num + sizeof(num), (unsigned long)err));
+	put(2, ")\n");
+	sys_exit(1);
+}
+
+static __attribute__((noreturn)) void usage(void)
+{
+	put(2, "usage: mvm-vsock echo PORT\n"
+	       "       mvm-vsock connect CID PORT\n"
+	       "       mvm-vsock tcp IPV4 PORT\n");
+	sys_exit(2);
+}
+
+/* A decimal number that fits in 32 bits, or usage(). */
+static unsigned int parse_u32(const char *s)
+{
+	unsigned long v = 0;
+
+	if (!*s)
+		usage();
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			usage();
+		v = v * 10 + (unsigned long)(*s - '0');
+		if (v > 0xffffffffUL)
+			usage();
+	}
+	return (unsigned int)v;
+}
+
+/* A TCP port, 1 to 65535, or usage(). */
+static unsigned int parse_port(const char *s)
+{
+	unsigned int v = parse_u32(s);
+
+	if (v == 0 || v > 65535)
+		usage();
+	return v;
+}
+
+/*
+ * A dotted quad: exactly four decimal parts of 0 to 255, no leading zeros
+ * (as inet_pton: "010" would be octal to inet_aton), nothing else; or
+ * usage().  The address in network byte order, as the bytes of addr[].
+ */
+static void parse_ipv4(const char *s, unsigned char addr[4])
+{
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		unsigned int v = 0, digits = 0;
+
+		if (i > 0 && *s++ != '.')
+			usage();
+		for (; *s >= '0' && *s <= '9'; s++) {
+			if (digits && v == 0)
+				usage();
+			v = v * 10 + (unsigned int)(*s - '0');
+			if (v > 255)
+				usage();
+			digits++;
+		}
+		if (!digits)
+			usage();
+		addr[i] = (unsigned char)v;
+	}
+	if (*s)
+		usage();
+}
+
+static void zero(void *p, size_t len)
+{
+	unsigned char *b = p;
+
+	while (len--)
+		*b++ = 0;
+}
+
+/* ------------------------------------------------------------ connections */
+
+static int vsock(void)
+{
+	long fd = SYS3(__NR_socket, AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		fail("socket(AF_VSOCK)", fd);
+	return (int)fd;
+}
+
+static void vsock_addr(struct sockaddr_vm *sa, unsigned int cid, unsigned int port)
+{
+	zero(sa, sizeof(*sa));
+	sa->svm_family = AF_VSOCK;
+	sa->svm_cid = cid;
+	sa->svm_port = port;
+}
+
+/* Blocking: write all of buf to fd (a socket: no SIGPIPE, EPIPE instead). */
+static void send_all(int fd, const char *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = sys_send(fd, buf, len, MSG_NOSIGNAL);
+
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			fail("write to the connection", n);
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+static void write_all(int fd, const char *buf, size_t len)
+{
+	while (len) {
+		ssize_t n = sys_write(fd, buf, len);
+
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			fail("write to stdout", n);
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+static char buf_in[65536];  /* stdin -> socket */
+static char buf_out[65536]; /* socket -> stdout, and the echo buffer */
+
+/*
+ * Echo needs no poll: the peer reads while it writes, so blocking until a
+ * chunk is written back cannot stall it for good.
+ */
+static int run_echo(unsigned int port)
+{
+	struct sockaddr_vm sa;
+	int s = vsock();
+	long ret, c;
+
+	vsock_addr(&sa, VMADDR_CID_ANY, port);
+	ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
+	if (ret < 0)
+		fail("bind", ret);
+	ret = SYS3(__NR_listen, s, 1, 0);
+	if (ret < 0)
+		fail("listen", ret);
+	/* The caller's cue that a connection can come now. */
+	put(1, "listening\n");
+	do
+		c = SYS3(__NR_accept4, s, 0, 0);
+	while (c == -EINTR);
+	if (c < 0)
+		fail("accept", c);
+	SYS3(__NR_close, s, 0, 0);
+	for (;;) {
+		ssize_t n = sys_recv((int)c, buf_out, sizeof(buf_out), 0);
+
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			fail("read from the connection", n);
+		if (n == 0)
+			break;
+		send_all((int)c, buf_out, (size_t)n);
+	}
+	ret = SYS3(__NR_shutdown, c, SHUT_WR, 0);
+	if (ret < 0)
+		fail("shutdown", ret);
+	SYS3(__NR_close, c, 0, 0);
+	return 0;
+}
+
+/*
+ * Both directions of connected socket s at once, so that a peer echoing
+ * what it reads never waits on us: socket I/O never blocks (MSG_DONTWAIT),
+ * and each direction has its own buffer that poll() says when to fill or
+ * drain.  stdout is written blocking (a file or a pipe, as in nc).
+ */
+static int relay(int s)
+{
+	struct pollfd fds[2];
+	size_t in_len = 0, in_off = 0;
+	int stdin_open = 1;
+	long ret;
+
+	for (;;) {
+		/* fds[0]: stdin while our buffer is empty; fds[1]: the socket. */
+		fds[0].fd = stdin_open && in_len == 0 ? 0 : -1;
+		fds[0].events = POLLIN;
+		fds[1].fd = s;
+		fds[1].events = POLLIN | (in_len ? POLLOUT : 0);
+		fds[0].revents = fds[1].revents = 0;
+		ret = SYS3(__NR_poll, fds, 2, -1);
+		if (ret == -EINTR)
+			continue;
+		if (ret < 0)
+			fail("poll", ret);
+
+		if (fds[0].revents) {
+			ssize_t n = sys_read(0, buf_in, sizeof(buf_in));
+
+			if (n < 0 && n != -EINTR && n != -EAGAIN)
+				fail("read from stdin", n);
+			if (n == 0) {
+				stdin_open = 0;
+				ret = SYS3(__NR_shutdown, s, SHUT_WR, 0);
+				if (ret < 0)
+					fail("shutdown", ret);
+			}
+			if (n > 0) {
+				in_len = (size_t)n;
+				in_off = 0;
+			}
+		}
+		if (in_len && (fds[1].revents & (POLLOUT | POLLERR | POLLHUP))) {
+			ssize_t n = sys_send(s, buf_in + in_off, in_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+			if (n < 0 && n != -EINTR && n != -EAGAIN)
+				fail("write to the connection", n);
+			if (n > 0) {
+				in_off += (size_t)n;
+				in_len -= (size_t)n;
+			}
+		}
+		if (fds[1].revents & (POLLIN | POLLERR | POLLHUP)) {
+			ssize_t n = sys_recv(s, buf_out, sizeof(buf_out), MSG_DONTWAIT);
+
+			if (n < 0 && n != -EINTR && n != -EAGAIN)
+				fail("read from the connection", n);
+			if (n == 0)
+				break;
+			if (n > 0)
+				write_all(1, buf_out, (size_t)n);
+		}
+	}
+	SYS3(__NR_close, s, 0, 0);
+	return 0;
+}
+
+static int run_connect(unsigned int cid, unsigned int port)
+{
+	struct sockaddr_vm sa;
+	int s = vsock();
+	long ret;
+
+	vsock_addr(&sa, cid, port);
+	ret = SYS3(__NR_connect, s, &sa, sizeof(sa));
+	if (ret < 0)
+		fail("connect", ret);
+	return relay(s);
+}
+
+static int run_tcp(const unsigned char ip[4], unsigned int port)
+{
+	struct sockaddr_in sa;
+	unsigned char *p = (unsigned char *)&sa.sin_port;
+	long s = SYS3(__NR_socket, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), ret;
+	int i;
+
+	if (s < 0)
+		fail("socket(AF_INET)", s);
+	zero(&sa, sizeof(sa));
+	sa.sin_family = AF_INET;
+	/* Network byte order whatever the host's. */
+	p[0] = (unsigned char)(port >> 8);
+	p[1] = (unsigned char)port;
+	p = (unsigned char *)&sa.sin_addr;
+	for (i = 0; i < 4; i++)
+		p[i] = ip[i];
+	ret = SYS3(__NR_connect, s, &sa, sizeof(sa));
+	if (ret < 0)
+		fail("connect", ret);
+	return relay((int)s);
+}
+
+static int str_eq(const char *a, const char *b)
+{
+	while (*a && *a == *b)
+		a++, b++;
+	return *a == *b;
+}
+
+static int run(int argc, char **argv)
+{
+	if (argc == 3 && str_eq(argv[1], "echo"))
+		return run_echo(parse_u32(argv[2]));
+	if (argc == 4 && str_eq(argv[1], "connect"))
+		return run_connect(parse_u32(argv[2]), parse_u32(argv[3]));
+	if (argc == 4 && str_eq(argv[1], "tcp")) {
+		unsigned char ip[4];
+
+		parse_ipv4(argv[2], ip);
+		return run_tcp(ip, parse_port(argv[3]));
+	}
+	usage();
+}
+
+/* The kernel enters with argc at (%rsp) and argv right above it. */
+__asm__(".globl _start\n"
+	"_start:\n"
+	"	xor %ebp, %ebp\n"
+	"	mov %rsp, %rdi\n"
+	"	and $-16, %rsp\n"
+	"	call start_c\n"
+	"	hlt\n");
+
+__attribute__((used, noreturn)) void start_c(long *sp)
+{
+	sys_exit(run((int)sp[0], (char **)(sp + 1)));
+}
