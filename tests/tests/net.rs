@@ -34,6 +34,9 @@ while True:
         if time.time() > deadline:
             raise
         time.sleep(0.5)
+# The guest drains slowly (its kernel is interpreted on PVM hosts): allow
+# minutes for the whole send, not the connect timeout.
+s.settimeout(400)
 s.sendall(payload)
 s.close()
 print("sent", hashlib.md5(payload).hexdigest(), flush=True)
