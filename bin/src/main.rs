@@ -55,12 +55,19 @@ fn init_logging() {
     }
 }
 
-/// Print an error and its causes on one line each, no backtrace.
+/// Print an error and its causes on one line each, no backtrace. A cause
+/// whose text the line above already holds (messages often quote their
+/// source) is not repeated.
 fn report(e: &dyn std::error::Error) {
     eprintln!("mvm-vmm: error: {e}");
+    let mut shown = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        eprintln!("  caused by: {s}");
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            eprintln!("  caused by: {text}");
+        }
+        shown = text;
         source = s.source();
     }
 }

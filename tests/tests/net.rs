@@ -87,3 +87,53 @@ fn guest_pings_host_and_moves_a_mib_each_way_over_tap() {
     assert_eq!(sent, ["sent", r["received_md5"].as_str()], "host to guest");
     assert_eq!(r["received_bytes"], "1048576");
 }
+
+/// The VMM creates a TAP that does not exist and attaches it to the named
+/// bridge; a bridge that does not exist is an error naming it. A spinning
+/// 2-byte guest stands in for Linux: only the host side is under test.
+#[test]
+fn tap_is_created_and_attached_to_the_bridge() {
+    let dir = scratch_dir("net-bridge");
+    let ns = NetNs::new(format!("mvm-br-{}", std::process::id()));
+    ns.ip(&["link", "add", "br-test", "type", "bridge"]);
+    let kernel = dir.join("spin.elf");
+    std::fs::write(&kernel, elf_guest(&[0xeb, 0xfe], 0x10_0000)).unwrap();
+    let toml = |bridge: &str| {
+        format!(
+            "version = 1\n[boot]\nkernel = \"{}\"\n[console]\noutput = \"none\"\n[[net]]\ntap = \"mvmtap7\"\nbridge = \"{bridge}\"\n",
+            kernel.display()
+        )
+    };
+    let config = write_config(&dir, &toml("br-test"));
+    let vm = RunningVm::start_in_netns(&ns.0, &config);
+    let link = || {
+        let out = Command::new("ip")
+            .args(["-n", &ns.0, "-o", "link", "show", "mvmtap7"])
+            .stderr(Stdio::null())
+            .output()
+            .expect("run ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut seen = String::new();
+    for _ in 0..200 {
+        seen = link();
+        if seen.contains("master br-test") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.signal(libc::SIGTERM);
+    let run = vm.finish(Duration::from_secs(60));
+    assert!(
+        seen.contains("master br-test"),
+        "TAP not on the bridge: {seen:?}\n{}",
+        run.stderr
+    );
+    assert_eq!(run.status.code(), Some(128 + libc::SIGTERM), "{}", run.stderr);
+    assert_eq!(link(), "", "the TAP the VMM created goes with it");
+
+    let config = write_config(&dir, &toml("no-such-br"));
+    let run = RunningVm::start_in_netns(&ns.0, &config).finish(Duration::from_secs(60));
+    assert_ne!(run.status.code(), Some(0));
+    assert!(run.stderr.contains("no-such-br"), "{}", run.stderr);
+}
