@@ -12,7 +12,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,8 @@ use mvm_devices::virtio::rng::Rng;
 use mvm_devices::virtio::vsock::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use mvm_devices::virtio::vsock::Vsock;
 use mvm_devices::virtio::VirtioDevice;
-use mvm_net::device::{FrameIo, Net};
+use mvm_net::device::Net;
+use mvm_net::socket::SocketFrames;
 use mvm_storage::block::Block;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -62,46 +63,15 @@ fn bench_device(
     });
 }
 
-/// A datagram socket standing in for the TAP; a thread drains the peer.
-struct Wire(OwnedFd);
-
-impl Wire {
-    fn new() -> Wire {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair into a two-element array.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) },
-            0
-        );
-        // SAFETY: both descriptors are new and ours.
-        let (ours, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 70_000];
-            // SAFETY: reads into a valid buffer until the socket closes.
-            while unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
-        });
-        Wire(ours)
-    }
-}
-
-impl FrameIo for Wire {
-    fn read_frame(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
-        Err(std::io::ErrorKind::WouldBlock.into())
-    }
-    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        // SAFETY: sends from a valid buffer (blocking: the drain keeps up).
-        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-    fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-    fn set_offload(&mut self, _flags: u32) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A socket pair standing in for the TAP; a thread drains the peer.
+fn drained_frames() -> SocketFrames {
+    let (ours, peer) = SocketFrames::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 70_000];
+        // SAFETY: reads into a valid buffer until the socket closes.
+        while unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+    });
+    ours
 }
 
 /// A vsock device with one open guest connection (guest port 1000 to host
@@ -183,7 +153,7 @@ fn devices(c: &mut Criterion) {
     bench_device(c, "virtio-blk 4 KiB write", &mut disk, 0, &write, &header(1));
     let _ = std::fs::remove_file(&path);
 
-    let mut net = Net::new(Wire::new(), [2, 0, 0, 0, 0, 1]);
+    let mut net = Net::new(drained_frames(), [2, 0, 0, 0, 0, 1]);
     let frame = [raw(0x8000, 12 + 1514, 0, 0)];
     bench_device(c, "virtio-net 1514-byte transmit", &mut net, 1, &frame, &|_| {});
 

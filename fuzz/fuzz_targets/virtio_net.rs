@@ -3,58 +3,14 @@
 //! the fuzzer), with a received frame also from the input, must never
 //! panic: requests complete or the device fails.
 #![no_main]
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use libfuzzer_sys::fuzz_target;
 use mvm_devices::virtio::VirtioDevice;
 use mvm_fuzz::queue;
-use mvm_net::device::{FrameIo, Net};
+use mvm_net::device::Net;
+use mvm_net::socket::SocketFrames;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// One end of a datagram socket pair, standing in for the TAP.
-struct Wire(OwnedFd);
-
-impl FrameIo for Wire {
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: reads into a valid buffer.
-        let n = unsafe {
-            libc::recv(
-                self.0.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: sends from a valid buffer.
-        let n = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-    fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -64,15 +20,8 @@ fuzz_target!(|data: &[u8]| {
     let (frame_len, rest) = (usize::from(u16::from_le_bytes([data[0], data[1]])) % 2048, &data[4..]);
     mem.write_slice(&rest[..rest.len().min(0x1_0000)], GuestAddress(0))
         .unwrap();
-    let mut fds = [0; 2];
-    // SAFETY: socketpair into a two-element array.
-    assert_eq!(
-        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) },
-        0
-    );
-    // SAFETY: both descriptors are new and ours.
-    let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut net = Net::new(Wire(dev), [2, 0, 0, 0, 0, 1]);
+    let (io, peer) = SocketFrames::pair().unwrap();
+    let mut net = Net::new(io, [2, 0, 0, 0, 0, 1]);
     if data[2] & 1 == 1 {
         net.ack_features(net.features());
     }

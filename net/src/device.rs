@@ -290,7 +290,8 @@ impl<T: FrameIo> VirtioDevice for Net<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use crate::socket::SocketFrames;
+    use std::os::fd::{AsRawFd, OwnedFd};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
@@ -299,68 +300,8 @@ mod tests {
     const N: u16 = 1;
     const W: u16 = 2;
 
-    /// A datagram socket pair: like a TAP, it keeps frame boundaries.
-    struct Wire {
-        dev: OwnedFd,
-    }
-
-    impl FrameIo for Wire {
-        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            // SAFETY: reads into a valid buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.dev.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }
-        fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-            // SAFETY: sends from a valid buffer.
-            let n = unsafe {
-                libc::send(
-                    self.dev.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        }
-        fn raw_fd(&self) -> RawFd {
-            self.dev.as_raw_fd()
-        }
-        fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn wire() -> (Wire, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair into a two-element array.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) },
-            0
-        );
-        // SAFETY: both descriptors are new and ours.
-        unsafe {
-            (
-                Wire {
-                    dev: OwnedFd::from_raw_fd(fds[0]),
-                },
-                OwnedFd::from_raw_fd(fds[1]),
-            )
-        }
+    fn wire() -> (SocketFrames, OwnedFd) {
+        SocketFrames::pair().unwrap()
     }
 
     fn host_send(peer: &OwnedFd, frame: &[u8]) {

@@ -1,9 +1,11 @@
 //! Networking for microvm-dev guests: [`tap::Tap`] (a Linux TAP device with
 //! a virtio-net header, optionally attached to a bridge) and
 //! [`device::Net`], the virtio-net device that moves frames between the
-//! guest's queues and a [`device::FrameIo`] such as a TAP.
+//! guest's queues and a [`device::FrameIo`] such as a TAP or
+//! [`socket::SocketFrames`].
 
 pub mod device;
+pub mod socket;
 pub mod tap;
 
 /// Errors of the net crate: each names the interface and what to do.
