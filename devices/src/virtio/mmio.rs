@@ -94,14 +94,7 @@ impl MmioTransport {
 
     /// Work on queue `index` after the guest notified it.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        match self.device.queue_notified(index, &mut self.queues, &self.mem) {
-            Ok(true) => self.interrupt.raise(INT_USED_RING),
-            Ok(false) => {}
-            Err(e) => self.fail(e),
-        }
+        self.run_device(|device, queues, mem| device.queue_notified(index, queues, mem));
     }
 
     /// Host-side descriptors of the device (see [`VirtioDevice::event_fds`]).
@@ -111,10 +104,19 @@ impl MmioTransport {
 
     /// One of the device's host-side descriptors is ready.
     pub fn process_device_event(&mut self, fd: std::os::fd::RawFd) {
+        self.run_device(|device, queues, mem| device.process_event(fd, queues, mem));
+    }
+
+    /// Let an active, healthy device work, then raise its interrupt or
+    /// fail it as the outcome says.
+    fn run_device(
+        &mut self,
+        work: impl FnOnce(&mut dyn VirtioDevice, &mut [Queue], &GuestMemoryMmap) -> std::result::Result<bool, DeviceError>,
+    ) {
         if !self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
-        match self.device.process_event(fd, &mut self.queues, &self.mem) {
+        match work(self.device.as_mut(), &mut self.queues, &self.mem) {
             Ok(true) => self.interrupt.raise(INT_USED_RING),
             Ok(false) => {}
             Err(e) => self.fail(e),
