@@ -388,8 +388,7 @@ impl Vsock {
         if fd == self.listener_fd() {
             self.accept_clients();
         } else if fd == self.timer.as_raw_fd() {
-            let mut count = [0u8; 8];
-            recv_timer(self.timer.as_raw_fd(), &mut count);
+            clear_timer(self.timer.as_raw_fd());
             self.expire_requests();
         } else if self.clients.contains_key(&fd) {
             self.read_connect_line(fd);
@@ -615,7 +614,6 @@ impl Vsock {
         } else {
             0
         };
-        payload.resize(MAX_PAYLOAD, 0);
         let read = reader.read_exact(&mut payload[..len]);
         let result = match read {
             Ok(()) => {
@@ -858,7 +856,8 @@ impl Vsock {
 }
 
 /// Clear the timer's expiry count (non-blocking; nothing to read is fine).
-fn recv_timer(fd: RawFd, count: &mut [u8; 8]) {
+fn clear_timer(fd: RawFd) {
+    let mut count = [0u8; 8];
     // SAFETY: reads the timer's 8-byte counter into a valid buffer.
     unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
 }
