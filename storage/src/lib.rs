@@ -2,6 +2,7 @@
 //! over a raw image file.
 
 pub mod block;
+pub mod fs;
 
 use std::path::PathBuf;
 

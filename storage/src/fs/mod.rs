@@ -1,0 +1,240 @@
+//! virtio-fs: the guest mounts a host directory through FUSE requests that
+//! travel on virtio queues (`mount -t virtiofs <tag> <dir>` in the guest).
+//!
+//! Three layers, each replaceable on its own:
+//!
+//! - [`abi`]: the FUSE wire format (the kernel's `include/uapi/linux/fuse.h`,
+//!   protocol 7.31+), as plain `#[repr(C)]` structs.
+//! - [`server`]: decodes one FUSE request from the bytes the guest supplied,
+//!   checks every length, name and number, calls a [`FileSystem`], and
+//!   encodes the reply. Unknown opcodes answer `ENOSYS`.
+//! - [`device`]: the virtio-fs device (type 26): config space with the tag,
+//!   a high-priority queue and one request queue, served on the VMM's event
+//!   loop with [`mvm_devices::virtio::serve_queue`].
+//!
+//! The file system behind it is [`overlay::Overlay`]: a host directory as
+//! the read-only lower layer and a per-VM writable upper layer, with the
+//! semantics of Linux overlayfs, entirely in this process (no host mount, no
+//! privilege beyond access to the two directories).
+//!
+//! Why our own server on the FUSE ABI instead of `fuse-backend-rs`: that
+//! crate pins `vm-memory = "=0.17.1"` and `virtio-queue` 0.17 while this
+//! workspace is on 0.18 of both, so using it means two copies of guest
+//! memory types and glue between them on every request; its overlay keeps
+//! an open descriptor per inode (the fd exhaustion users of virtiofsd report
+//! on large trees), and its server is written for a different request loop.
+//! The FUSE ABI is small and stable (append-only since 7.x), the server is a
+//! few hundred lines of checked decoding, and owning it lets every
+//! guest-supplied value be validated the way the other devices here do.
+
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+pub mod abi;
+pub mod device;
+pub mod overlay;
+pub mod server;
+
+/// Node id of the root directory (FUSE_ROOT_ID).
+pub const ROOT_ID: u64 = 1;
+
+/// Who sent a request (from the FUSE request header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Context {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// File attributes as the guest sees them. `ino` is the node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: i64,
+    pub atime_nsec: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub ctime: i64,
+    pub ctime_nsec: u32,
+    /// File type and permission bits (`S_IFREG | 0o644`, ...).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// The answer to a lookup (and to create, mkdir, mknod, symlink, link):
+/// the node, its attributes, and how long the guest may cache both.
+/// Every `Entry` returned counts as one lookup of `attr.ino` that the guest
+/// later returns with `forget`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub attr: Attr,
+    pub generation: u64,
+    pub entry_timeout: Duration,
+    pub attr_timeout: Duration,
+}
+
+/// A time to set with `setattr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    /// The host's current time.
+    Now,
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, u32),
+}
+
+/// What `setattr` changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    /// The open handle the change came through (`ftruncate`, `fchmod`).
+    pub handle: Option<u64>,
+}
+
+/// One directory entry for `readdir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    pub ino: u64,
+    /// The offset to pass to the next `readdir` to continue after this entry.
+    pub next_offset: u64,
+    /// `DT_*` type (the `S_IFMT` bits of the mode shifted right by 12).
+    pub kind: u32,
+    pub name: &'a [u8],
+}
+
+/// File system statistics for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// Flags the file system returns from `open`/`create`/`opendir`
+/// (`FOPEN_*` of the FUSE ABI).
+pub type OpenFlags = u32;
+
+/// A file system served to the guest. Node ids come from `lookup` and the
+/// calls that create entries; handles from `open`, `create` and `opendir`.
+/// Every id and handle a method receives comes from the guest and may be
+/// one never handed out, or one already forgotten or released: such calls
+/// return `EBADF`/`ENOENT`-style errors, never panic. Names are single path
+/// components that the server has already checked (non-empty, no `/`, not
+/// `.` or `..`, no NUL), but implementations must still never reach a path
+/// outside their directories.
+pub trait FileSystem: Send {
+    fn lookup(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry>;
+    /// The guest dropped `nlookup` references to `ino`.
+    fn forget(&mut self, ino: u64, nlookup: u64);
+    /// Attributes; `handle` is set when the guest asks through an open file.
+    fn getattr(&mut self, ctx: Context, ino: u64, handle: Option<u64>) -> io::Result<(Attr, Duration)>;
+    fn setattr(&mut self, ctx: Context, ino: u64, set: SetAttr) -> io::Result<(Attr, Duration)>;
+    fn readlink(&mut self, ctx: Context, ino: u64) -> io::Result<Vec<u8>>;
+    fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry>;
+    /// Create a FIFO, socket or device node (the implementation may refuse
+    /// kinds it does not support with `EPERM`/`EOPNOTSUPP`).
+    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32)
+        -> io::Result<Entry>;
+    fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry>;
+    fn unlink(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
+    fn rmdir(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
+    /// `flags`: 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE` (libc values).
+    fn rename(
+        &mut self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        new_parent: u64,
+        new_name: &CStr,
+        flags: u32,
+    ) -> io::Result<()>;
+    fn link(&mut self, ctx: Context, ino: u64, new_parent: u64, new_name: &CStr) -> io::Result<Entry>;
+    /// `flags` are the guest's `open(2)` flags.
+    fn open(&mut self, ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)>;
+    fn create(
+        &mut self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        umask: u32,
+    ) -> io::Result<(Entry, u64, OpenFlags)>;
+    /// Read up to `buf.len()` bytes at `offset`; returns the count (0 at end).
+    fn read(&mut self, ino: u64, handle: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    fn write(&mut self, ctx: Context, ino: u64, handle: u64, offset: u64, data: &[u8], flags: u32)
+        -> io::Result<usize>;
+    fn flush(&mut self, ino: u64, handle: u64) -> io::Result<()>;
+    fn fsync(&mut self, ino: u64, handle: u64, datasync: bool) -> io::Result<()>;
+    fn release(&mut self, ino: u64, handle: u64) -> io::Result<()>;
+    fn opendir(&mut self, ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)>;
+    /// List entries starting at `offset` (0: the beginning, else a
+    /// `next_offset` returned earlier), calling `add` for each until it
+    /// returns false (the reply buffer is full; that entry was not taken).
+    fn readdir(
+        &mut self,
+        ctx: Context,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> bool,
+    ) -> io::Result<()>;
+    /// Like `readdir`, with each entry looked up. An entry that `add`
+    /// accepts (returns true) counts as one lookup of its node, except `.`
+    /// and `..`; one it refuses must not count.
+    fn readdirplus(
+        &mut self,
+        ctx: Context,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>, Entry) -> bool,
+    ) -> io::Result<()>;
+    fn releasedir(&mut self, ino: u64, handle: u64) -> io::Result<()>;
+    fn fsyncdir(&mut self, ino: u64, handle: u64, datasync: bool) -> io::Result<()>;
+    fn statfs(&mut self, ctx: Context, ino: u64) -> io::Result<StatFs>;
+    fn setxattr(&mut self, ctx: Context, ino: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()>;
+    /// The whole value (the server answers size queries and `ERANGE`).
+    fn getxattr(&mut self, ctx: Context, ino: u64, name: &CStr) -> io::Result<Vec<u8>>;
+    /// Names, each followed by a NUL (the server answers size queries).
+    fn listxattr(&mut self, ctx: Context, ino: u64) -> io::Result<Vec<u8>>;
+    fn removexattr(&mut self, ctx: Context, ino: u64, name: &CStr) -> io::Result<()>;
+    /// `mask`: `F_OK` or a combination of `R_OK`, `W_OK`, `X_OK`.
+    fn access(&mut self, ctx: Context, ino: u64, mask: u32) -> io::Result<()>;
+    fn fallocate(&mut self, ino: u64, handle: u64, mode: u32, offset: u64, length: u64) -> io::Result<()>;
+    /// `whence`: `SEEK_SET`, `SEEK_CUR`, `SEEK_END`, `SEEK_DATA`, `SEEK_HOLE`.
+    fn lseek(&mut self, ino: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64>;
+    #[allow(clippy::too_many_arguments)]
+    fn copy_file_range(
+        &mut self,
+        ino_in: u64,
+        handle_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        handle_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize>;
+    /// Flush everything written to stable storage (`syncfs`).
+    fn syncfs(&mut self, ino: u64) -> io::Result<()>;
+    /// The guest unmounted (FUSE_DESTROY) or the device was reset: drop
+    /// every node and handle.
+    fn destroy(&mut self);
+}
