@@ -149,8 +149,7 @@ pub trait FileSystem: Send {
     fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry>;
     /// Create a FIFO, socket or device node (the implementation may refuse
     /// kinds it does not support with `EPERM`/`EOPNOTSUPP`).
-    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32)
-        -> io::Result<Entry>;
+    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry>;
     fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry>;
     fn unlink(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
     fn rmdir(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
