@@ -1118,8 +1118,14 @@ impl Overlay {
             return Err(errno(libc::EINVAL));
         }
         if flags & libc::O_NONBLOCK == 0 {
-            // SAFETY: plain fcntl on a descriptor we own.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, host & !libc::O_NONBLOCK) };
+            // SAFETY: plain fcntl calls on a descriptor we own. Only
+            // O_NONBLOCK changes: O_NOATIME must stay.
+            unsafe {
+                let current = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                if current >= 0 {
+                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, current & !libc::O_NONBLOCK);
+                }
+            }
         }
         let handle = self.add_handle(Handle::File {
             ino,
@@ -1909,7 +1915,9 @@ impl FileSystem for Overlay {
     }
 
     fn syncfs(&mut self, _ino: u64) -> io::Result<()> {
-        sys::syncfs(self.upper.as_fd())
+        // syncfs refuses O_PATH descriptors such as the layer root.
+        let dir = sys::open_beneath(self.upper.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+        sys::syncfs(dir.as_fd())
     }
 
     fn destroy(&mut self) {
