@@ -17,4 +17,6 @@ pub enum Error {
     Serial { path: PathBuf, serial: String },
     #[error("virtio-fs layer directory \"{}\": {source}; it must be an existing directory we can read", path.display())]
     Layer { path: PathBuf, source: std::io::Error },
+    #[error("virtio-fs layers \"{}\" (lower) and \"{}\" (upper) must not contain one another; put the upper layer outside the project directory", lower.display(), upper.display())]
+    LayersNested { lower: PathBuf, upper: PathBuf },
 }

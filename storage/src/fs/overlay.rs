@@ -40,6 +40,9 @@ const MAX_DEPTH: usize = 4096;
 
 const OPAQUE_XATTR: &CStr = c"user.overlay.opaque";
 
+/// `FUSE_WRITE_KILL_SUIDGID`: the writer lacks the right to keep set-id bits.
+const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+
 /// Bytes moved per step when `copy_file_range` cannot be used.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -464,6 +467,23 @@ impl Overlay {
     pub fn new(lower: Option<&Path>, upper: &Path, options: OverlayOptions) -> Result<Self, crate::Error> {
         let upper_fd = open_layer(upper)?;
         let lower_fd = lower.map(open_layer).transpose()?;
+        if let Some(lower) = lower {
+            // One layer inside the other would show the upper layer's
+            // internals through the lower one (or the other way round).
+            let canon = |p: &Path| {
+                std::fs::canonicalize(p).map_err(|source| crate::Error::Layer {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            let (l, u) = (canon(lower)?, canon(upper)?);
+            if l.starts_with(&u) || u.starts_with(&l) {
+                return Err(crate::Error::LayersNested {
+                    lower: lower.to_path_buf(),
+                    upper: upper.to_path_buf(),
+                });
+            }
+        }
         let root_opaque = match sys::get_xattr(upper_fd.as_fd(), OPAQUE_XATTR) {
             Ok(value) => value == b"y",
             Err(_) => false,
@@ -952,24 +972,27 @@ impl Overlay {
         Ok(())
     }
 
+    /// Whether `ancestor` is `id` or above it (by first names).
+    fn is_ancestor(&self, ancestor: u64, id: u64) -> bool {
+        let mut cur = id;
+        for _ in 0..MAX_DEPTH {
+            if cur == ancestor {
+                return true;
+            }
+            match self.nodes.get(&cur).and_then(|node| node.names.first()) {
+                Some((p, _)) => cur = *p,
+                None => return false,
+            }
+        }
+        false
+    }
+
     /// Live nodes at or below `id` (by their first name).
     fn subtree(&self, id: u64) -> Vec<u64> {
         self.nodes
             .keys()
             .copied()
-            .filter(|&n| {
-                let mut cur = n;
-                for _ in 0..MAX_DEPTH {
-                    if cur == id {
-                        return true;
-                    }
-                    match self.nodes.get(&cur).and_then(|node| node.names.first()) {
-                        Some((p, _)) => cur = *p,
-                        None => return false,
-                    }
-                }
-                false
-            })
+            .filter(|&n| self.is_ancestor(id, n))
             .collect()
     }
 
@@ -1142,6 +1165,11 @@ impl Overlay {
         flags: u32,
     ) -> io::Result<()> {
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        // A directory cannot move below itself; refuse before copying anything up.
+        let dst_id = dst.as_ref().map(|(id, _)| *id);
+        if self.is_ancestor(src_id, new_parent) || (exchange && dst_id.is_some_and(|d| self.is_ancestor(d, parent))) {
+            return Err(errno(libc::EINVAL));
+        }
         if let Some((dst_id, dst)) = &dst {
             if *dst_id == src_id {
                 return Ok(()); // two names of one file: rename(2) does nothing
@@ -1245,7 +1273,10 @@ impl Overlay {
     }
 
     fn detach_lower(&mut self, id: u64) {
-        for n in self.subtree(id) {
+        let is_dir = self.nodes.get(&id).is_some_and(|n| n.kind == libc::S_IFDIR);
+        // Only a directory has anything below it; renames of files are common.
+        let moved = if is_dir { self.subtree(id) } else { vec![id] };
+        for n in moved {
             if let Some(node) = self.nodes.get_mut(&n) {
                 node.lower = false;
                 node.upper = true;
@@ -1629,10 +1660,23 @@ impl FileSystem for Overlay {
         handle: u64,
         offset: u64,
         data: &[u8],
-        _flags: u32,
+        flags: u32,
     ) -> io::Result<usize> {
         let file = self.file(handle)?;
         i64::try_from(offset).map_err(|_| errno(libc::EFBIG))?;
+        if flags & WRITE_KILL_SUIDGID != 0 {
+            // The guest's writer is unprivileged; we write as ourselves, so
+            // drop set-id bits the way its kernel would have.
+            let st = sys::fstat(file.as_fd())?;
+            let mut kill = libc::S_ISUID;
+            if st.st_mode & libc::S_IXGRP != 0 {
+                kill |= libc::S_ISGID;
+            }
+            if st.st_mode & kill != 0 {
+                let mode = st.st_mode & 0o7777 & !kill;
+                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            }
+        }
         file.write_all_at(data, offset)?;
         Ok(data.len())
     }

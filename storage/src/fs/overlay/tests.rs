@@ -1036,3 +1036,68 @@ fn no_lower_layer_is_a_passthrough() {
     let e = Overlay::new(None, &missing, OverlayOptions::default()).err().unwrap();
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+#[test]
+fn new_entries_belong_to_the_requester() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    if !fs.as_root {
+        return; // only root may give files away
+    }
+    let guest = Context {
+        uid: 1234,
+        gid: 4321,
+        pid: 7,
+    };
+    let d = fs.mkdir(guest, ROOT_ID, &c("d"), 0o755, 0).unwrap();
+    assert_eq!((d.attr.uid, d.attr.gid), (1234, 4321));
+    let (f, h, _) = fs
+        .create(guest, d.attr.ino, &c("f"), 0o640, libc::O_WRONLY as u32, 0)
+        .unwrap();
+    fs.release(f.attr.ino, h).unwrap();
+    let s = fs.symlink(guest, d.attr.ino, &c("s"), c"f").unwrap();
+    let n = fs
+        .mknod(guest, d.attr.ino, &c("p"), libc::S_IFIFO | 0o600, 0, 0)
+        .unwrap();
+    for e in [f, s, n] {
+        assert_eq!((e.attr.uid, e.attr.gid), (1234, 4321));
+    }
+    let md = std::fs::symlink_metadata(env.upper.join("d/s")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 4321));
+    // Copy-up keeps the lower owner.
+    let lower_md = std::fs::metadata(env.lower.join("a.txt")).unwrap();
+    let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap().attr.ino;
+    write_at(&mut fs, a, libc::O_WRONLY, 0, b"A");
+    let upper_md = std::fs::metadata(env.upper.join("a.txt")).unwrap();
+    assert_eq!((upper_md.uid(), upper_md.gid()), (lower_md.uid(), lower_md.gid()));
+    // An unprivileged writer loses set-id bits.
+    fs.setattr(
+        ctx(),
+        a,
+        SetAttr {
+            mode: Some(0o6755),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let (h, _) = fs.open(ctx(), a, libc::O_WRONLY as u32).unwrap();
+    fs.write(guest, a, h, 0, b"a", WRITE_KILL_SUIDGID).unwrap();
+    fs.release(a, h).unwrap();
+    assert_eq!(fs.getattr(ctx(), a, None).unwrap().0.mode & 0o7777, 0o755);
+    env.assert_lower_unchanged();
+}
+
+#[test]
+fn nested_layers_are_refused() {
+    let env = Env::new(|_| {});
+    let inner = env.lower.join("upper-inside");
+    std::fs::create_dir(&inner).unwrap();
+    let e = Overlay::new(Some(&env.lower), &inner, OverlayOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, crate::Error::LayersNested { .. }), "{e}");
+    let e = Overlay::new(Some(&inner), &env.lower, OverlayOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, crate::Error::LayersNested { .. }), "{e}");
+}
