@@ -769,11 +769,8 @@ impl Overlay {
             // A bind mount of a directory inside itself: refuse the loop.
             return Err(errno(libc::ELOOP));
         }
-        let key = (parent, name.to_owned());
-        if let Some(&other) = self.by_name.get(&key) {
-            if other != id {
-                self.remove_name(other, parent, name);
-            }
+        if !self.nodes.contains_key(&parent) {
+            return Err(errno(libc::ENOENT));
         }
         let node = self.nodes.entry(id).or_insert_with(|| Node {
             names: Vec::new(),
@@ -787,30 +784,29 @@ impl Overlay {
         node.upper = found.upper.is_some();
         node.lower = found.lower.is_some();
         node.lookups = node.lookups.saturating_add(1);
-        if !node.names.iter().any(|(p, n)| *p == parent && n.as_c_str() == name) {
-            node.names.push((parent, name.to_owned()));
-            self.by_name.insert(key, id);
-            if let Some(p) = self.nodes.get_mut(&parent) {
-                p.children += 1;
-            }
-        }
+        self.add_name(id, parent, name);
         Ok(id)
     }
 
+    /// Gives `id` the name (`parent`, `name`), taking it from any node that
+    /// had it. The new reference to `parent` is counted before the old one
+    /// goes, so the parent is never dropped in between.
     fn add_name(&mut self, id: u64, parent: u64, name: &CStr) {
         let key = (parent, name.to_owned());
-        if let Some(&other) = self.by_name.get(&key) {
-            if other == id {
-                return;
-            }
-            self.remove_name(other, parent, name);
+        let other = self.by_name.get(&key).copied();
+        if other == Some(id) || !self.nodes.contains_key(&parent) {
+            return;
         }
-        if let Some(node) = self.nodes.get_mut(&id) {
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        if !node.names.iter().any(|(p, n)| *p == parent && n.as_c_str() == name) {
             node.names.push((parent, name.to_owned()));
-            self.by_name.insert(key, id);
             if let Some(p) = self.nodes.get_mut(&parent) {
                 p.children += 1;
             }
+        }
+        self.by_name.insert(key, id);
+        if let Some(other) = other {
+            self.remove_name(other, parent, name);
         }
     }
 
@@ -823,7 +819,10 @@ impl Overlay {
         if node.names.len() == before {
             return;
         }
-        self.by_name.remove(&(parent, name.to_owned()));
+        let key = (parent, name.to_owned());
+        if self.by_name.get(&key) == Some(&id) {
+            self.by_name.remove(&key);
+        }
         if let Some(p) = self.nodes.get_mut(&parent) {
             p.children = p.children.saturating_sub(1);
         }
@@ -1237,39 +1236,18 @@ impl Overlay {
         // lower layer (all of it is in the upper one now).
         match dst {
             Some((dst_id, _)) if exchange => {
+                // Each name taken over is dropped from the node that had it.
                 self.add_name(dst_id, parent, name);
                 self.add_name(src_id, new_parent, new_name);
-                self.remove_name_only(dst_id, new_parent, new_name);
-                self.remove_name_only(src_id, parent, name);
                 self.detach_lower(dst_id);
             }
-            Some((dst_id, _)) => {
-                self.remove_name(dst_id, new_parent, new_name);
-                self.add_name(src_id, new_parent, new_name);
-                self.remove_name(src_id, parent, name);
-            }
-            None => {
+            _ => {
                 self.add_name(src_id, new_parent, new_name);
                 self.remove_name(src_id, parent, name);
             }
         }
         self.detach_lower(src_id);
         Ok(())
-    }
-
-    /// Like `remove_name` for a name that `add_name` may just have given to
-    /// another node (exchange): only drop it if this node still holds it.
-    fn remove_name_only(&mut self, id: u64, parent: u64, name: &CStr) {
-        let Some(node) = self.nodes.get_mut(&id) else { return };
-        let before = node.names.len();
-        node.names.retain(|(p, n)| !(*p == parent && n.as_c_str() == name));
-        if node.names.len() != before {
-            if let Some(p) = self.nodes.get_mut(&parent) {
-                p.children = p.children.saturating_sub(1);
-            }
-            self.maybe_drop(parent);
-            self.maybe_drop(id);
-        }
     }
 
     fn detach_lower(&mut self, id: u64) {

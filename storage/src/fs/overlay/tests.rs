@@ -111,6 +111,33 @@ impl OsStrExt2 for std::ffi::OsStr {
     }
 }
 
+/// The node tables agree with each other: every name is in both maps,
+/// child counts match, nothing unreferenced is kept.
+fn check_tables(fs: &Overlay) {
+    let mut children: HashMap<u64, u64> = HashMap::new();
+    for (&id, node) in &fs.nodes {
+        for (p, n) in &node.names {
+            assert_eq!(fs.by_name.get(&(*p, n.clone())), Some(&id), "{n:?}");
+            assert!(fs.nodes.contains_key(p), "{n:?} names a dropped parent");
+            *children.entry(*p).or_default() += 1;
+        }
+        assert!(
+            id == ROOT_ID || node.lookups > 0 || node.children > 0,
+            "unreferenced node {id} kept"
+        );
+    }
+    for ((p, n), id) in &fs.by_name {
+        assert!(fs.nodes[id].names.contains(&(*p, n.clone())), "{n:?}");
+    }
+    for (id, node) in &fs.nodes {
+        assert_eq!(
+            node.children,
+            children.get(id).copied().unwrap_or(0),
+            "children of {id}"
+        );
+    }
+}
+
 fn ctx() -> Context {
     // SAFETY: no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -279,6 +306,7 @@ fn create_write_read_append() {
         libc::EEXIST
     );
     assert_eq!(fs.getattr(ctx(), a, None).unwrap().0.size, 6);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -317,6 +345,7 @@ fn rename_file_and_lower_dir() {
     let again = fs.mkdir(ctx(), ROOT_ID, &c("dir"), 0o755, 0).unwrap().attr.ino;
     assert_ne!(again, dir);
     assert!(list(&mut fs, again).is_empty());
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -346,6 +375,7 @@ fn unlink_lower_file_leaves_whiteout() {
         .unwrap();
     fs.unlink(ctx(), ROOT_ID, &c("tmp")).unwrap();
     assert!(upper_stat(&env, "tmp").is_none());
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -384,6 +414,7 @@ fn rmdir_then_mkdir_is_opaque() {
     // Empty lower directory: rmdir works directly.
     fs.rmdir(ctx(), ROOT_ID, &c("empty")).unwrap();
     assert!(upper_is_whiteout(&env, "empty"));
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -414,6 +445,7 @@ fn mkdir_nested_and_symlinks() {
     let lower_link = lookup(&mut fs, ROOT_ID, "link").unwrap().attr.ino;
     assert_eq!(fs.readlink(ctx(), lower_link).unwrap(), b"a.txt");
     assert_eq!(err(fs.readlink(ctx(), parent)), libc::EINVAL);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -440,6 +472,7 @@ fn hard_links() {
     assert_eq!(read_all(&mut fs, a), b"ALPHA");
     assert_eq!(fs.getattr(ctx(), a, None).unwrap().0.nlink, 1);
     assert_eq!(err(fs.link(ctx(), dir, ROOT_ID, &c("dirlink"))), libc::EPERM);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -534,6 +567,7 @@ fn setattr_copies_up_preserving() {
     fs.syncfs(ROOT_ID).unwrap();
     assert!(fs.statfs(ctx(), ROOT_ID).unwrap().blocks > 0);
     fs.access(ctx(), c_txt, libc::R_OK as u32).unwrap();
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -554,6 +588,7 @@ fn sparse_copy_up_keeps_content() {
     assert_eq!(&data[4096..4099], b"mid");
     assert_eq!(&data[data.len() - 4..], b"tail");
     assert!(data[5000..(8 << 20) - 4].iter().all(|&b| b == 0));
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -585,6 +620,7 @@ fn mknod_fifo_and_refused_devices() {
         libc::EPERM
     );
     assert!(list(&mut fs, ROOT_ID).contains(&"fifo".to_string()));
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -641,6 +677,7 @@ fn merged_readdir_lists_each_name_once() {
     .unwrap();
     fs.releasedir(dir, h).unwrap();
     assert_eq!(taken.len() + rest.len(), 5);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -687,6 +724,7 @@ fn large_directory_in_chunks() {
     assert!(calls > 100);
     assert_eq!(names.len(), N + 2);
     assert!(names.contains("zz-upper") && !names.contains("f00007") && names.contains("f09999"));
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -718,6 +756,7 @@ fn inode_numbers_are_stable() {
     assert_eq!(fs.nodes.len(), 1);
     assert_eq!(walk(&mut fs, "dir/b.txt").unwrap().attr.ino, b);
     assert_eq!(fs.getattr(ctx(), ROOT_ID, None).unwrap().0.ino, ROOT_ID);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -802,6 +841,7 @@ fn rename_noreplace_and_exchange() {
         err(fs.rename(ctx(), ROOT_ID, &c("a"), ROOT_ID, &c("b"), 4)),
         libc::EINVAL
     );
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -833,6 +873,7 @@ fn unlinked_open_file_stays_usable() {
     fs.release(ino, h).unwrap();
     fs.forget(ino, 1);
     assert_eq!(err(fs.getattr(ctx(), ino, None)), libc::ENOENT);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -849,6 +890,7 @@ fn copy_file_range_between_handles() {
     fs.release(a, src).unwrap();
     fs.release(e.attr.ino, dst).unwrap();
     assert_eq!(read_all(&mut fs, e.attr.ino), b"lpha");
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -934,6 +976,7 @@ fn hostile_inputs_fail_without_escaping() {
     assert!(fs.create(ctx(), dir, &c("evil"), 0o644, 0, 0).is_err());
     assert!(!Path::new("/etc/evil").exists());
     std::fs::remove_file(env.upper.join("dir")).unwrap();
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -990,6 +1033,7 @@ fn handles_do_not_leak() {
         "{} descriptors now, {base_proc} before",
         proc_fds()
     );
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
@@ -1084,6 +1128,7 @@ fn new_entries_belong_to_the_requester() {
     fs.write(guest, a, h, 0, b"a", WRITE_KILL_SUIDGID).unwrap();
     fs.release(a, h).unwrap();
     assert_eq!(fs.getattr(ctx(), a, None).unwrap().0.mode & 0o7777, 0o755);
+    check_tables(&fs);
     env.assert_lower_unchanged();
 }
 
