@@ -887,11 +887,18 @@ impl Overlay {
                 .map(|(p, _)| *p)
                 .ok_or_else(|| errno(libc::ENOENT))?;
         }
+        // Times of the directory created just before, which creating the
+        // next entry inside it has changed.
+        let mut parent_times: Option<[libc::timespec; 2]> = None;
         for &id in chain.iter().rev() {
             let (lower_dir, name) = self.locate(Layer::Lower, id)?;
             let (upper_dir, _) = self.locate(Layer::Upper, id)?;
             let st = sys::stat_at(lower_dir.as_fd(), &name)?;
             copy_entry(lower_dir.as_fd(), upper_dir.as_fd(), &name, &st)?;
+            if let Some(times) = parent_times.take() {
+                sys::utimens_at(upper_dir.as_fd(), EMPTY, &times)?;
+            }
+            parent_times = Some(stat_times(&st));
             let ust = sys::stat_at(upper_dir.as_fd(), &name)?;
             self.ids.insert(
                 Ident::Upper {
@@ -910,9 +917,18 @@ impl Overlay {
     /// into the upper one, so the directory can move without its lower
     /// contents (renaming a merged directory).
     fn copy_up_tree(&mut self, id: u64) -> io::Result<()> {
+        let created = !self.node(id)?.upper;
         self.copy_up(id)?;
-        let mut pending = vec![self.path(id)?];
-        while let Some(rel) = pending.pop() {
+        let top_times = if created {
+            let (upper_dir, name) = self.locate(Layer::Upper, id)?;
+            Some(stat_times(&sys::stat_at(upper_dir.as_fd(), &name)?))
+        } else {
+            None
+        };
+        // Each directory with the times to give it back once filled (for
+        // the ones this copy-up creates).
+        let mut pending = vec![(self.path(id)?, top_times)];
+        while let Some((rel, times)) = pending.pop() {
             let lower = match sys::open_beneath(self.root(Layer::Lower)?, &rel, libc::O_PATH | libc::O_DIRECTORY) {
                 Ok(fd) => fd,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => continue,
@@ -938,7 +954,7 @@ impl Overlay {
                     Some(ust) => {
                         let both_dirs = kind_of(&ust) == libc::S_IFDIR && kind_of(&lst) == libc::S_IFDIR;
                         if both_dirs && !is_opaque(upper.as_fd(), &name)? {
-                            pending.push(sub()?);
+                            pending.push((sub()?, None));
                         }
                     }
                     None => {
@@ -957,16 +973,29 @@ impl Overlay {
                             );
                         }
                         if kind_of(&lst) == libc::S_IFDIR {
-                            pending.push(sub()?);
+                            pending.push((sub()?, Some(stat_times(&lst))));
                         }
                     }
                 }
             }
-        }
-        for n in self.subtree(id) {
-            if let Some(node) = self.nodes.get_mut(&n) {
-                node.upper = true;
+            if let Some(times) = times {
+                sys::utimens_at(upper.as_fd(), EMPTY, &times)?;
             }
+        }
+        // Live nodes below keep their ids through their new upper copies
+        // (also lower files with several links, which have no plain
+        // lower identity in the map).
+        for n in self.subtree(id) {
+            let (dir, name) = self.locate(Layer::Upper, n)?;
+            let st = sys::stat_at(dir.as_fd(), &name)?;
+            self.ids.insert(
+                Ident::Upper {
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                },
+                n,
+            );
+            self.node_mut(n)?.upper = true;
         }
         Ok(())
     }

@@ -1146,3 +1146,49 @@ fn nested_layers_are_refused() {
         .unwrap();
     assert!(matches!(e, crate::Error::LayersNested { .. }), "{e}");
 }
+
+#[test]
+fn copy_up_keeps_directory_times() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let c_txt = walk(&mut fs, "dir/sub/c.txt").unwrap().attr.ino;
+    write_at(&mut fs, c_txt, libc::O_WRONLY, 0, b"G");
+    for d in ["dir", "dir/sub"] {
+        let md = std::fs::metadata(env.upper.join(d)).unwrap();
+        assert_eq!(md.mtime(), 1_000_000_000, "{d}");
+    }
+    // A deep copy-up (rename of a merged directory) keeps them as well.
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let dir = lookup(&mut fs, ROOT_ID, "dir").unwrap().attr.ino;
+    let sub = lookup(&mut fs, dir, "sub").unwrap().attr.ino;
+    let c_txt = lookup(&mut fs, sub, "c.txt").unwrap().attr.ino;
+    fs.rename(ctx(), ROOT_ID, &c("dir"), ROOT_ID, &c("moved"), 0).unwrap();
+    let md = std::fs::metadata(env.upper.join("moved/sub")).unwrap();
+    assert_eq!(md.mtime(), 1_000_000_000);
+    assert_eq!(walk(&mut fs, "moved/sub/c.txt").unwrap().attr.ino, c_txt);
+    assert_eq!(fs.getattr(ctx(), sub, None).unwrap().0.mtime, 1_000_000_000);
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
+
+#[test]
+fn lower_hard_links_are_separate_after_copy_up() {
+    let env = Env::new(|lower| {
+        std::fs::write(lower.join("one"), b"shared").unwrap();
+        std::fs::hard_link(lower.join("one"), lower.join("two")).unwrap();
+    });
+    let mut fs = env.overlay();
+    let one = lookup(&mut fs, ROOT_ID, "one").unwrap().attr.ino;
+    let two = lookup(&mut fs, ROOT_ID, "two").unwrap().attr.ino;
+    assert_ne!(one, two);
+    write_at(&mut fs, one, libc::O_WRONLY, 0, b"SHARED");
+    assert_eq!(read_all(&mut fs, one), b"SHARED");
+    assert_eq!(read_all(&mut fs, two), b"shared");
+    fs.forget(one, 1);
+    fs.forget(two, 1);
+    assert_eq!(lookup(&mut fs, ROOT_ID, "one").unwrap().attr.ino, one);
+    assert_eq!(lookup(&mut fs, ROOT_ID, "two").unwrap().attr.ino, two);
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
