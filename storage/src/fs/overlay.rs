@@ -1155,14 +1155,12 @@ impl Overlay {
         let layer = self.layer_of(ino)?;
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_TRUNC | libc::O_SYNC | libc::O_DSYNC;
         let host = (flags & keep) | libc::O_NONBLOCK;
-        let fd = if self.node(ino)?.names.is_empty() && ino != ROOT_ID {
-            return Err(errno(libc::ENOENT));
-        } else {
-            let (dir, name) = self.locate(layer, ino)?;
-            match layer {
-                Layer::Lower => sys::open_noatime(dir.as_fd(), &name, host & !(libc::O_TRUNC | libc::O_ACCMODE))?,
-                Layer::Upper => sys::open_at(dir.as_fd(), &name, host, 0)?,
-            }
+        // An unlinked file cannot be opened again by name (only its
+        // existing handles stay usable).
+        let (dir, name) = self.locate(layer, ino)?;
+        let fd = match layer {
+            Layer::Lower => sys::open_noatime(dir.as_fd(), &name, host & !(libc::O_TRUNC | libc::O_ACCMODE))?,
+            Layer::Upper => sys::open_at(dir.as_fd(), &name, host, 0)?,
         };
         let st = sys::fstat(fd.as_fd())?;
         if kind_of(&st) != libc::S_IFREG && kind_of(&st) != libc::S_IFDIR {
