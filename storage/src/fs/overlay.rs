@@ -273,8 +273,40 @@ fn set_opaque(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     sys::set_xattr(fd.as_fd(), OPAQUE_XATTR, b"y", 0)
 }
 
-fn make_whiteout(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    sys::mknod_at(dir, name, libc::S_IFCHR, 0)
+/// Makes a whiteout under a fresh temporary name in `dir`, to be renamed
+/// into place: an operation that needs a whiteout then fails before it
+/// changes anything when whiteouts cannot be made, and the lower entry
+/// never shows through in between. (A crash leaves at most a stray
+/// whiteout, which no listing shows.)
+fn temp_whiteout(dir: BorrowedFd<'_>) -> io::Result<CString> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name =
+            CString::new(format!(".mvm-whiteout-{}-{n}", std::process::id())).map_err(|_| errno(libc::EINVAL))?;
+        match sys::mknod_at(dir, &name, libc::S_IFCHR, 0) {
+            Ok(()) => return Ok(name),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Puts a whiteout at `name` in `dir` in one step, replacing what the
+/// upper layer has there (`upper_dir`: an empty directory, else a
+/// non-directory or nothing).
+fn whiteout_over(dir: BorrowedFd<'_>, name: &CStr, upper_dir: bool) -> io::Result<()> {
+    let tmp = temp_whiteout(dir)?;
+    let flags = if upper_dir { libc::RENAME_EXCHANGE } else { 0 };
+    if let Err(e) = sys::rename_at(dir, &tmp, dir, name, flags) {
+        let _ = sys::unlink_at(dir, &tmp, 0);
+        return Err(e);
+    }
+    if upper_dir {
+        // The emptied directory now has the temporary name.
+        sys::unlink_at(dir, &tmp, libc::AT_REMOVEDIR)?;
+    }
+    Ok(())
 }
 
 /// Removes a whiteout at `name` (so something new can take the name);
@@ -1244,9 +1276,19 @@ impl Overlay {
             }
         }
         let host_flags = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE);
-        sys::rename_at(old_dir.as_fd(), name, new_dir.as_fd(), new_name, host_flags)?;
-        if !exchange && old_in_lower {
-            make_whiteout(old_dir.as_fd(), name)?;
+        let whiteout = if !exchange && old_in_lower {
+            Some(temp_whiteout(old_dir.as_fd())?)
+        } else {
+            None
+        };
+        if let Err(e) = sys::rename_at(old_dir.as_fd(), name, new_dir.as_fd(), new_name, host_flags) {
+            if let Some(tmp) = &whiteout {
+                let _ = sys::unlink_at(old_dir.as_fd(), tmp, 0);
+            }
+            return Err(e);
+        }
+        if let Some(tmp) = &whiteout {
+            sys::rename_at(old_dir.as_fd(), tmp, old_dir.as_fd(), name, 0)?;
         }
         if src.is_dir() && (src_had_lower || new_in_lower) {
             set_opaque(new_dir.as_fd(), new_name)?;
@@ -1317,14 +1359,17 @@ impl Overlay {
         if whiteout {
             self.copy_up(parent)?;
         }
-        if let Some(st) = &found.upper {
+        if found.upper.is_some() {
             self.purge_whiteouts(id)?;
-            let dir = self.dir_fd(Layer::Upper, parent)?;
-            sys::unlink_at(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
-            self.forget_ident(st);
         }
+        let dir = self.dir_fd(Layer::Upper, parent)?;
         if whiteout {
-            make_whiteout(self.dir_fd(Layer::Upper, parent)?.as_fd(), name)?;
+            whiteout_over(dir.as_fd(), name, found.upper.is_some())?;
+        } else if found.upper.is_some() {
+            sys::unlink_at(dir.as_fd(), name, libc::AT_REMOVEDIR)?;
+        }
+        if let Some(st) = &found.upper {
+            self.forget_ident(st);
         }
         self.remove_name(id, parent, name);
         Ok(())
@@ -1511,12 +1556,13 @@ impl FileSystem for Overlay {
         if whiteout {
             self.copy_up(parent)?;
         }
-        if let Some(st) = &found.upper {
-            sys::unlink_at(self.dir_fd(Layer::Upper, parent)?.as_fd(), name, 0)?;
-            self.forget_ident(st);
-        }
         if whiteout {
-            make_whiteout(self.dir_fd(Layer::Upper, parent)?.as_fd(), name)?;
+            whiteout_over(self.dir_fd(Layer::Upper, parent)?.as_fd(), name, false)?;
+        } else if found.upper.is_some() {
+            sys::unlink_at(self.dir_fd(Layer::Upper, parent)?.as_fd(), name, 0)?;
+        }
+        if let Some(st) = &found.upper {
+            self.forget_ident(st);
         }
         if let Some(&id) = self.by_name.get(&(parent, name.to_owned())) {
             self.remove_name(id, parent, name);

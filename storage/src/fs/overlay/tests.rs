@@ -44,6 +44,17 @@ impl Env {
     fn assert_lower_unchanged(&self) {
         let now = manifest(&self.lower);
         assert_eq!(self.manifest, now, "the lower layer changed");
+        // No temporary whiteout is left behind in the upper layer.
+        let mut pending = vec![self.upper.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                assert!(!entry.file_name().to_string_lossy().starts_with(".mvm-"), "{:?}", entry.path());
+                if entry.file_type().unwrap().is_dir() {
+                    pending.push(entry.path());
+                }
+            }
+        }
     }
 }
 
