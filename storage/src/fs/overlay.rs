@@ -309,13 +309,35 @@ fn whiteout_over(dir: BorrowedFd<'_>, name: &CStr, upper_dir: bool) -> io::Resul
     Ok(())
 }
 
-/// Removes a whiteout at `name` (so something new can take the name);
-/// returns whether there was one.
-fn clear_whiteout(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
-    match sys::stat_opt(dir, name)? {
-        Some(st) if sys::is_whiteout(&st) => sys::unlink_at(dir, name, 0).map(|()| true),
-        _ => Ok(false),
+/// Creates an entry at `name` in the upper directory `dir` with `make`
+/// (which gets the name to create, and cleans up after itself if it
+/// fails). Over a whiteout the entry is made complete under a temporary
+/// name first and then takes the whiteout's place in one rename, so a
+/// failure never lets the deleted lower entry reappear.
+fn create_over<T>(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    whiteout: bool,
+    is_dir: bool,
+    make: impl FnOnce(&CStr) -> io::Result<T>,
+) -> io::Result<T> {
+    if !whiteout {
+        return make(name);
     }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = CString::new(format!(".mvm-new-{}-{n}", std::process::id())).map_err(|_| errno(libc::EINVAL))?;
+    let made = make(&tmp)?;
+    // A directory cannot replace a non-directory: swap, then drop the whiteout.
+    let flags = if is_dir { libc::RENAME_EXCHANGE } else { 0 };
+    if let Err(e) = sys::rename_at(dir, &tmp, dir, name, flags) {
+        let _ = sys::unlink_at(dir, &tmp, if is_dir { libc::AT_REMOVEDIR } else { 0 });
+        return Err(e);
+    }
+    if is_dir {
+        sys::unlink_at(dir, &tmp, 0)?;
+    }
+    Ok(made)
 }
 
 /// Copies extended attributes except the overlay's own. Attributes the
@@ -1155,18 +1177,19 @@ impl Overlay {
         ignore_eperm(sys::chown_at(dir, name, ctx.uid, gid))
     }
 
-    /// The upper directory of `parent`, ready to receive `name`: copied up,
-    /// `name` free in the merged view, any whiteout there removed. Returns
-    /// the directory and whether the lower layer has something at `name`.
-    fn prepare_create(&mut self, parent: u64, name: &CStr) -> io::Result<(OwnedFd, bool)> {
+    /// The upper directory of `parent`, ready to receive `name` (which
+    /// must be free in the merged view). Returns the directory, whether a
+    /// whiteout holds `name` there, and whether the lower layer has
+    /// something at `name` that the new entry must keep hidden.
+    fn prepare_create(&mut self, parent: u64, name: &CStr) -> io::Result<(OwnedFd, bool, bool)> {
         if self.probe(parent, name)?.is_some() {
             return Err(errno(libc::EEXIST));
         }
         self.copy_up(parent)?;
         let dir = self.dir_fd(Layer::Upper, parent)?;
-        let had_whiteout = clear_whiteout(dir.as_fd(), name)?;
-        let hides_lower = had_whiteout || self.lower_has(parent, name)?;
-        Ok((dir, hides_lower))
+        let whiteout = sys::stat_opt(dir.as_fd(), name)?.is_some_and(|st| sys::is_whiteout(&st));
+        let hides_lower = whiteout || self.lower_has(parent, name)?;
+        Ok((dir, whiteout, hides_lower))
     }
 
     fn open_node(&mut self, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)> {
@@ -1261,7 +1284,19 @@ impl Overlay {
         let new_in_lower = self.lower_has(new_parent, new_name)?;
         let old_dir = self.dir_fd(Layer::Upper, parent)?;
         let new_dir = self.dir_fd(Layer::Upper, new_parent)?;
+        // Directories are made opaque before they move: harmless where
+        // they are (any lower contents there are all copied up by now), and
+        // so never missing where they land.
+        if src.is_dir() && (src_had_lower || new_in_lower) {
+            set_opaque(old_dir.as_fd(), name)?;
+        }
+        if let (true, Some((_, dst))) = (exchange, &dst) {
+            if dst.is_dir() && (dst_had_lower || old_in_lower) {
+                set_opaque(new_dir.as_fd(), new_name)?;
+            }
+        }
         let mut replaced = None;
+        let mut onto_whiteout = false;
         if !exchange {
             match &dst {
                 Some((dst_id, dst)) if dst.upper.is_some() => {
@@ -1271,31 +1306,38 @@ impl Overlay {
                     replaced = sys::stat_opt(new_dir.as_fd(), new_name)?;
                 }
                 _ => {
-                    clear_whiteout(new_dir.as_fd(), new_name)?;
+                    onto_whiteout = sys::stat_opt(new_dir.as_fd(), new_name)?.is_some_and(|st| sys::is_whiteout(&st));
                 }
             }
         }
-        let host_flags = flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE);
-        let whiteout = if !exchange && old_in_lower {
-            Some(temp_whiteout(old_dir.as_fd())?)
-        } else {
-            None
-        };
-        if let Err(e) = sys::rename_at(old_dir.as_fd(), name, new_dir.as_fd(), new_name, host_flags) {
-            if let Some(tmp) = &whiteout {
-                let _ = sys::unlink_at(old_dir.as_fd(), tmp, 0);
+        if onto_whiteout && src.is_dir() {
+            // A directory cannot replace the whiteout: swap the two, which
+            // leaves the whiteout at the old name, wanted there or removed.
+            sys::rename_at(old_dir.as_fd(), name, new_dir.as_fd(), new_name, libc::RENAME_EXCHANGE)?;
+            if !old_in_lower {
+                sys::unlink_at(old_dir.as_fd(), name, 0)?;
             }
-            return Err(e);
-        }
-        if let Some(tmp) = &whiteout {
-            sys::rename_at(old_dir.as_fd(), tmp, old_dir.as_fd(), name, 0)?;
-        }
-        if src.is_dir() && (src_had_lower || new_in_lower) {
-            set_opaque(new_dir.as_fd(), new_name)?;
-        }
-        if let (true, Some((_, dst))) = (exchange, &dst) {
-            if dst.is_dir() && (dst_had_lower || old_in_lower) {
-                set_opaque(old_dir.as_fd(), name)?;
+        } else {
+            // (The merged view already said the target is free: a whiteout
+            // there is simply replaced.)
+            let host_flags = if onto_whiteout {
+                0
+            } else {
+                flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE)
+            };
+            let whiteout = if !exchange && old_in_lower {
+                Some(temp_whiteout(old_dir.as_fd())?)
+            } else {
+                None
+            };
+            if let Err(e) = sys::rename_at(old_dir.as_fd(), name, new_dir.as_fd(), new_name, host_flags) {
+                if let Some(tmp) = &whiteout {
+                    let _ = sys::unlink_at(old_dir.as_fd(), tmp, 0);
+                }
+                return Err(e);
+            }
+            if let Some(tmp) = &whiteout {
+                sys::rename_at(old_dir.as_fd(), tmp, old_dir.as_fd(), name, 0)?;
             }
         }
         if let Some(st) = replaced {
@@ -1497,9 +1539,13 @@ impl FileSystem for Overlay {
     }
 
     fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry> {
-        let (dir, _) = self.prepare_create(parent, name)?;
-        sys::symlink_at(target, dir.as_fd(), name)?;
-        self.own_new(dir.as_fd(), name, ctx)?;
+        let (dir, whiteout, _) = self.prepare_create(parent, name)?;
+        let dir = dir.as_fd();
+        create_over(dir, name, whiteout, false, |n| {
+            sys::symlink_at(target, dir, n)?;
+            self.own_new(dir, n, ctx)
+                .inspect_err(|_| drop(sys::unlink_at(dir, n, 0)))
+        })?;
         self.lookup_found(parent, name)
     }
 
@@ -1518,32 +1564,36 @@ impl FileSystem for Overlay {
             libc::S_IFCHR | libc::S_IFBLK => return Err(errno(libc::EPERM)),
             _ => return Err(errno(libc::EINVAL)),
         }
-        let (dir, _) = self.prepare_create(parent, name)?;
-        sys::mknod_at(dir.as_fd(), name, kind | 0o600, 0)?;
-        self.own_new(dir.as_fd(), name, ctx)?;
-        sys::chmod_at(dir.as_fd(), name, mode & !umask & 0o7777)?;
+        let (dir, whiteout, _) = self.prepare_create(parent, name)?;
+        let dir = dir.as_fd();
+        create_over(dir, name, whiteout, false, |n| {
+            sys::mknod_at(dir, n, kind | 0o600, 0)?;
+            self.own_new(dir, n, ctx)
+                .and_then(|()| sys::chmod_at(dir, n, mode & !umask & 0o7777))
+                .inspect_err(|_| drop(sys::unlink_at(dir, n, 0)))
+        })?;
         self.lookup_found(parent, name)
     }
 
     fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
-        let (dir, hides_lower) = self.prepare_create(parent, name)?;
-        sys::mkdir_at(dir.as_fd(), name, 0o700)?;
-        let finish = || -> io::Result<()> {
-            if hides_lower {
-                // Re-created over a deleted lower directory: its old
-                // contents must not show through.
-                set_opaque(dir.as_fd(), name)?;
-            }
-            self.own_new(dir.as_fd(), name, ctx)?;
-            let created = sys::stat_at(dir.as_fd(), name)?;
-            let mut perm = mode & !umask & 0o7777;
-            perm |= created.st_mode & libc::S_ISGID; // inherited from a set-group-id parent
-            sys::chmod_at(dir.as_fd(), name, perm)
-        };
-        if let Err(e) = finish() {
-            let _ = sys::unlink_at(dir.as_fd(), name, libc::AT_REMOVEDIR);
-            return Err(e);
-        }
+        let (dir, whiteout, hides_lower) = self.prepare_create(parent, name)?;
+        let dir = dir.as_fd();
+        create_over(dir, name, whiteout, true, |n| {
+            sys::mkdir_at(dir, n, 0o700)?;
+            let finish = || -> io::Result<()> {
+                if hides_lower {
+                    // Re-created over a deleted lower directory: its old
+                    // contents must not show through.
+                    set_opaque(dir, n)?;
+                }
+                self.own_new(dir, n, ctx)?;
+                let created = sys::stat_at(dir, n)?;
+                let mut perm = mode & !umask & 0o7777;
+                perm |= created.st_mode & libc::S_ISGID; // inherited from a set-group-id parent
+                sys::chmod_at(dir, n, perm)
+            };
+            finish().inspect_err(|_| drop(sys::unlink_at(dir, n, libc::AT_REMOVEDIR)))
+        })?;
         self.lookup_found(parent, name)
     }
 
@@ -1633,9 +1683,11 @@ impl FileSystem for Overlay {
             return Err(errno(libc::EEXIST));
         }
         self.copy_up(ino)?;
-        let (dir, _) = self.prepare_create(new_parent, new_name)?;
+        let (dir, whiteout, _) = self.prepare_create(new_parent, new_name)?;
         let (old_dir, old_name) = self.locate(Layer::Upper, ino)?;
-        sys::link_at(old_dir.as_fd(), &old_name, dir.as_fd(), new_name)?;
+        create_over(dir.as_fd(), new_name, whiteout, false, |n| {
+            sys::link_at(old_dir.as_fd(), &old_name, dir.as_fd(), n)
+        })?;
         self.lookup_found(new_parent, new_name)
     }
 
@@ -1669,13 +1721,22 @@ impl FileSystem for Overlay {
         if self.handles.len() >= MAX_HANDLES {
             return Err(errno(libc::EMFILE));
         }
-        let (dir, _) = self.prepare_create(parent, name)?;
+        let (dir, whiteout, _) = self.prepare_create(parent, name)?;
+        let dir = dir.as_fd();
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC;
         let perm = mode & !umask & 0o7777;
-        let fd = sys::open_at(dir.as_fd(), name, (oflags & keep) | libc::O_CREAT | libc::O_EXCL, perm)?;
-        self.own_new(dir.as_fd(), name, ctx)?;
-        let file = File::from(fd);
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
+        let file = create_over(dir, name, whiteout, false, |n| {
+            let file = File::from(sys::open_at(
+                dir,
+                n,
+                (oflags & keep) | libc::O_CREAT | libc::O_EXCL,
+                perm,
+            )?);
+            self.own_new(dir, n, ctx)
+                .and_then(|()| file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm)))
+                .inspect_err(|_| drop(sys::unlink_at(dir, n, 0)))?;
+            Ok(file)
+        })?;
         let entry = self.lookup_found(parent, name)?;
         match self.add_handle(Handle::File {
             ino: entry.attr.ino,

@@ -49,7 +49,11 @@ impl Env {
         while let Some(dir) = pending.pop() {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let entry = entry.unwrap();
-                assert!(!entry.file_name().to_string_lossy().starts_with(".mvm-"), "{:?}", entry.path());
+                assert!(
+                    !entry.file_name().to_string_lossy().starts_with(".mvm-"),
+                    "{:?}",
+                    entry.path()
+                );
                 if entry.file_type().unwrap().is_dir() {
                     pending.push(entry.path());
                 }
@@ -1200,6 +1204,61 @@ fn lower_hard_links_are_separate_after_copy_up() {
     fs.forget(two, 1);
     assert_eq!(lookup(&mut fs, ROOT_ID, "one").unwrap().attr.ino, one);
     assert_eq!(lookup(&mut fs, ROOT_ID, "two").unwrap().attr.ino, two);
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
+
+#[test]
+fn new_entries_take_the_place_of_whiteouts() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    fs.unlink(ctx(), ROOT_ID, &c("a.txt")).unwrap();
+    let s = fs.symlink(ctx(), ROOT_ID, &c("a.txt"), c"x.txt").unwrap();
+    assert_eq!(fs.readlink(ctx(), s.attr.ino).unwrap(), b"x.txt");
+    assert!(std::fs::symlink_metadata(env.upper.join("a.txt"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    fs.unlink(ctx(), ROOT_ID, &c("x.txt")).unwrap();
+    let b = walk(&mut fs, "dir/b.txt").unwrap().attr.ino;
+    assert_eq!(fs.link(ctx(), b, ROOT_ID, &c("x.txt")).unwrap().attr.ino, b);
+    let x = lookup(&mut fs, ROOT_ID, "x.txt").unwrap().attr.ino;
+    assert_eq!(read_all(&mut fs, x), b"beta");
+
+    fs.unlink(ctx(), ROOT_ID, &c("link")).unwrap();
+    let f = fs
+        .mknod(ctx(), ROOT_ID, &c("link"), libc::S_IFIFO | 0o600, 0, 0)
+        .unwrap();
+    assert_eq!(f.attr.mode & libc::S_IFMT, libc::S_IFIFO);
+
+    // A new directory renamed onto a deleted lower directory's whiteout.
+    fs.rmdir(ctx(), ROOT_ID, &c("empty")).unwrap();
+    let d = fs.mkdir(ctx(), ROOT_ID, &c("newd"), 0o755, 0).unwrap().attr.ino;
+    fs.rename(ctx(), ROOT_ID, &c("newd"), ROOT_ID, &c("empty"), libc::RENAME_NOREPLACE)
+        .unwrap();
+    assert_eq!(lookup(&mut fs, ROOT_ID, "empty").unwrap().attr.ino, d);
+    assert!(upper_opaque(&env, "empty"));
+    assert!(upper_stat(&env, "newd").is_none());
+    // A lower directory with contents renamed onto a whiteout.
+    fs.rmdir(ctx(), ROOT_ID, &c("empty")).unwrap();
+    assert!(upper_is_whiteout(&env, "empty"));
+    let dir = lookup(&mut fs, ROOT_ID, "dir").unwrap().attr.ino;
+    fs.rename(ctx(), ROOT_ID, &c("dir"), ROOT_ID, &c("empty"), 0).unwrap();
+    assert_eq!(lookup(&mut fs, ROOT_ID, "empty").unwrap().attr.ino, dir);
+    assert_eq!(list(&mut fs, dir), ["b.txt", "sub"]);
+    assert!(upper_is_whiteout(&env, "dir"));
+    assert!(upper_opaque(&env, "empty"));
+    // A file renamed onto a whiteout, with NOREPLACE.
+    let (e, h, _) = fs.create(ctx(), ROOT_ID, &c("new"), 0o644, 0, 0).unwrap();
+    fs.release(e.attr.ino, h).unwrap();
+    fs.rename(ctx(), ROOT_ID, &c("new"), ROOT_ID, &c("dir"), libc::RENAME_NOREPLACE)
+        .unwrap();
+    assert_eq!(lookup(&mut fs, ROOT_ID, "dir").unwrap().attr.ino, e.attr.ino);
+    assert_eq!(
+        list(&mut fs, ROOT_ID),
+        ["a.txt", "dir", "empty", "etc_link", "link", "x.txt"]
+    );
     check_tables(&fs);
     env.assert_lower_unchanged();
 }
