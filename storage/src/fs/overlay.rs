@@ -440,6 +440,18 @@ fn copy_data(src: &File, dst: &File, size: u64) -> io::Result<()> {
 /// entry `name` in `lower` (whose stat is `st`): content, mode, owner when
 /// permitted, times and extended attributes. Directories are created empty.
 fn copy_entry(lower: BorrowedFd<'_>, upper: BorrowedFd<'_>, name: &CStr, st: &libc::stat) -> io::Result<()> {
+    copy_entry_sized(lower, upper, name, st, st.st_size as u64)
+}
+
+/// [`copy_entry`] copying only the first `size` bytes of a regular file
+/// (0 when it is about to be truncated anyway).
+fn copy_entry_sized(
+    lower: BorrowedFd<'_>,
+    upper: BorrowedFd<'_>,
+    name: &CStr,
+    st: &libc::stat,
+    size: u64,
+) -> io::Result<()> {
     let perm = st.st_mode & 0o7777;
     let times = stat_times(st);
     match kind_of(st) {
@@ -461,7 +473,7 @@ fn copy_entry(lower: BorrowedFd<'_>, upper: BorrowedFd<'_>, name: &CStr, st: &li
                 Err(e) => return Err(e),
             };
             let result = (|| {
-                copy_data(&src, &dst, st.st_size as u64)?;
+                copy_data(&src, &dst, size.min(st.st_size as u64))?;
                 copy_xattrs(src.as_fd(), dst.as_fd())?;
                 ignore_eperm(sys::chown_at(dst.as_fd(), EMPTY, st.st_uid, st.st_gid))?;
                 dst.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
@@ -927,6 +939,12 @@ impl Overlay {
 
     /// Brings a node (and the directories above it) into the upper layer.
     fn copy_up(&mut self, id: u64) -> io::Result<()> {
+        self.copy_up_sized(id, u64::MAX)
+    }
+
+    /// [`Self::copy_up`] copying at most `size` bytes of the node's data
+    /// (for an open with `O_TRUNC` or a truncate: no point copying more).
+    fn copy_up_sized(&mut self, id: u64, size: u64) -> io::Result<()> {
         let mut chain = Vec::new();
         let mut cur = id;
         while !self.node(cur)?.upper {
@@ -944,11 +962,12 @@ impl Overlay {
         // Times of the directory created just before, which creating the
         // next entry inside it has changed.
         let mut parent_times: Option<[libc::timespec; 2]> = None;
-        for &id in chain.iter().rev() {
-            let (lower_dir, name) = self.locate(Layer::Lower, id)?;
-            let (upper_dir, _) = self.locate(Layer::Upper, id)?;
+        for &n in chain.iter().rev() {
+            let (lower_dir, name) = self.locate(Layer::Lower, n)?;
+            let (upper_dir, _) = self.locate(Layer::Upper, n)?;
             let st = sys::stat_at(lower_dir.as_fd(), &name)?;
-            copy_entry(lower_dir.as_fd(), upper_dir.as_fd(), &name, &st)?;
+            let size = if n == id { size } else { u64::MAX };
+            copy_entry_sized(lower_dir.as_fd(), upper_dir.as_fd(), &name, &st, size)?;
             if let Some(times) = parent_times.take() {
                 sys::utimens_at(upper_dir.as_fd(), EMPTY, &times)?;
             }
@@ -959,9 +978,9 @@ impl Overlay {
                     dev: ust.st_dev,
                     ino: ust.st_ino,
                 },
-                id,
+                n,
             );
-            self.node_mut(id)?.upper = true;
+            self.node_mut(n)?.upper = true;
             log::trace!("virtio-fs: copied up {name:?}");
         }
         Ok(())
@@ -1201,7 +1220,9 @@ impl Overlay {
             return Err(errno(libc::EINVAL));
         }
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        if write {
+        if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.copy_up_sized(ino, 0)?;
+        } else if write {
             self.copy_up(ino)?;
         }
         if self.handles.len() >= MAX_HANDLES {
@@ -1424,7 +1445,7 @@ impl Overlay {
         };
         let named = ino == ROOT_ID || !self.node(ino)?.names.is_empty();
         let target: OwnedFd = if named {
-            self.copy_up(ino)?;
+            self.copy_up_sized(ino, set.size.unwrap_or(u64::MAX))?;
             self.node_fd(ino)?
         } else {
             handle_file

@@ -1262,3 +1262,41 @@ fn new_entries_take_the_place_of_whiteouts() {
     check_tables(&fs);
     env.assert_lower_unchanged();
 }
+
+#[test]
+fn truncating_opens_copy_no_data() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap().attr.ino;
+    let (h, _) = fs.open(ctx(), a, (libc::O_WRONLY | libc::O_TRUNC) as u32).unwrap();
+    assert_eq!(fs.getattr(ctx(), a, Some(h)).unwrap().0.size, 0);
+    fs.write(ctx(), a, h, 0, b"new", 0).unwrap();
+    fs.release(a, h).unwrap();
+    assert_eq!(read_all(&mut fs, a), b"new");
+    // truncate to a smaller size keeps just that much
+    let b = walk(&mut fs, "dir/b.txt").unwrap().attr.ino;
+    fs.setattr(
+        ctx(),
+        b,
+        SetAttr {
+            size: Some(3),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&mut fs, b), b"bet");
+    // and to a larger one extends with zeros
+    let c_txt = walk(&mut fs, "dir/sub/c.txt").unwrap().attr.ino;
+    fs.setattr(
+        ctx(),
+        c_txt,
+        SetAttr {
+            size: Some(8),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&mut fs, c_txt), b"gamma\0\0\0");
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
