@@ -982,8 +982,30 @@ impl Overlay {
             );
             self.node_mut(n)?.upper = true;
             log::trace!("virtio-fs: copied up {name:?}");
+            if kind_of(&st) == libc::S_IFREG {
+                self.reopen_handles(n, upper_dir.as_fd(), &name);
+            }
         }
         Ok(())
+    }
+
+    /// Moves the read-only handles open on the lower copy of `id` to the
+    /// new upper copy (`name` in `dir`), so they see writes made from now on.
+    fn reopen_handles(&mut self, id: u64, dir: BorrowedFd<'_>, name: &CStr) {
+        for file_handle in self.handles.values_mut() {
+            if let Handle::File { ino, file, upper } = file_handle {
+                if *ino != id || *upper {
+                    continue;
+                }
+                match sys::open_at(dir, name, libc::O_RDONLY, 0) {
+                    Ok(fd) => {
+                        *file = File::from(fd);
+                        *upper = true;
+                    }
+                    Err(e) => log::debug!("virtio-fs: handle on {name:?} stays on the lower file: {e}"),
+                }
+            }
+        }
     }
 
     /// Copies everything of directory `id` still only in the lower layer
@@ -1058,6 +1080,14 @@ impl Overlay {
         // Live nodes below keep their ids through their new upper copies
         // (also lower files with several links, which have no plain
         // lower identity in the map).
+        let open_below: HashSet<u64> = self
+            .handles
+            .values()
+            .filter_map(|h| match h {
+                Handle::File { ino, upper: false, .. } => Some(*ino),
+                _ => None,
+            })
+            .collect();
         for n in self.subtree(id) {
             let (dir, name) = self.locate(Layer::Upper, n)?;
             let st = sys::stat_at(dir.as_fd(), &name)?;
@@ -1069,6 +1099,9 @@ impl Overlay {
                 n,
             );
             self.node_mut(n)?.upper = true;
+            if open_below.contains(&n) {
+                self.reopen_handles(n, dir.as_fd(), &name);
+            }
         }
         Ok(())
     }

@@ -1300,3 +1300,28 @@ fn truncating_opens_copy_no_data() {
     check_tables(&fs);
     env.assert_lower_unchanged();
 }
+
+#[test]
+fn read_handles_follow_copy_up() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap().attr.ino;
+    let (reader, _) = fs.open(ctx(), a, libc::O_RDONLY as u32).unwrap();
+    write_at(&mut fs, a, libc::O_WRONLY, 0, b"ALPHA");
+    let mut buf = [0u8; 5];
+    assert_eq!(fs.read(a, reader, 0, &mut buf).unwrap(), 5);
+    assert_eq!(&buf, b"ALPHA");
+    fs.release(a, reader).unwrap();
+    // also when a deep copy-up (directory rename) brought the file up
+    let b = walk(&mut fs, "dir/b.txt").unwrap().attr.ino;
+    let (reader, _) = fs.open(ctx(), b, libc::O_RDONLY as u32).unwrap();
+    fs.rename(ctx(), ROOT_ID, &c("dir"), ROOT_ID, &c("moved"), 0).unwrap();
+    write_at(&mut fs, b, libc::O_WRONLY, 0, b"BETA");
+    let mut buf = [0u8; 4];
+    assert_eq!(fs.read(b, reader, 0, &mut buf).unwrap(), 4);
+    assert_eq!(&buf, b"BETA");
+    fs.release(b, reader).unwrap();
+    assert_eq!(fs.open_fds(), 2);
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
