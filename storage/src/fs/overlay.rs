@@ -14,6 +14,12 @@
 //! component. Node ids (= the guest's `st_ino`) come from a map of host
 //! identities that lives as long as the overlay, so they are stable across
 //! `forget` and copy-up.
+//!
+//! Limits: host calls run with the VMM's credentials, so permission checks
+//! are the guest kernel's (`access` only compares mode bits); paths deeper
+//! than `PATH_MAX` below a layer root fail with `ENAMETOOLONG`; lower hard
+//! links become separate files when one is copied up (as in overlayfs
+//! without `index=on`).
 
 mod sys;
 #[cfg(test)]
