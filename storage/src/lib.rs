@@ -15,4 +15,8 @@ pub enum Error {
     Size { path: PathBuf, size: u64 },
     #[error("disk \"{}\": serial {serial:?} is longer than 20 bytes", path.display())]
     Serial { path: PathBuf, serial: String },
+    #[error("virtio-fs layer directory \"{}\": {source}; it must be an existing directory we can read", path.display())]
+    Layer { path: PathBuf, source: std::io::Error },
+    #[error("virtio-fs layers \"{}\" (lower) and \"{}\" (upper) must not contain one another; put the upper layer outside the project directory", lower.display(), upper.display())]
+    LayersNested { lower: PathBuf, upper: PathBuf },
 }
