@@ -15,4 +15,6 @@ pub enum Error {
     Size { path: PathBuf, size: u64 },
     #[error("disk \"{}\": serial {serial:?} is longer than 20 bytes", path.display())]
     Serial { path: PathBuf, serial: String },
+    #[error("virtio-fs tag {tag:?} must be 1 to 36 bytes without NUL or control characters")]
+    FsTag { tag: String },
 }
