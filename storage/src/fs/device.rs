@@ -163,6 +163,7 @@ fn serve_chain(
     };
     // The server never builds a reply longer than `max_reply`, so this
     // write cannot fall short of the writable buffers.
+    debug_assert!(n <= max_reply && n == reply.len());
     let bytes = reply
         .get(..n)
         .ok_or_else(|| fail("reply length out of bounds".into()))?;

@@ -506,7 +506,7 @@ impl<F: FileSystem + ?Sized> Server<F> {
             .ok_or(libc::EINVAL)?
             .copy_from_slice(src);
         if inp.major < abi::KERNEL_VERSION {
-            log::warn!(
+            log::debug!(
                 "virtio-fs: guest speaks FUSE {}.{}, 7.{} or later is needed",
                 inp.major,
                 inp.minor,
@@ -523,7 +523,7 @@ impl<F: FileSystem + ?Sized> Server<F> {
             });
         }
         if inp.minor < abi::MIN_KERNEL_MINOR_VERSION {
-            log::warn!(
+            log::debug!(
                 "virtio-fs: guest speaks FUSE 7.{}, 7.{} or later is needed",
                 inp.minor,
                 abi::MIN_KERNEL_MINOR_VERSION
