@@ -146,7 +146,7 @@ impl<F: FileSystem + ?Sized> Server<F> {
             .and_then(|len| request.get(IN_HEADER_SIZE..len));
         if matches!(header.opcode, opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT) {
             match args {
-                Some(args) if self.minor.is_some() => self.forget(&header, args),
+                Some(args) if self.minor.is_some() => self.no_reply(&header, args),
                 _ => log::debug!(
                     "virtio-fs: dropped {} request before INIT or with a bad length",
                     header.opcode
@@ -190,7 +190,8 @@ impl<F: FileSystem + ?Sized> Server<F> {
         Ok(Some(len))
     }
 
-    fn forget(&mut self, header: &abi::InHeader, args: &[u8]) {
+    /// FORGET, BATCH_FORGET, INTERRUPT: acted on if well formed, never answered.
+    fn no_reply(&mut self, header: &abi::InHeader, args: &[u8]) {
         let mut args = Args { rest: args };
         match header.opcode {
             opcode::FORGET => {
