@@ -92,11 +92,13 @@ fn assert_disks_work(r: &std::collections::BTreeMap<String, String>, console: &s
     assert!(ro[16..].iter().all(|b| *b == 0), "read-only image untouched");
 }
 
-/// The guest read the date from the CMOS RTC at boot (through the x86
-/// legacy path, with or without ACPI): its `date +%s` is the host's time
-/// when the line arrived, within 10 s (the RTC counts whole seconds, and
-/// from then on the guest's clock runs on its own) and 2% of the time the
-/// run took (how far the guest's clock may drift over a slow boot).
+/// The guest set its clock from the CMOS RTC at boot (rtc-cmos, found
+/// through the DSDT or as the x86 platform device): its `date +%s` is the
+/// host's time when the line arrived, within 10 s (the RTC counts whole
+/// seconds, the line takes its time through the UART) plus 5% of the run
+/// so far: from the RTC read on the guest's clock runs on its own, and on
+/// PVM hosts under load it was measured drifting by up to 6% (10 s behind
+/// 170 s later).
 fn assert_guest_has_host_time(transcript: &[(Duration, String)], started: SystemTime) {
     let (at, guest) = transcript
         .iter()
@@ -107,7 +109,7 @@ fn assert_guest_has_host_time(transcript: &[(Duration, String)], started: System
         .unwrap_or_else(|_| panic!("date_s {guest:?} is not a number"));
     let host = (started + *at).duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     let difference = guest - host;
-    let allowed = 10.0 + at.as_secs_f64() * 0.02;
+    let allowed = 10.0 + at.as_secs_f64() * 0.05;
     eprintln!("guest date +%s {guest}, host {host:.1} when the line arrived after {at:.1?}: {difference:+.1} s");
     assert!(
         difference.abs() <= allowed,
