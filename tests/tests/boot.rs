@@ -46,9 +46,9 @@ fn guest_sees_configured_machine_and_powers_off() {
         r["cmdline"]
     );
     assert_eq!(r.get("userspace").map(String::as_str), Some("ok"));
+    assert_guest_has_host_time(&run.transcript, started);
     assert_hwrng_works(&r, &console);
     assert_disks_work(&r, &console, &dir);
-    assert_guest_has_host_time(&run.transcript, started);
     assert!(console.contains("mvm-init: start"), "init's output arrived");
     assert!(
         console.contains("mvm-init: hello from a userspace program"),
