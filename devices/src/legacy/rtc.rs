@@ -179,7 +179,7 @@ impl Rtc {
         match DateTime::decode(regs, Mode(self.reg_b())) {
             Some(t) => {
                 let target = t.to_unix() * NS_PER_SEC + phase_ns;
-                self.offset_ns = target - (self.clock)();
+                self.offset_ns = target.saturating_sub((self.clock)());
             }
             None => log::debug!("rtc: guest set an invalid date; clock left as it was"),
         }
@@ -740,6 +740,29 @@ mod tests {
         rtc.read(0, &mut []);
         rtc.write(1, &[]);
         assert_eq!(rd(&mut rtc, 0x10), 0x42);
+    }
+
+    /// Random port traffic of any width, with the clock jumping around
+    /// (debug builds check the arithmetic for overflow).
+    #[test]
+    fn arbitrary_port_traffic_never_panics() {
+        let (mut rtc, clock) = rtc_at(FRIDAY * NS);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let r = next();
+            let (offset, len, value) = (r % 3, (r >> 8) as usize % 3, (r >> 16) as u8);
+            match r >> 60 {
+                0 => clock.store((r >> 1) as i64 * if r & 1 == 0 { 1 } else { -1 }, Ordering::SeqCst),
+                1..=7 => rtc.write(offset, &vec![value; len]),
+                _ => rtc.read(offset, &mut vec![0u8; len]),
+            }
+        }
     }
 
     #[test]
