@@ -215,7 +215,10 @@ fn fs_call(fs: &mut VirtioFs, mem: &GuestMemoryMmap, request: &[u8]) -> Vec<u8> 
     mem.write_slice(request, GuestAddress(0x10000)).unwrap();
     let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
     vq.add_desc_chains(
-        &[raw(0x10000, request.len() as u32, NEXT, 1), raw(0x20000, 8192, WRITE, 0)],
+        &[
+            raw(0x10000, request.len() as u32, NEXT, 1),
+            raw(0x20000, 8192, WRITE, 0),
+        ],
         0,
     )
     .unwrap();
@@ -271,7 +274,11 @@ fn fs_devices(c: &mut Criterion) {
         size: 4096,
         ..Default::default()
     };
-    let mut write = fuse_request(abi::opcode::WRITE, nodeid, &[write_in.as_slice(), &[9u8; 4096]].concat());
+    let mut write = fuse_request(
+        abi::opcode::WRITE,
+        nodeid,
+        &[write_in.as_slice(), &[9u8; 4096]].concat(),
+    );
     let total = write.len() as u32;
     write[0..4].copy_from_slice(&total.to_le_bytes());
     for (name, request, reply_len) in [

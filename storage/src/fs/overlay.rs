@@ -1853,8 +1853,13 @@ impl FileSystem for Overlay {
         Ok(data.len())
     }
 
+    /// Writes reach the host file before they are answered, so a close
+    /// has nothing to flush: ENOSYS makes the guest kernel stop sending
+    /// FLUSH at all, one round trip less per close(2) (tens of ms each
+    /// where the guest kernel is interpreted).
     fn flush(&mut self, _ino: u64, handle: u64) -> io::Result<()> {
-        self.file(handle).map(drop)
+        self.file(handle)?;
+        Err(errno(libc::ENOSYS))
     }
 
     fn fsync(&mut self, _ino: u64, handle: u64, datasync: bool) -> io::Result<()> {
