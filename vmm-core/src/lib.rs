@@ -47,6 +47,7 @@ pub mod config;
 pub mod console;
 mod error;
 pub mod host;
+pub mod memory;
 mod vcpu;
 mod vm;
 pub mod x86_64;
