@@ -33,8 +33,11 @@ use std::time::Duration;
 
 pub mod abi;
 pub mod device;
+pub mod host_overlay;
 pub mod overlay;
 pub mod server;
+pub mod vhost_user;
+pub mod virtiofsd;
 
 /// Node id of the root directory (FUSE_ROOT_ID).
 pub const ROOT_ID: u64 = 1;
@@ -149,8 +152,7 @@ pub trait FileSystem: Send {
     fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry>;
     /// Create a FIFO, socket or device node (the implementation may refuse
     /// kinds it does not support with `EPERM`/`EOPNOTSUPP`).
-    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32)
-        -> io::Result<Entry>;
+    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry>;
     fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry>;
     fn unlink(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
     fn rmdir(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()>;
