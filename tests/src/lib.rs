@@ -243,6 +243,11 @@ impl RunningVm {
         stdin.flush().expect("flush");
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Signal the VMM.
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: plain kill(2) of our own child.

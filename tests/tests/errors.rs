@@ -198,3 +198,81 @@ fn usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/vm.toml"));
 }
+
+/// Every bad `[[share]]` / `[[volume]]` ends with status 2 naming the key,
+/// and leaves nothing on disk: no state directory, no upper layer, no
+/// image.
+#[test]
+fn bad_shares_and_volumes_create_nothing() {
+    let dir = scratch_dir("bad-shares");
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let state = dir.join("state");
+    let base = format!(
+        "version = 1\nname = \"vm1\"\nstate_root = \"{}\"\n[boot]\nkernel = \"{}\"\n",
+        state.display(),
+        guest_file("vmlinux").display()
+    );
+    let share = |extra: &str| format!("{base}[[share]]\ntag = \"p\"\n{extra}\n");
+    let src = format!("source = \"{}\"", project.display());
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            share("source = \"/no/such/dir\""),
+            vec!["share.source", "/no/such/dir", "not found"],
+        ),
+        (
+            share(&format!("source = \"{}\"", file.display())),
+            vec!["share.source", "not a directory"],
+        ),
+        (
+            share(&format!("{src}\nupper = \"{}/upper\"", project.display())),
+            vec!["share.upper", "inside the shared source"],
+        ),
+        (
+            share(&format!("{src}\nupper = \"{}\"", dir.display())),
+            vec!["share.upper", "inside the upper layer"],
+        ),
+        (
+            format!("{}[[share]]\ntag = \"p\"\n{src}\n", share(&src)),
+            vec!["share.tag", "two shares"],
+        ),
+        (
+            format!("{base}[[share]]\ntag = \"{}\"\n{src}\n", "t".repeat(37)),
+            vec!["share.tag", "1-36"],
+        ),
+        (
+            share(&format!("{src}\nbackend = \"nfs\"")),
+            vec!["unknown variant `nfs`"],
+        ),
+        (share(&format!("{src}\nmount = \"relative\"")), vec!["share.mount"]),
+        (
+            format!("{base}[[volume]]\nname = \"data\"\nsize_mib = 0\n"),
+            vec!["volume.size_mib = 0"],
+        ),
+        (
+            format!("{base}[[volume]]\nname = \"Bad/Name\"\nsize_mib = 1\n"),
+            vec!["volume.name"],
+        ),
+    ];
+    for (toml, needles) in &cases {
+        expect_config_error(&dir, toml, needles);
+        assert!(!state.exists(), "a refused configuration created {}", state.display());
+    }
+    // A file where the volume's image would be, that is not an image.
+    let image = state.join("vm1/volumes/data.ext4");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    std::fs::write(&image, b"not an ext4 image").unwrap();
+    expect_config_error(
+        &dir,
+        &format!("{base}[[volume]]\nname = \"data\"\nsize_mib = 4\n"),
+        &["volume.name", "data.ext4", "not a volume image"],
+    );
+    assert_eq!(std::fs::read(&image).unwrap(), b"not an ext4 image", "left as it was");
+    let entries: Vec<_> = std::fs::read_dir(state.join("vm1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["volumes"], "no lock or other state was created");
+}

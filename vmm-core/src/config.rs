@@ -7,6 +7,8 @@
 //! ```toml
 //! version = 1
 //! name = "web"        # default: the file's stem; MACs derive from it
+//! state_root = "/var/lib/microvm-dev"  # default: $MVM_STATE_DIR, else this;
+//!                     # the VM's state dir is <state_root>/<name>
 //!
 //! [machine]
 //! vcpus = 2           # default 1
@@ -34,6 +36,21 @@
 //! uds_path = "vsock.sock"    # required; host programs connect here;
 //!                            # guest connections to port P go to "<uds_path>_P"
 //! guest_cid = 3              # default 3
+//!
+//! [[share]]          # any number: a host directory in the guest (virtio-fs)
+//! tag = "project"     # required; 1-36 of [A-Za-z0-9._-]; the guest mounts it by tag
+//! source = "/home/me/src/app"  # required; a directory (the overlay's lower layer)
+//! overlay = true      # default true: the guest writes to its own upper layer
+//! persist = false     # default false: each start begins with an empty upper layer
+//! upper = "/srv/up"   # default <state dir>/overlay/<tag>
+//! backend = "builtin" # "builtin" (default, in-process) or "virtiofsd"
+//! socket = "fs.sock"  # virtiofsd only: connect to this running virtiofsd
+//! mount = "/project"  # where the guest's init mounts it (kernel command line)
+//!
+//! [[volume]]          # any number: a persistent ext4 disk in the state dir
+//! name = "data"       # required; 1-16 of [a-z0-9_-]
+//! size_mib = 256      # required; created and formatted on first start
+//! mount = "/data"     # where the guest's init mounts it
 //!
 //! [console]
 //! output = "stdio"    # "stdio" (default), "file" or "none"
@@ -63,6 +80,21 @@ pub const DEFAULT_GUEST_CID: u32 = 3;
 /// Longest `vsock.uds_path`: `<uds_path>_<port>` must still fit a Unix
 /// socket address (108 bytes with its terminating zero).
 pub const MAX_UDS_PATH: usize = 107 - 11;
+/// Where VM state directories live unless `state_root` or
+/// [`STATE_DIR_ENV`] says otherwise.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/microvm-dev";
+/// Environment variable that overrides [`DEFAULT_STATE_ROOT`].
+pub const STATE_DIR_ENV: &str = "MVM_STATE_DIR";
+/// Longest share tag: the virtio-fs config space holds 36 bytes.
+pub const MAX_TAG_LEN: usize = 36;
+/// Longest volume name: its disk serial `vol-<name>` must fit virtio-blk's
+/// 20 bytes.
+pub const MAX_VOLUME_NAME: usize = 16;
+/// Largest volume, 16 TiB: far above any use here, and keeps byte
+/// arithmetic in u64.
+pub const MAX_VOLUME_MIB: u64 = 1 << 24;
+/// Longest VM name used for a state directory.
+pub const MAX_NAME_LEN: usize = 64;
 /// Upper bound on guest memory, far above any use here; it keeps size
 /// arithmetic comfortably inside u64.
 pub const MAX_MEMORY_MIB: u32 = 1 << 24; // 16 TiB
@@ -82,6 +114,60 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared with the guest (virtio-fs), in tag order.
+    pub shares: Vec<ShareConfig>,
+    /// Persistent ext4 volumes kept in the VM's state directory.
+    pub volumes: Vec<VolumeConfig>,
+    /// Where the VM's state directory lives: `<state_root>/<name>`.
+    pub state_root: PathBuf,
+}
+
+/// Which file server serves a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareBackend {
+    /// The VMM's own virtio-fs device and overlay, in-process.
+    #[default]
+    Builtin,
+    /// An external `virtiofsd` over vhost-user, serving a host overlayfs
+    /// mount of the same layers (or the daemon behind `socket`).
+    Virtiofsd,
+}
+
+/// A host directory the guest mounts with `mount -t virtiofs <tag> <dir>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// What the guest mounts it by: 1-36 of `[A-Za-z0-9._-]`.
+    pub tag: String,
+    /// The host directory (the read-only lower layer with `overlay`).
+    /// Unused when `socket` names a running virtiofsd.
+    pub source: PathBuf,
+    /// The guest's writes go to a per-VM upper layer; `source` is never
+    /// modified. Without it the guest writes to `source` itself.
+    pub overlay: bool,
+    /// Keep the upper layer across starts (else it is emptied at start).
+    pub persist: bool,
+    /// Explicit upper layer directory; default `<state dir>/overlay/<tag>`.
+    pub upper: Option<PathBuf>,
+    pub backend: ShareBackend,
+    /// With the virtiofsd backend: connect to this socket of a daemon the
+    /// user runs, instead of starting one.
+    pub socket: Option<PathBuf>,
+    /// Where the guest's init mounts the share (`mvm.share=<tag>:<mount>`
+    /// on the kernel command line); none: the guest mounts it itself.
+    pub mount: Option<String>,
+}
+
+/// A raw ext4 image in the VM's state directory, created and formatted on
+/// first start, attached as a virtio-blk disk with serial `vol-<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// 1-16 of `[a-z0-9_-]`; the image is `<state dir>/volumes/<name>.ext4`.
+    pub name: String,
+    /// Size at creation; an existing image keeps its size.
+    pub size_mib: u64,
+    /// Where the guest's init mounts it (`mvm.volume=<name>:<mount>`).
+    pub mount: Option<String>,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket.
@@ -209,7 +295,25 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            shares: Vec::new(),
+            volumes: Vec::new(),
+            state_root: default_state_root(),
         }
+    }
+
+    /// The VM's state directory: `<state_root>/<name>`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_root.join(&self.name)
+    }
+
+    /// Whether the VM keeps anything in its state directory (shares with a
+    /// default upper layer, volumes).
+    pub fn needs_state_dir(&self) -> bool {
+        !self.volumes.is_empty()
+            || self
+                .shares
+                .iter()
+                .any(|s| s.overlay && s.upper.is_none() && s.socket.is_none())
     }
 
     /// Read a `vm.toml` file. Relative paths in it are relative to the
@@ -296,10 +400,36 @@ impl VmConfig {
             guest_cid: v.guest_cid,
             uds_path: resolve(v.uds_path),
         });
+        let shares = file
+            .share
+            .into_iter()
+            .map(|s| ShareConfig {
+                tag: s.tag,
+                source: s.source.map(&resolve).unwrap_or_default(),
+                overlay: s.overlay,
+                persist: s.persist,
+                upper: s.upper.map(&resolve),
+                backend: s.backend,
+                socket: s.socket.map(&resolve),
+                mount: s.mount,
+            })
+            .collect();
+        let volumes = file
+            .volume
+            .into_iter()
+            .map(|v| VolumeConfig {
+                name: v.name,
+                size_mib: v.size_mib,
+                mount: v.mount,
+            })
+            .collect();
         Ok(VmConfig {
             name: file.name.unwrap_or_default(),
             nets,
             vsock,
+            shares,
+            volumes,
+            state_root: file.state_root.map(&resolve).unwrap_or_else(default_state_root),
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -396,6 +526,7 @@ impl VmConfig {
                 });
             }
         }
+        crate::state::validate(self)?;
         if let Some(bad) = self.boot.cmdline.chars().find(|c| !(' '..='~').contains(c)) {
             return Err(Error::Cmdline(format!(
                 "contains {bad:?}; only printable ASCII is passed to the kernel"
@@ -482,6 +613,35 @@ struct FileConfig {
     #[serde(default)]
     disk: Vec<FileDisk>,
     vsock: Option<FileVsock>,
+    #[serde(default)]
+    share: Vec<FileShare>,
+    #[serde(default)]
+    volume: Vec<FileVolume>,
+    state_root: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShare {
+    tag: String,
+    source: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    overlay: bool,
+    #[serde(default)]
+    persist: bool,
+    upper: Option<PathBuf>,
+    #[serde(default)]
+    backend: ShareBackend,
+    socket: Option<PathBuf>,
+    mount: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVolume {
+    name: String,
+    size_mib: u64,
+    mount: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -566,6 +726,14 @@ enum InputKind {
     Auto,
     Stdin,
     None,
+}
+
+/// `$MVM_STATE_DIR` when set and not empty, else [`DEFAULT_STATE_ROOT`].
+pub fn default_state_root() -> PathBuf {
+    match std::env::var_os(STATE_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(DEFAULT_STATE_ROOT),
+    }
 }
 
 fn default_vcpus() -> u32 {

@@ -62,6 +62,12 @@ pub enum Error {
     /// A device could not be created.
     #[error("device setup: {0}")]
     Device(#[from] mvm_devices::Error),
+    /// Another process runs this VM (holds its state directory's lock).
+    #[error("VM {name:?} is already running: another process holds {}", lock.display())]
+    AlreadyRunning { name: String, lock: PathBuf },
+    /// A virtio-fs share cannot be served.
+    #[error("share {tag:?}: {reason}")]
+    Share { tag: String, reason: String },
     /// A host resource (thread, terminal, file, eventfd) failed.
     #[error("{what}: {source}")]
     Host {

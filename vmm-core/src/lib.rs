@@ -45,13 +45,18 @@
 
 pub mod config;
 pub mod console;
+mod devices;
 mod error;
 pub mod host;
 pub mod memory;
+pub mod state;
 mod vcpu;
 mod vm;
 pub mod x86_64;
 
-pub use config::{BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, VmConfig};
+pub use config::{
+    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, ShareBackend, ShareConfig, VmConfig,
+    VolumeConfig,
+};
 pub use error::{Error, Result};
 pub use vm::{CrashReport, StopReason, Vm, VmExit, VmHandle};

@@ -8,24 +8,18 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use mvm_devices::bus::{mmio_bus, pio_bus};
-use mvm_devices::legacy::{
-    AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
-    I8042_PORT_LEN, SLEEP_CONTROL_PORT,
-};
-use mvm_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
-use mvm_devices::virtio::rng::Rng;
-use mvm_devices::virtio::VirtioDevice;
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use mvm_devices::legacy::{AcpiSleepControl, ResetController, SerialPort};
+use mvm_devices::virtio::mmio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{check_file, ConsoleInput, VmConfig};
-use crate::console::{open_output, InputPump, RawTerminal};
+use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{vcpu, Error, Result};
+use crate::{devices, state, vcpu, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +139,8 @@ pub struct Vm {
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     console_input: ConsoleInput,
+    /// Locks the state directory while the VM exists.
+    _state: Option<state::StateDir>,
     cmdline: String,
     host: HostKind,
     _vm_fd: VmFd,
@@ -168,6 +164,23 @@ impl Vm {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(mptable::MAX_VCPUS));
         config.validate(max_vcpus)?;
+        if devices::virtio_count(&config) > layout::VIRTIO_MAX_DEVICES {
+            return Err(Error::ConfigValue {
+                key: "disk",
+                value: format!(
+                    "{} devices ({} disks, {} volumes, {} nets, {} shares)",
+                    devices::virtio_count(&config),
+                    config.disks.len(),
+                    config.volumes.len(),
+                    config.nets.len(),
+                    config.shares.len()
+                ),
+                reason: format!(
+                    "at most {} virtio devices fit (rng and vsock included)",
+                    layout::VIRTIO_MAX_DEVICES
+                ),
+            });
+        }
         let vcpus = config.machine.vcpus as u8; // validated: 1..=254
         let mem_size = u64::from(config.machine.memory_mib) << 20;
 
@@ -199,7 +212,12 @@ impl Vm {
         // Memory before the irqchip: once an irqchip exists, the first
         // memslot update waits for an SRCU grace period (measured 7 ms on
         // the PVM host, 0.1 ms in this order).
-        let memory = create_memory(&vm_fd, mem_size, false)?;
+        let memory = create_memory(&vm_fd, mem_size, devices::needs_shared_memory(&config))?;
+        // Everything checked: from here on files are created (state
+        // directory, upper layers, volume images) and host processes
+        // started.
+        let state_dir = state::open(&config)?;
+        let virtio_devices = devices::virtio_devices(&config)?;
         vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -212,49 +230,12 @@ impl Vm {
             vcpu_fds.push(vm_fd.create_vcpu(u64::from(id)).map_err(kvm_error("KVM_CREATE_VCPU"))?);
         }
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
-        let mut virtio_devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let serial = disk.serial.clone().unwrap_or_else(|| format!("mvm-disk{i}"));
-            virtio_devices.push(Box::new(mvm_storage::block::Block::open(
-                &disk.path,
-                disk.read_only,
-                &serial,
-            )?));
-        }
-        for (i, net) in config.nets.iter().enumerate() {
-            let tap = mvm_net::tap::Tap::open(&net.tap)?;
-            if let Some(bridge) = &net.bridge {
-                tap.attach_to_bridge(bridge)?;
-            }
-            let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
-            virtio_devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
-        }
-        let extra = usize::from(config.machine.rng) + usize::from(config.vsock.is_some());
-        if virtio_devices.len() + extra > layout::VIRTIO_MAX_DEVICES {
-            return Err(Error::ConfigValue {
-                key: "disk",
-                value: format!("{} disks and {} nets", config.disks.len(), config.nets.len()),
-                reason: format!(
-                    "at most {} virtio devices fit (rng and vsock included)",
-                    layout::VIRTIO_MAX_DEVICES
-                ),
-            });
-        }
-        if config.machine.rng {
-            virtio_devices.push(Box::new(Rng::new()));
-        }
-        if let Some(vsock) = &config.vsock {
-            let device = mvm_devices::virtio::vsock::Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
-            virtio_devices.push(Box::new(device));
-        }
-        let virtio_slots: Vec<acpi::MmioDevice> = (0..virtio_devices.len().min(layout::VIRTIO_MAX_DEVICES))
-            .map(|i| acpi::MmioDevice {
-                base: layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
-                len: MMIO_WINDOW as u32,
-                gsi: layout::VIRTIO_FIRST_GSI + i as u32,
-            })
-            .collect();
+        let virtio_slots = devices::virtio_slots(devices::virtio_count(&config));
         let mut cmdline = compose_cmdline(&config.boot.cmdline, host, config.boot.host_cmdline, tsc_khz);
+        for arg in state::guest_mount_args(&config) {
+            cmdline.push(' ');
+            cmdline.push_str(&arg);
+        }
         if !config.machine.acpi {
             // Without ACPI the guest learns of the devices from its command
             // line (Linux: CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
@@ -330,42 +311,8 @@ impl Vm {
         regs::write_boot_tables(&memory).map_err(|e| Error::GuestMemory(format!("cannot write page tables: {e}")))?;
 
         // Devices.
-        let output = open_output(config.console.output)?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(output)?));
-        {
-            let port = serial.lock().unwrap_or_else(|e| e.into_inner());
-            vm_fd
-                .register_irqfd(port.irq().eventfd(), COM1_IRQ)
-                .map_err(kvm_error("KVM_IRQFD (serial)"))?;
-        }
-        let reset = Arc::new(Mutex::new(ResetController::new()?));
-        let mut bus = pio_bus();
-        bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())?;
-        bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset.clone())?;
-        let sleep = if config.machine.acpi {
-            let dev = Arc::new(Mutex::new(AcpiSleepControl::new()?));
-            bus.insert("acpi-sleep", SLEEP_CONTROL_PORT.into(), 1, dev.clone())?;
-            Some(dev)
-        } else {
-            None
-        };
-
-        let mut mmio = mmio_bus();
-        let mut virtio = Vec::new();
-        for (device, slot) in virtio_devices.into_iter().zip(&virtio_slots) {
-            let transport = MmioTransport::new(device, memory.clone())?;
-            for (queue, evt) in transport.queue_events().iter().enumerate() {
-                vm_fd
-                    .register_ioevent(evt, &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET), queue as u32)
-                    .map_err(kvm_error("KVM_IOEVENTFD (virtio queue notify)"))?;
-            }
-            vm_fd
-                .register_irqfd(transport.interrupt().line(), slot.gsi)
-                .map_err(kvm_error("KVM_IRQFD (virtio)"))?;
-            let transport = Arc::new(Mutex::new(transport));
-            mmio.insert("virtio-mmio", slot.base, MMIO_WINDOW, transport.clone())?;
-            virtio.push(transport);
-        }
+        let legacy = devices::legacy_devices(config.console.output, config.machine.acpi, &vm_fd)?;
+        let (mmio, virtio) = devices::attach_virtio(virtio_devices, &virtio_slots, &memory, &vm_fd)?;
 
         // vCPUs.
         for (fd, id) in vcpu_fds.iter().zip(0u8..) {
@@ -397,10 +344,11 @@ impl Vm {
         Ok(Vm {
             shared: Arc::new(VmShared::new()?),
             vcpus: vcpu_fds,
-            bus: Arc::new(vcpu::Buses { pio: bus, mmio }),
-            serial,
-            reset,
-            sleep,
+            bus: Arc::new(vcpu::Buses { pio: legacy.bus, mmio }),
+            serial: legacy.serial,
+            reset: legacy.reset,
+            sleep: legacy.sleep,
+            _state: state_dir,
             virtio,
             console_input: config.console.input,
             cmdline,

@@ -324,47 +324,46 @@ impl VirtioDevice for VhostUserFs {
     }
 }
 
-/// One `backend = "virtiofsd"` share: the project directory under a
-/// per-VM upper directory, merged by a host overlay mount and served by a
-/// virtiofsd of its own.
+/// One `backend = "virtiofsd"` share: a virtiofsd of its own serving the
+/// project directory, directly or (with `upper`) merged under a per-VM
+/// upper directory by a host overlay mount.
 #[derive(Debug, Clone)]
 pub struct VirtiofsdShare<'a> {
     /// What the guest mounts.
     pub tag: &'a str,
-    /// The project directory (read-only lower layer).
-    pub project: &'a Path,
-    /// The VM's changes (upper layer; its work directory goes next to it).
-    pub upper: &'a Path,
-    /// Where the merged mountpoint and the socket go (the VM's state
-    /// directory). Socket paths are limited to 107 bytes.
-    pub run_dir: &'a Path,
+    /// The project directory (the read-only lower layer with `upper`).
+    pub source: &'a Path,
+    /// The VM's changes (upper layer; its work directory goes next to it,
+    /// see [`HostOverlay::work_dir_for`]). `None`: share `source` itself.
+    pub upper: Option<&'a Path>,
+    /// Mountpoint of the merged view (with `upper`); created and removed.
+    pub merged: &'a Path,
+    /// virtiofsd's socket (at most 107 bytes: a Unix socket path).
+    pub socket: &'a Path,
     /// virtiofsd to run; `None` looks for it (see [`virtiofsd::find_binary`]).
     pub binary: Option<&'a Path>,
     pub queue_size: u16,
 }
 
 impl VirtiofsdShare<'_> {
-    /// Mount, start virtiofsd and connect: the device owns both, so they
-    /// go away with the VM.
+    /// Mount, start virtiofsd and connect: the device owns the daemon and
+    /// the mount, so they go away with the VM (or with the error).
     pub fn start(&self) -> Result<VhostUserFs, Error> {
         let binary = virtiofsd::find_binary(self.binary)?;
-        let name: String = self
-            .tag
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-            .collect();
-        let merged = self.run_dir.join(format!("share-{name}"));
-        let socket = self.run_dir.join(format!("virtiofsd-{name}.sock"));
-        if socket.as_os_str().len() > 107 {
+        if self.socket.as_os_str().len() > 107 {
             return Err(Error::VhostUser {
                 tag: self.tag.to_string(),
-                socket,
-                reason: "the socket path is longer than 107 bytes; use a shorter state directory".into(),
+                socket: self.socket.to_path_buf(),
+                reason: "the socket path is longer than 107 bytes; use a shorter directory".into(),
             });
         }
-        let overlay = HostOverlay::mount(self.project, self.upper, &merged)?;
-        let daemon = Virtiofsd::start(&binary, &socket, overlay.merged())?;
-        let mut device = VhostUserFs::connect(&socket, self.tag, self.queue_size).map_err(|e| match e {
+        let overlay = match self.upper {
+            Some(upper) => Some(HostOverlay::mount(self.source, upper, self.merged)?),
+            None => None,
+        };
+        let shared_dir = overlay.as_ref().map_or(self.source, HostOverlay::merged);
+        let daemon = Virtiofsd::start(&binary, self.socket, shared_dir)?;
+        let mut device = VhostUserFs::connect(self.socket, self.tag, self.queue_size).map_err(|e| match e {
             Error::VhostUser { tag, socket, reason } => Error::VhostUser {
                 tag,
                 socket,
@@ -373,7 +372,9 @@ impl VirtiofsdShare<'_> {
             other => other,
         })?;
         device.own_daemon(daemon);
-        device.own_overlay(overlay);
+        if let Some(overlay) = overlay {
+            device.own_overlay(overlay);
+        }
         Ok(device)
     }
 }
@@ -608,23 +609,24 @@ mod tests {
         let dir = temp_dir("share");
         std::fs::create_dir_all(dir.join("project")).unwrap();
         std::fs::write(dir.join("project/file"), "x").unwrap();
+        let (upper, merged, socket) = (dir.join("vm/upper"), dir.join("vm/merged"), dir.join("vm/fs.sock"));
         let share = VirtiofsdShare {
-            tag: "proj/1",
-            project: &dir.join("project"),
-            upper: &dir.join("vm/upper"),
-            run_dir: &dir.join("vm"),
+            tag: "proj",
+            source: &dir.join("project"),
+            upper: Some(&upper),
+            merged: &merged,
+            socket: &socket,
             binary: None,
             queue_size: 128,
         };
         let started = Instant::now();
         let mut dev = share.start().unwrap();
         eprintln!("overlay + virtiofsd + connect: {:?}", started.elapsed());
-        let merged = dir.join("vm/share-proj_1");
         assert_eq!(std::fs::read_to_string(merged.join("file")).unwrap(), "x");
-        assert!(dir.join("vm/virtiofsd-proj_1.sock").exists());
+        assert!(socket.exists());
         dev.stop();
         assert!(!merged.exists(), "unmounted and removed after the daemon stopped");
-        assert!(!dir.join("vm/virtiofsd-proj_1.sock").exists());
+        assert!(!socket.exists());
         drop(dev);
         std::fs::remove_dir_all(dir).unwrap();
     }

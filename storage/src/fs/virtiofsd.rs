@@ -139,10 +139,19 @@ impl Virtiofsd {
             .arg("--cache=auto")
             .arg(if root { "--sandbox=namespace" } else { "--sandbox=none" })
             .arg("--xattr")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .arg("--log-level=warn");
+        // Overlayfs (without nfs_export) has no file handles: say so rather
+        // than have virtiofsd probe, fail and warn on every start.
+        if is_overlayfs(shared_dir) {
+            cmd.arg("--inode-file-handles=never");
+        }
+        // virtiofsd keeps a descriptor per inode the guest knows; by default
+        // it asks for a million and warns when it may not. Ask for what this
+        // process may have.
+        if let Some(limit) = nofile_hard_limit() {
+            cmd.arg(format!("--rlimit-nofile={limit}"));
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(|e| start_error(format!("cannot run it: {e}")))?;
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
@@ -237,6 +246,7 @@ impl Virtiofsd {
         if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
             let _ = std::fs::remove_file(&self.socket);
         }
+        let _ = std::fs::remove_file(pid_file(&self.socket));
     }
 }
 
@@ -244,6 +254,34 @@ impl Drop for Virtiofsd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// virtiofsd's lock file beside its socket (`<socket>.pid`).
+fn pid_file(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_os_string();
+    name.push(".pid");
+    PathBuf::from(name)
+}
+
+fn is_overlayfs(dir: &Path) -> bool {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let Ok(path) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str())) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0) && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC
+}
+
+/// This process's hard limit on open files, when finite.
+fn nofile_hard_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a valid struct.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    (ok && lim.rlim_max != libc::RLIM_INFINITY).then_some(lim.rlim_max)
 }
 
 /// Log each line virtiofsd writes (it logs warnings and errors only) and
@@ -371,6 +409,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!socket.exists(), "socket removed");
+        assert!(!pid_file(&socket).exists(), "its lock file too");
         assert!(daemon.pid().is_none());
 
         // Dropping does the same; a stale socket is replaced on start.

@@ -1,0 +1,247 @@
+//! Device assembly: what the configuration asks for becomes devices here,
+//! one function per kind, so that adding a kind of device is adding one
+//! function and one line in [`virtio_devices`], not editing `Vm::new`.
+//!
+//! [`virtio_devices`] creates the virtio device models in the order the
+//! guest sees them; [`attach_virtio`] puts each behind a virtio-mmio
+//! transport with its notification eventfds and interrupt line in KVM;
+//! [`legacy_devices`] makes the port-I/O devices.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use mvm_devices::bus::{mmio_bus, pio_bus, Bus};
+use mvm_devices::legacy::{
+    AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
+    I8042_PORT_LEN, SLEEP_CONTROL_PORT,
+};
+use mvm_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use mvm_devices::virtio::rng::Rng;
+use mvm_devices::virtio::VirtioDevice;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{ConsoleOutput, ShareBackend, ShareConfig, VmConfig};
+use crate::console::open_output;
+use crate::state;
+use crate::x86_64::{acpi, layout};
+use crate::{Error, Result};
+
+type Device = Box<dyn VirtioDevice>;
+
+/// The virtio devices of a VM, in the order the guest sees them: disks,
+/// volumes, network interfaces, shares, rng, vsock.
+pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Device>> {
+    let mut devices: Vec<Device> = Vec::new();
+    disks(config, &mut devices)?;
+    volumes(config, &mut devices)?;
+    nets(config, &mut devices)?;
+    shares(config, &mut devices)?;
+    if config.machine.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(mvm_devices::virtio::vsock::Vsock::new(
+            u64::from(vsock.guest_cid),
+            &vsock.uds_path,
+        )?));
+    }
+    Ok(devices)
+}
+
+/// How many virtio devices the configuration asks for (checked against
+/// the MMIO slots before anything is created).
+pub(crate) fn virtio_count(config: &VmConfig) -> usize {
+    config.disks.len()
+        + config.volumes.len()
+        + config.nets.len()
+        + config.shares.len()
+        + usize::from(config.machine.rng)
+        + usize::from(config.vsock.is_some())
+}
+
+/// Whether guest RAM must be shareable with another process (a vhost-user
+/// backend maps it).
+pub(crate) fn needs_shared_memory(config: &VmConfig) -> bool {
+    config.shares.iter().any(|s| s.backend == ShareBackend::Virtiofsd)
+}
+
+fn disks(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+    for (i, disk) in config.disks.iter().enumerate() {
+        let serial = disk.serial.clone().unwrap_or_else(|| format!("mvm-disk{i}"));
+        devices.push(Box::new(mvm_storage::block::Block::open(
+            &disk.path,
+            disk.read_only,
+            &serial,
+        )?));
+    }
+    Ok(())
+}
+
+fn volumes(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+    for volume in &config.volumes {
+        let image = state::prepare_volume(config, volume)?;
+        devices.push(Box::new(mvm_storage::block::Block::open(
+            &image,
+            false,
+            &state::volume_serial(volume),
+        )?));
+    }
+    Ok(())
+}
+
+fn nets(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+    for (i, net) in config.nets.iter().enumerate() {
+        let tap = mvm_net::tap::Tap::open(&net.tap)?;
+        if let Some(bridge) = &net.bridge {
+            tap.attach_to_bridge(bridge)?;
+        }
+        let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
+        devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
+    }
+    Ok(())
+}
+
+fn shares(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+    for share in &config.shares {
+        devices.push(share_device(config, share)?);
+    }
+    Ok(())
+}
+
+fn share_device(config: &VmConfig, share: &ShareConfig) -> Result<Device> {
+    let layers = state::prepare_share(config, share)?;
+    match share.backend {
+        ShareBackend::Builtin => {
+            let _ = layers;
+            Err(Error::ConfigValue {
+                key: "share.backend",
+                value: "\"builtin\"".into(),
+                reason: "not wired yet".into(),
+            })
+        }
+        ShareBackend::Virtiofsd => virtiofsd_share(share, &layers),
+    }
+}
+
+/// Queue size offered for a virtiofsd share (virtiofsd accepts up to
+/// 32768; this bounds the requests in flight, not their size).
+const VIRTIOFSD_QUEUE_SIZE: u16 = 1024;
+
+/// A vhost-user-fs device: connected to the user's virtiofsd (`socket`),
+/// or to one started here over a host overlay mount of the share's layers
+/// (the device owns both; they end with the VM).
+fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers) -> Result<Device> {
+    use mvm_storage::fs::vhost_user::{VhostUserFs, VirtiofsdShare};
+    let share_error = |e: mvm_storage::Error| Error::Share {
+        tag: share.tag.clone(),
+        reason: e.to_string(),
+    };
+    if let Some(socket) = &share.socket {
+        let device = VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE).map_err(share_error)?;
+        return Ok(Box::new(device));
+    }
+    // Beside the upper layer, like its work directory: in the state
+    // directory that is overlay/<tag>.merged and overlay/<tag>.sock.
+    let (merged, socket) = match &layers.upper {
+        Some(upper) => (sibling(upper, "merged"), sibling(upper, "sock")),
+        None => {
+            let run = std::env::temp_dir().join(format!("mvm-{}-{}", std::process::id(), share.tag));
+            (run.with_extension("merged"), run.with_extension("sock"))
+        }
+    };
+    let device = VirtiofsdShare {
+        tag: &share.tag,
+        source: &layers.source,
+        upper: layers.upper.as_deref(),
+        merged: &merged,
+        socket: &socket,
+        binary: None,
+        queue_size: VIRTIOFSD_QUEUE_SIZE,
+    }
+    .start()
+    .map_err(share_error)?;
+    Ok(Box::new(device))
+}
+
+/// `<dir>/<name>.<ext>` for `<dir>/<name>`.
+fn sibling(path: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".");
+    name.push(ext);
+    path.with_file_name(name)
+}
+
+/// The MMIO windows and interrupt lines of `count` virtio devices.
+pub(crate) fn virtio_slots(count: usize) -> Vec<acpi::MmioDevice> {
+    (0..count.min(layout::VIRTIO_MAX_DEVICES))
+        .map(|i| acpi::MmioDevice {
+            base: layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+            len: MMIO_WINDOW as u32,
+            gsi: layout::VIRTIO_FIRST_GSI + i as u32,
+        })
+        .collect()
+}
+
+/// Put each device behind a virtio-mmio transport in its slot: queue
+/// notifications caught by KVM (ioeventfd), interrupts injected by KVM
+/// (irqfd), registers on the MMIO bus.
+pub(crate) fn attach_virtio(
+    devices: Vec<Device>,
+    slots: &[acpi::MmioDevice],
+    memory: &GuestMemoryMmap,
+    vm_fd: &VmFd,
+) -> Result<(Bus, Vec<Arc<Mutex<MmioTransport>>>)> {
+    let mut mmio = mmio_bus();
+    let mut transports = Vec::with_capacity(devices.len());
+    for (device, slot) in devices.into_iter().zip(slots) {
+        let transport = MmioTransport::new(device, memory.clone())?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm_fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET), queue as u32)
+                .map_err(Error::kvm("KVM_IOEVENTFD (virtio queue notify)"))?;
+        }
+        vm_fd
+            .register_irqfd(transport.interrupt().line(), slot.gsi)
+            .map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert("virtio-mmio", slot.base, MMIO_WINDOW, transport.clone())?;
+        transports.push(transport);
+    }
+    Ok((mmio, transports))
+}
+
+/// The port-I/O devices: COM1 (with its interrupt), the i8042 reset line,
+/// and the ACPI sleep control when the guest has ACPI.
+pub(crate) struct LegacyDevices {
+    pub bus: Bus,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub reset: Arc<Mutex<ResetController>>,
+    pub sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
+}
+
+pub(crate) fn legacy_devices(console: ConsoleOutput, acpi: bool, vm_fd: &VmFd) -> Result<LegacyDevices> {
+    let serial = Arc::new(Mutex::new(SerialPort::new(open_output(console)?)?));
+    {
+        let port = serial.lock().unwrap_or_else(|e| e.into_inner());
+        vm_fd
+            .register_irqfd(port.irq().eventfd(), COM1_IRQ)
+            .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
+    }
+    let reset = Arc::new(Mutex::new(ResetController::new()?));
+    let mut bus = pio_bus();
+    bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())?;
+    bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset.clone())?;
+    let sleep = if acpi {
+        let dev = Arc::new(Mutex::new(AcpiSleepControl::new()?));
+        bus.insert("acpi-sleep", SLEEP_CONTROL_PORT.into(), 1, dev.clone())?;
+        Some(dev)
+    } else {
+        None
+    };
+    Ok(LegacyDevices {
+        bus,
+        serial,
+        reset,
+        sleep,
+    })
+}
