@@ -58,6 +58,11 @@ impl HostOverlay {
             return Err(err("the project directory does not exist or is not a directory".into()));
         }
         let work = Self::work_dir_for(upper);
+        if is_mountpoint(merged) {
+            // Left by a VMM that was killed before it could unmount.
+            log::warn!("unmounting a stale mount at {}", merged.display());
+            umount_lazy(merged).map_err(|e| err(format!("cannot unmount what is mounted there already: {e}")))?;
+        }
         for (what, dir) in [("upper", upper), ("work", work.as_path()), ("mount", merged)] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| err(format!("cannot create the {what} directory {}: {e}", dir.display())))?;
@@ -144,6 +149,16 @@ impl HostOverlay {
 impl Drop for HostOverlay {
     fn drop(&mut self) {
         self.unmount();
+    }
+}
+
+/// A directory on another file system than its parent.
+fn is_mountpoint(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.join("..");
+    match (std::fs::symlink_metadata(dir), std::fs::metadata(parent)) {
+        (Ok(d), Ok(p)) => d.is_dir() && d.dev() != p.dev(),
+        _ => false,
     }
 }
 
@@ -324,8 +339,17 @@ mod tests {
         assert!(!merged.exists(), "mountpoint removed");
         drop(open);
 
-        // Mounting again shows the same changes; drop unmounts.
+        // Mounting again shows the same changes, also over a stale mount
+        // that a killed VMM left; drop unmounts.
+        std::mem::forget(HostOverlay::mount(&lower, &upper, &merged).unwrap());
+        assert!(is_mountpoint(&merged));
         let ovl = HostOverlay::mount(&lower, &upper, &merged).unwrap();
+        let stacked = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(merged.to_str().unwrap()))
+            .count();
+        assert_eq!(stacked, 1, "the stale mount was replaced, not stacked on");
         assert!(!merged.join("gone.txt").exists());
         assert_eq!(std::fs::read_to_string(merged.join("new.txt")).unwrap(), "upper");
         drop(ovl);

@@ -256,6 +256,15 @@ impl Drop for Virtiofsd {
     }
 }
 
+fn block_all_signals() {
+    // SAFETY: fills a local set and changes this thread's mask only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// virtiofsd's lock file beside its socket (`<socket>.pid`).
 fn pid_file(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_os_string();
@@ -289,6 +298,10 @@ fn nofile_hard_limit() -> Option<u64> {
 /// closed the pipe.
 fn forward_stderr(pipe: std::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        // Signals sent to the VMM are for the threads that handle them (it
+        // may be created before the VMM blocks them in every thread, and a
+        // stop signal landing here would kill the process without cleanup).
+        block_all_signals();
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             log::warn!("virtiofsd: {line}");
