@@ -1,5 +1,7 @@
 //! Storage for microvm-dev guests: [`block::Block`], a virtio-blk device
-//! over a raw image file.
+//! over a raw image file, and [`fs`], virtio-fs: a FUSE server in the VMM
+//! over an overlay of a host directory, or a vhost-user-fs frontend for
+//! virtiofsd.
 
 pub mod block;
 pub mod fs;
@@ -35,4 +37,10 @@ pub enum Error {
         merged: PathBuf,
         reason: String,
     },
+    #[error("virtio-fs layer directory \"{}\": {source}; it must be an existing directory we can read", path.display())]
+    Layer { path: PathBuf, source: std::io::Error },
+    #[error("virtio-fs layers \"{}\" (lower) and \"{}\" (upper) must not contain one another; put the upper layer outside the project directory", lower.display(), upper.display())]
+    LayersNested { lower: PathBuf, upper: PathBuf },
+    #[error("virtio-fs tag {tag:?} must be 1 to 36 bytes without NUL or control characters")]
+    FsTag { tag: String },
 }

@@ -598,7 +598,7 @@ mod tests {
                 "two shares have this tag",
             ),
             (
-                &"[[share]]\ntag = \"0123456789012345678901234567890123456\"\nsource = \"project\"\n",
+                "[[share]]\ntag = \"0123456789012345678901234567890123456\"\nsource = \"project\"\n",
                 "share.tag = ",
             ),
             ("[[share]]\ntag = \"a b\"\nsource = \"project\"\n", "share.tag = "),

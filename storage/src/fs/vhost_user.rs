@@ -72,15 +72,16 @@ impl VhostUserFs {
     /// Connect to the backend listening on `socket` (retrying while the
     /// socket is missing or refuses, up to [`CONNECT_TIMEOUT`]), check its
     /// features and claim it (`SET_OWNER`). `tag` is what the guest mounts
-    /// (`mount -t virtiofs <tag> <dir>`): 1 to 36 bytes, no NUL.
+    /// (`mount -t virtiofs <tag> <dir>`): 1 to 36 bytes, no NUL or other
+    /// control characters.
     pub fn connect(socket: &Path, tag: &str, queue_size: u16) -> Result<Self, Error> {
         let err = |reason: String| Error::VhostUser {
             tag: tag.to_string(),
             socket: socket.to_path_buf(),
             reason,
         };
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
-            return Err(err(format!("the tag must be 1 to {TAG_LEN} bytes without NUL")));
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.chars().any(char::is_control) {
+            return Err(Error::FsTag { tag: tag.to_string() });
         }
         if !queue_size.is_power_of_two() {
             return Err(err(format!("queue size {queue_size} is not a power of two")));
@@ -459,7 +460,7 @@ mod tests {
         let socket = dir.join("sock");
         for tag in ["", "a\0b", &"x".repeat(37)] {
             let err = VhostUserFs::connect(&socket, tag, 128).err().unwrap();
-            assert!(err.to_string().contains("tag must be"), "{err}");
+            assert!(err.to_string().contains("must be 1 to 36 bytes"), "{err}");
         }
         let _backend = fake_backend(&socket, 1 << 30);
         let err = VhostUserFs::connect(&socket, "t", 128).err().unwrap();
