@@ -455,6 +455,26 @@ mod tests {
     }
 
     #[test]
+    fn private_guest_memory_fails_activation_clearly() {
+        let dir = temp_dir("private");
+        let socket = dir.join("sock");
+        let backend = fake_backend(&socket, VIRTIOFSD_LIKE);
+        let mut dev = VhostUserFs::connect(&socket, "t", 16).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let ring = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let kicks = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        dev.ack_features(VIRTIO_F_VERSION_1);
+        let err = dev
+            .activate(&mem, &[Queue::new(16).unwrap(), ring.create_queue().unwrap()], &kicks)
+            .unwrap_err();
+        assert!(err.to_string().contains("private"), "{err}");
+        drop(dev);
+        // SET_FEATURES (2) went out; no memory table, no rings.
+        assert_eq!(backend.join().unwrap(), vec![1, 3, 2]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn bad_tags_and_backends_are_refused() {
         let dir = temp_dir("refuse");
         let socket = dir.join("sock");
