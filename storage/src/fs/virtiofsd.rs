@@ -140,9 +140,10 @@ impl Virtiofsd {
             .arg(if root { "--sandbox=namespace" } else { "--sandbox=none" })
             .arg("--xattr")
             .arg("--log-level=warn");
-        // Overlayfs (without nfs_export) has no file handles: say so rather
-        // than have virtiofsd probe, fail and warn on every start.
-        if is_overlayfs(shared_dir) {
+        // Opening file handles needs CAP_DAC_READ_SEARCH, and overlayfs
+        // (without nfs_export) has none: say so rather than have virtiofsd
+        // probe, fail and warn on every start.
+        if !root || is_overlayfs(shared_dir) {
             cmd.arg("--inode-file-handles=never");
         }
         // virtiofsd keeps a descriptor per inode the guest knows; by default
