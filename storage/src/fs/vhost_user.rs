@@ -169,7 +169,8 @@ impl VhostUserFs {
         self.frontend
             .set_mem_table(&regions)
             .map_err(|e| self.backend_error("SET_MEM_TABLE", e))?;
-        for (index, (queue, kick)) in queues.iter().zip(kicks).enumerate().take(NUM_QUEUES) {
+        for (index, (queue, kick)) in queues.iter().zip(kicks).enumerate() {
+            let Some(call) = self.calls.get(index) else { break };
             if !queue.ready() {
                 continue;
             }
@@ -191,14 +192,18 @@ impl VhostUserFs {
                 avail_ring_addr: host(queue.avail_ring(), 6 + 2 * n, "available ring")?,
                 log_addr: None,
             };
+            // Before the first message: a reset must stop even a ring that
+            // failed half way.
+            if let Some(started) = self.started.get_mut(index) {
+                *started = true;
+            }
             let fe = &self.frontend;
             fe.set_vring_num(index, size)
                 .and_then(|()| fe.set_vring_addr(index, &ring))
                 .and_then(|()| fe.set_vring_base(index, 0))
-                .and_then(|()| fe.set_vring_call(index, &self.calls[index]))
+                .and_then(|()| fe.set_vring_call(index, call))
                 .and_then(|()| fe.set_vring_kick(index, kick))
                 .map_err(|e| self.backend_error(&format!("starting queue {index}"), e))?;
-            self.started[index] = true;
         }
         Ok(())
     }
@@ -287,8 +292,8 @@ impl VirtioDevice for VhostUserFs {
     fn reset(&mut self) {
         // GET_VRING_BASE stops a ring; the backend forgets its kick and
         // call until the next activation.
-        for index in 0..NUM_QUEUES {
-            if std::mem::take(&mut self.started[index]) && !self.hung_up {
+        for (index, started) in std::mem::take(&mut self.started).into_iter().enumerate() {
+            if started && !self.hung_up {
                 if let Err(e) = self.frontend.get_vring_base(index) {
                     log::warn!("virtiofsd at {}: stopping queue {index}: {e}", self.socket.display());
                 }
