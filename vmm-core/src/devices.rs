@@ -20,6 +20,9 @@ use mvm_devices::virtio::rng::Rng;
 use mvm_devices::virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
 
+use mvm_storage::fs::device::VirtioFs;
+use mvm_storage::fs::overlay::{Overlay, OverlayOptions};
+
 use crate::config::{ConsoleOutput, ShareBackend, ShareConfig, VmConfig};
 use crate::console::open_output;
 use crate::state;
@@ -112,12 +115,12 @@ fn share_device(config: &VmConfig, share: &ShareConfig) -> Result<Device> {
     let layers = state::prepare_share(config, share)?;
     match share.backend {
         ShareBackend::Builtin => {
-            let _ = layers;
-            Err(Error::ConfigValue {
-                key: "share.backend",
-                value: "\"builtin\"".into(),
-                reason: "not wired yet".into(),
-            })
+            // Without an overlay the source itself is the (only, writable)
+            // layer.
+            let lower = share.overlay.then_some(layers.source.as_path());
+            let upper = layers.upper.as_deref().unwrap_or(&layers.source);
+            let fs = Overlay::new(lower, upper, OverlayOptions::default())?;
+            Ok(Box::new(VirtioFs::new(&share.tag, Box::new(fs))?))
         }
         ShareBackend::Virtiofsd => virtiofsd_share(share, &layers),
     }
