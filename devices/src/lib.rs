@@ -10,6 +10,8 @@
 //! - [`legacy::ResetController`]: the i8042 controller's CPU reset line.
 //! - [`legacy::AcpiSleepControl`]: the ACPI hardware-reduced sleep control
 //!   register through which the guest powers off.
+//! - [`legacy::Rtc`]: the CMOS real-time clock: the host's date, the guest's
+//!   own offset when it sets the clock.
 
 pub mod bus;
 pub mod legacy;

@@ -15,6 +15,7 @@ use mvm_devices::legacy::{
     AcpiSleepControl, ResetController, SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE,
     I8042_PORT_LEN, SLEEP_CONTROL_PORT,
 };
+use mvm_devices::legacy::{Rtc, RTC_PORT_BASE, RTC_PORT_LEN};
 use mvm_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use mvm_devices::virtio::rng::Rng;
 use mvm_devices::virtio::VirtioDevice;
@@ -214,7 +215,7 @@ pub(crate) fn attach_virtio(
 }
 
 /// The port-I/O devices: COM1 (with its interrupt), the i8042 reset line,
-/// and the ACPI sleep control when the guest has ACPI.
+/// the CMOS RTC, and the ACPI sleep control when the guest has ACPI.
 pub(crate) struct LegacyDevices {
     pub bus: Bus,
     pub serial: Arc<Mutex<SerialPort>>,
@@ -234,6 +235,12 @@ pub(crate) fn legacy_devices(console: ConsoleOutput, acpi: bool, vm_fd: &VmFd) -
     let mut bus = pio_bus();
     bus.insert("serial", COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial.clone())?;
     bus.insert("i8042", I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), reset.clone())?;
+    bus.insert(
+        "rtc",
+        RTC_PORT_BASE.into(),
+        RTC_PORT_LEN.into(),
+        Arc::new(Mutex::new(Rtc::new())),
+    )?;
     let sleep = if acpi {
         let dev = Arc::new(Mutex::new(AcpiSleepControl::new()?));
         bus.insert("acpi-sleep", SLEEP_CONTROL_PORT.into(), 1, dev.clone())?;

@@ -1,11 +1,14 @@
-//! Legacy PC devices: the UART, the i8042 reset line and ACPI sleep control.
+//! Legacy PC devices: the UART, the i8042 reset line, ACPI sleep control and
+//! the CMOS real-time clock.
 
 mod acpi_sleep;
 mod i8042;
+mod rtc;
 mod serial;
 
 pub use acpi_sleep::{AcpiSleepControl, S5_SLEEP_TYPE as SLEEP_CONTROL_S5_TYPE, SLEEP_CONTROL_PORT};
 pub use i8042::{ResetController, I8042_PORT_BASE, I8042_PORT_LEN};
+pub use rtc::{Clock as RtcClock, Rtc, RTC_CENTURY_REGISTER, RTC_PORT_BASE, RTC_PORT_LEN};
 pub use serial::{SerialPort, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -7,6 +7,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{aml, rsdp::Rsdp, xsdt::XSDT, Aml};
 use mvm_devices::legacy::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042_PORT_BASE, SLEEP_CONTROL_PORT};
+use mvm_devices::legacy::{RTC_CENTURY_REGISTER, RTC_PORT_BASE, RTC_PORT_LEN};
 
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -14,11 +15,11 @@ const OEM_ID: [u8; 6] = *b"MVMDEV";
 const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
 const OEM_REVISION: u32 = 1;
 
-/// IAPC_BOOT_ARCH: no VGA, no MSI (there is no PCI), no CMOS RTC, so the
-/// guest skips probing for them.
+/// IAPC_BOOT_ARCH: no VGA, no MSI (there is no PCI), so the guest skips
+/// probing for them. The CMOS RTC is present (bit 5, CMOS_RTC_NOT_PRESENT,
+/// stays clear).
 const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
-const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// MADT flag: the platform also has dual 8259 PICs (KVM's in-kernel PIC).
 const MADT_PCAT_COMPAT: u32 = 1;
 /// Value written to the i8042 command port to pulse the CPU reset line.
@@ -66,6 +67,7 @@ fn build_dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
+    body.extend_from_slice(&rtc_device());
     // virtio-mmio devices as Linux's virtio_mmio driver finds them: _HID
     // LNRO0005, one memory window and one edge-triggered interrupt each.
     for (i, dev) in virtio.iter().enumerate() {
@@ -80,6 +82,19 @@ fn build_dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     }
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// The CMOS RTC (PNP0B00) with its two ports and no interrupt: it raises
+/// none, and Linux's rtc-cmos driver binds to this device without one.
+/// Kernels that read the RTC only through the x86 legacy path ignore it.
+fn rtc_device() -> Vec<u8> {
+    let io = aml::IO::new(RTC_PORT_BASE, RTC_PORT_BASE, 1, RTC_PORT_LEN as u8);
+    let resources = aml::ResourceTemplate::new(vec![&io]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let mut bytes = Vec::new();
+    aml::Device::new("_SB_.RTC_".into(), vec![&hid, &crs]).to_aml_bytes(&mut bytes);
+    bytes
 }
 
 fn build_madt(vcpus: u8) -> Vec<u8> {
@@ -119,8 +134,10 @@ pub fn build(base: u64, vcpus: u8, virtio: &[MmioDevice]) -> AcpiTables {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.iapc_boot_arch =
-        (BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED | BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
+    fadt.iapc_boot_arch = (BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED).into();
+    // The spec lets a hardware-reduced OS ignore CENTURY; Linux reads the
+    // century from the CMOS byte it names all the same.
+    fadt.century = RTC_CENTURY_REGISTER;
     fadt.sleep_control_reg = io_register(SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_register(SLEEP_CONTROL_PORT);
     // ACPI reboot pulses the same i8042 reset line as `reboot=k`.
@@ -221,6 +238,15 @@ mod tests {
         assert!(dsdt_bytes.windows(m32.len()).any(|w| w == m32.as_slice()));
         // EISA ID of PNP0501, compressed as AML stores it.
         assert!(b[dsdt..dsdt + dlen].windows(4).any(|w| w == [0x41, 0xd0, 0x05, 0x01]));
+        // The RTC: PNP0B00 and its I/O descriptor (tag 0x47, 16-bit
+        // decode, 0x70-0x70, alignment 1, 2 ports), no IRQ descriptor.
+        assert!(dsdt_bytes.windows(4).any(|w| w == b"RTC_"));
+        assert!(dsdt_bytes.windows(4).any(|w| w == [0x41, 0xd0, 0x0b, 0x00]));
+        assert!(dsdt_bytes.windows(8).any(|w| w == [0x47, 1, 0x70, 0, 0x70, 0, 1, 2]));
+        // IAPC_BOOT_ARCH (offset 109) leaves CMOS_RTC_NOT_PRESENT clear;
+        // CENTURY (offset 108) names the century byte.
+        assert_eq!(b[fadt + 109] & (1 << 5), 0);
+        assert_eq!(b[fadt + 108], RTC_CENTURY_REGISTER);
         let sleep_ctl = fadt + 244;
         assert_eq!(b[sleep_ctl], 1, "system I/O space");
         assert_eq!(u64_at(b, sleep_ctl + 4), u64::from(SLEEP_CONTROL_PORT));
