@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Install the Debian 12 packages the project needs on a fresh machine
-# (currently: what tests/guest/build.sh needs to build the test guest).
+# Install what the project needs on a fresh machine: the Debian 12 packages
+# (what tests/guest/build.sh needs to build the test guest, and the
+# libraries virtiofsd links against), then virtiofsd itself from crates.io
+# for the `backend = "virtiofsd"` project share.
 # Idempotent: packages already installed are not touched, and when nothing
-# is missing the script only runs dpkg-query and prints nothing.
+# is missing the script only runs dpkg-query and `virtiofsd --version` and
+# prints nothing.
 # Run as root (or with sudo available).
 set -euo pipefail
 
@@ -22,6 +25,10 @@ packages=(
 	# end-to-end tests: ext4 root file system images
 	e2fsprogs          # mkfs.ext4 -d, debugfs
 	iproute2           # ip netns / tuntap for the virtio-net test
+	# virtiofsd (built by cargo install below)
+	libseccomp-dev
+	libcap-ng-dev
+	pkg-config
 )
 
 missing=()
@@ -29,19 +36,33 @@ for pkg in "${packages[@]}"; do
 	status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
 	[ "$status" = installed ] || missing+=("$pkg")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-echo "setup-host: installing ${missing[*]}" >&2
-sudo=()
-if [ "$(id -u)" -ne 0 ]; then
-	command -v sudo >/dev/null 2>&1 || {
-		echo "setup-host: need root to install: ${missing[*]}" >&2
-		exit 1
-	}
-	sudo=(sudo)
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "setup-host: installing ${missing[*]}" >&2
+	sudo=()
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null 2>&1 || {
+			echo "setup-host: need root to install: ${missing[*]}" >&2
+			exit 1
+		}
+		sudo=(sudo)
+	fi
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends "${missing[@]}" >&2
+	echo "setup-host: packages done" >&2
 fi
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	--no-install-recommends "${missing[@]}" >&2
-echo "setup-host: done" >&2
+
+# virtiofsd for `backend = "virtiofsd"` shares. cargo's own bin directory is
+# the cache: an installed binary of this version is not rebuilt. Found the
+# same way the VMM looks for it (PATH, then ~/.cargo/bin).
+virtiofsd_version=1.14.0
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+installed=$(PATH="$PATH:$cargo_bin" virtiofsd --version 2>/dev/null || true)
+case "$installed" in
+*" $virtiofsd_version"*) ;;
+*)
+	echo "setup-host: building virtiofsd $virtiofsd_version (cargo install, a few minutes)" >&2
+	cargo install --locked virtiofsd --version "$virtiofsd_version" >&2
+	echo "setup-host: virtiofsd done" >&2
+	;;
+esac

@@ -17,6 +17,26 @@ pub enum Error {
     Size { path: PathBuf, size: u64 },
     #[error("disk \"{}\": serial {serial:?} is longer than 20 bytes", path.display())]
     Serial { path: PathBuf, serial: String },
+    #[error("virtiofsd not found (looked at {searched}); run scripts/setup-host.sh or `cargo install --locked virtiofsd`, or give its path")]
+    VirtiofsdNotFound { searched: String },
+    #[error("virtiofsd {} for \"{}\": {reason}", binary.display(), shared_dir.display())]
+    VirtiofsdStart {
+        binary: PathBuf,
+        shared_dir: PathBuf,
+        reason: String,
+    },
+    #[error("virtio-fs \"{tag}\": vhost-user backend at {}: {reason}", socket.display())]
+    VhostUser {
+        tag: String,
+        socket: PathBuf,
+        reason: String,
+    },
+    #[error("overlay of \"{}\" at {}: {reason}", lower.display(), merged.display())]
+    HostOverlay {
+        lower: PathBuf,
+        merged: PathBuf,
+        reason: String,
+    },
     #[error("virtio-fs layer directory \"{}\": {source}; it must be an existing directory we can read", path.display())]
     Layer { path: PathBuf, source: std::io::Error },
     #[error("virtio-fs layers \"{}\" (lower) and \"{}\" (upper) must not contain one another; put the upper layer outside the project directory", lower.display(), upper.display())]

@@ -123,12 +123,56 @@ fn share_device(config: &VmConfig, share: &ShareConfig) -> Result<Device> {
             let fs = Overlay::new(lower, upper, OverlayOptions::default())?;
             Ok(Box::new(VirtioFs::new(&share.tag, Box::new(fs))?))
         }
-        ShareBackend::Virtiofsd => Err(Error::ConfigValue {
-            key: "share.backend",
-            value: "\"virtiofsd\"".into(),
-            reason: "not wired yet".into(),
-        }),
+        ShareBackend::Virtiofsd => virtiofsd_share(share, &layers),
     }
+}
+
+/// Queue size offered for a virtiofsd share (virtiofsd accepts up to
+/// 32768; this bounds the requests in flight, not their size).
+const VIRTIOFSD_QUEUE_SIZE: u16 = 1024;
+
+/// A vhost-user-fs device: connected to the user's virtiofsd (`socket`),
+/// or to one started here over a host overlay mount of the share's layers
+/// (the device owns both; they end with the VM).
+fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers) -> Result<Device> {
+    use mvm_storage::fs::vhost_user::{VhostUserFs, VirtiofsdShare};
+    let share_error = |e: mvm_storage::Error| Error::Share {
+        tag: share.tag.clone(),
+        reason: e.to_string(),
+    };
+    if let Some(socket) = &share.socket {
+        let device = VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE).map_err(share_error)?;
+        return Ok(Box::new(device));
+    }
+    // Beside the upper layer, like its work directory: in the state
+    // directory that is overlay/<tag>.merged and overlay/<tag>.sock.
+    let (merged, socket) = match &layers.upper {
+        Some(upper) => (sibling(upper, "merged"), sibling(upper, "sock")),
+        None => {
+            let run = std::env::temp_dir().join(format!("mvm-{}-{}", std::process::id(), share.tag));
+            (run.with_extension("merged"), run.with_extension("sock"))
+        }
+    };
+    let device = VirtiofsdShare {
+        tag: &share.tag,
+        source: &layers.source,
+        upper: layers.upper.as_deref(),
+        merged: &merged,
+        socket: &socket,
+        binary: None,
+        queue_size: VIRTIOFSD_QUEUE_SIZE,
+    }
+    .start()
+    .map_err(share_error)?;
+    Ok(Box::new(device))
+}
+
+/// `<dir>/<name>.<ext>` for `<dir>/<name>`.
+fn sibling(path: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".");
+    name.push(ext);
+    path.with_file_name(name)
 }
 
 /// The MMIO windows and interrupt lines of `count` virtio devices.

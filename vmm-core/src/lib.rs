@@ -48,6 +48,7 @@ pub mod console;
 mod devices;
 mod error;
 pub mod host;
+pub mod memory;
 pub mod state;
 mod vcpu;
 mod vm;

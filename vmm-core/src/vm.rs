@@ -212,7 +212,7 @@ impl Vm {
         // Memory before the irqchip: once an irqchip exists, the first
         // memslot update waits for an SRCU grace period (measured 7 ms on
         // the PVM host, 0.1 ms in this order).
-        let memory = create_memory(&vm_fd, mem_size)?;
+        let memory = create_memory(&vm_fd, mem_size, devices::needs_shared_memory(&config))?;
         // Everything checked: from here on files are created (state
         // directory, upper layers, volume images) and host processes
         // started.
@@ -501,14 +501,10 @@ fn raw<T>(dev: &Arc<Mutex<T>>, f: impl Fn(&T) -> RawFd) -> RawFd {
 }
 
 /// Allocate guest RAM (lazily backed: untouched pages cost nothing) and
-/// register it with KVM.
-fn create_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
-        .map_err(|e| Error::GuestMemory(format!("cannot map {} MiB: {e}", size >> 20)))?;
+/// register it with KVM. `shared`: backed by a memfd that vhost-user
+/// backends can map (see [`crate::memory::allocate`]).
+fn create_memory(vm_fd: &VmFd, size: u64, shared: bool) -> Result<GuestMemoryMmap> {
+    let memory = crate::memory::allocate(size, shared)?;
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
@@ -549,6 +545,11 @@ impl QueueNotifications {
 
 fn raw_all(transport: &Arc<Mutex<MmioTransport>>) -> Vec<RawFd> {
     let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+    // A vhost-user backend reads these itself; reading them here would
+    // steal its kicks.
+    if t.owns_queue_notifications() {
+        return Vec::new();
+    }
     t.queue_events().iter().map(|e| e.as_raw_fd()).collect()
 }
 

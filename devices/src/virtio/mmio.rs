@@ -75,6 +75,12 @@ impl MmioTransport {
         &self.queue_events
     }
 
+    /// Whether the device's backend, not the VMM, reads
+    /// [`Self::queue_events`] (see [`VirtioDevice::owns_queue_notifications`]).
+    pub fn owns_queue_notifications(&self) -> bool {
+        self.device.owns_queue_notifications()
+    }
+
     /// The interrupt line (bind it to the device's GSI with `KVM_IRQFD`).
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
@@ -197,12 +203,19 @@ impl MmioTransport {
                 ));
                 return;
             }
+            if let Err(e) = self.device.activate(&self.mem, &self.queues, &self.queue_events) {
+                self.fail(e);
+                return;
+            }
             self.activated = true;
             // Buffers made available before DRIVER_OK are not lost: hand
             // every queue to the event loop (this runs on a vCPU thread,
-            // which must not do device work).
-            for evt in &self.queue_events {
-                let _ = evt.write(1);
+            // which must not do device work). A device whose backend reads
+            // the notifications itself sees those buffers when it starts.
+            if !self.device.owns_queue_notifications() {
+                for evt in &self.queue_events {
+                    let _ = evt.write(1);
+                }
             }
             return;
         }
@@ -486,5 +499,96 @@ mod tests {
         // Status may not go backwards (except to 0).
         wr(&mut t, 0x70, status::ACKNOWLEDGE);
         assert_eq!(rd(&mut t, 0x70), ALL);
+    }
+
+    /// A device whose queues a backend serves: it records activation and
+    /// reports used buffers through its own "call" eventfd.
+    type DevResult<T> = std::result::Result<T, DeviceError>;
+    /// What activation received: the number of kick eventfds and the queue sizes.
+    type Seen = std::sync::Arc<std::sync::Mutex<Option<(usize, Vec<u16>)>>>;
+
+    struct Offloaded {
+        call: EventFd,
+        activated_with: Seen,
+        refuse: bool,
+    }
+
+    impl VirtioDevice for Offloaded {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> DevResult<bool> {
+            panic!("the backend serves the queues");
+        }
+        fn activate(&mut self, _: &GuestMemoryMmap, queues: &[Queue], kicks: &[EventFd]) -> DevResult<()> {
+            if self.refuse {
+                return Err(DeviceError::Backend("backend gone".into()));
+            }
+            let sizes = queues.iter().map(|q| q.size()).collect();
+            *self.activated_with.lock().unwrap() = Some((kicks.len(), sizes));
+            Ok(())
+        }
+        fn owns_queue_notifications(&self) -> bool {
+            true
+        }
+        fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
+            vec![std::os::fd::AsRawFd::as_raw_fd(&self.call)]
+        }
+        fn process_event(&mut self, _: std::os::fd::RawFd, _: &mut [Queue], _: &GuestMemoryMmap) -> DevResult<bool> {
+            Ok(self.call.read().is_ok())
+        }
+    }
+
+    fn offloaded(m: &GuestMemoryMmap, refuse: bool) -> (MmioTransport, Seen) {
+        let seen = std::sync::Arc::default();
+        let dev = Offloaded {
+            call: EventFd::new(EFD_NONBLOCK).unwrap(),
+            activated_with: std::sync::Arc::clone(&seen),
+            refuse,
+        };
+        (MmioTransport::new(Box::new(dev), m.clone()).unwrap(), seen)
+    }
+
+    #[test]
+    fn a_device_that_owns_its_queue_notifications_gets_them_at_activation() {
+        let m = mem();
+        let q = MockSplitQueue::create(&m, GuestAddress(0x1000), 8);
+        let (mut t, seen) = offloaded(&m, false);
+        assert!(t.owns_queue_notifications());
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 8);
+        wr(&mut t, 0x70, ALL);
+        assert_eq!(rd(&mut t, 0x70), ALL);
+        assert_eq!(*seen.lock().unwrap(), Some((1, vec![8])));
+        // The backend reads the kick eventfd: the transport left it alone.
+        assert!(t.queue_events()[0].read().is_err(), "not signalled at activation");
+        // A used-buffer notification from the backend becomes an interrupt
+        // with INT_USED_RING set, as the Linux driver requires.
+        let call = t.device_event_fds()[0];
+        // SAFETY: writes 8 bytes to an eventfd the device owns.
+        assert_eq!(unsafe { libc::write(call, 1u64.to_ne_bytes().as_ptr().cast(), 8) }, 8);
+        t.process_device_event(call);
+        assert_eq!(rd(&mut t, 0x60), INT_USED_RING);
+        assert!(t.interrupt().line().read().is_ok());
+    }
+
+    #[test]
+    fn a_failed_activation_needs_reset() {
+        let m = mem();
+        let q = MockSplitQueue::create(&m, GuestAddress(0x1000), 8);
+        let (mut t, seen) = offloaded(&m, true);
+        negotiate(&mut t);
+        setup_queue(&mut t, &q, 8);
+        wr(&mut t, 0x70, ALL);
+        assert_ne!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut t, 0x60) & INT_CONFIG, INT_CONFIG);
+        assert!(seen.lock().unwrap().is_none());
+        // Not active: backend events do nothing.
+        let call = t.device_event_fds()[0];
+        t.process_device_event(call);
+        assert_eq!(rd(&mut t, 0x60) & INT_USED_RING, 0);
     }
 }

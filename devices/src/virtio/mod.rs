@@ -43,6 +43,10 @@ pub enum DeviceError {
     Queue(u16, String),
     #[error("descriptor chain {head}: {reason}")]
     Chain { head: u16, reason: String },
+    /// The device's host side (a vhost-user backend process) failed; the
+    /// message names it and says why.
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// The device's interrupt line and the transport's interrupt status
@@ -168,6 +172,22 @@ pub trait VirtioDevice: Send {
             Some(queue) if queue.ready() => self.process_queue(index, queue, mem),
             _ => Ok(false),
         }
+    }
+    /// The driver set DRIVER_OK and every ready queue is valid for `mem`.
+    /// `kicks` are the queue-notify eventfds that `KVM_IOEVENTFD` signals,
+    /// one per queue; a device that processes its queues elsewhere (a
+    /// vhost-user backend) hands them over here. An error fails the device.
+    fn activate(&mut self, _mem: &GuestMemoryMmap, _queues: &[Queue], _kicks: &[EventFd]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// True when someone other than the VMM reads the queue-notify
+    /// eventfds (see [`Self::activate`]): the event loop then must not
+    /// watch them, nor the transport signal them at activation. Such a
+    /// device learns of used buffers through its [`Self::event_fds`] and
+    /// returns `Ok(true)` from [`Self::process_event`] to interrupt the
+    /// guest (through the transport, so the interrupt status says why).
+    fn owns_queue_notifications(&self) -> bool {
+        false
     }
     /// Forget any per-activation state (the transport resets the queues).
     fn reset(&mut self) {}

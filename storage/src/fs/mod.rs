@@ -33,8 +33,11 @@ use std::time::Duration;
 
 pub mod abi;
 pub mod device;
+pub mod host_overlay;
 pub mod overlay;
 pub mod server;
+pub mod vhost_user;
+pub mod virtiofsd;
 
 /// Node id of the root directory (FUSE_ROOT_ID).
 pub const ROOT_ID: u64 = 1;
