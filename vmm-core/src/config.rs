@@ -86,7 +86,7 @@ pub const DEFAULT_STATE_ROOT: &str = "/var/lib/microvm-dev";
 /// Environment variable that overrides [`DEFAULT_STATE_ROOT`].
 pub const STATE_DIR_ENV: &str = "MVM_STATE_DIR";
 /// Longest share tag: the virtio-fs config space holds 36 bytes.
-pub const MAX_TAG_LEN: usize = 36;
+pub const MAX_TAG_LEN: usize = mvm_storage::fs::TAG_LEN;
 /// Longest volume name: its disk serial `vol-<name>` must fit virtio-blk's
 /// 20 bytes.
 pub const MAX_VOLUME_NAME: usize = 16;

@@ -22,14 +22,9 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
 use super::server::{Server, IN_HEADER_SIZE, MAX_REQUEST};
-use super::FileSystem;
+use super::{ConfigSpace, FileSystem, DEVICE_TYPE_FS};
 use crate::Error;
 
-const DEVICE_TYPE_FS: u32 = 26;
-/// Length of the tag field of the config space.
-pub const TAG_LEN: usize = 36;
-const NUM_REQUEST_QUEUES: u32 = 1;
-const CONFIG_LEN: usize = TAG_LEN + 4;
 /// 1024 descriptors: a 1 MiB read or write ([`super::server::MAX_WRITE`])
 /// is 256 page buffers plus headers, each its own descriptor (Linux does
 /// not use indirect descriptors unless offered, and none are). With 256
@@ -40,7 +35,7 @@ const QUEUE_SIZE: u16 = 1024;
 /// A directory served to the guest under a tag (`mount -t virtiofs <tag>`).
 pub struct VirtioFs {
     server: Server<dyn FileSystem>,
-    config: [u8; CONFIG_LEN],
+    config: ConfigSpace,
     sizes: [u16; 2],
     /// Readable bytes of the current request, reused across requests
     /// (grows once to the largest request seen, at most MAX_REQUEST).
@@ -53,15 +48,9 @@ impl VirtioFs {
     /// A device serving `fs` under `tag`: 1 to 36 bytes, no NUL or control
     /// characters (the guest names the file system by it in `mount`).
     pub fn new(tag: &str, fs: Box<dyn FileSystem>) -> Result<Self, Error> {
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.chars().any(char::is_control) {
-            return Err(Error::FsTag { tag: tag.to_string() });
-        }
-        let mut config = [0u8; CONFIG_LEN];
-        config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
         Ok(VirtioFs {
             server: Server::from_box(fs),
-            config,
+            config: ConfigSpace::new(tag)?,
             sizes: [QUEUE_SIZE; 2],
             request: Vec::new(),
             reply: Vec::new(),
@@ -84,13 +73,7 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if let Some(src) = start
-            .checked_add(data.len())
-            .and_then(|end| self.config.get(start..end))
-        {
-            data.copy_from_slice(src);
-        }
+        self.config.read(offset, data);
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {

@@ -39,6 +39,41 @@ pub mod server;
 pub mod vhost_user;
 pub mod virtiofsd;
 
+/// virtio device type of a file system device.
+pub const DEVICE_TYPE_FS: u32 = 26;
+/// Length of the tag field of the config space.
+pub const TAG_LEN: usize = 36;
+/// Request queues besides the high-priority one.
+pub const NUM_REQUEST_QUEUES: u32 = 1;
+
+/// The virtio-fs config space, the same for the in-process device and the
+/// vhost-user frontend: the tag (NUL padded) and the number of request
+/// queues (little endian).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSpace([u8; TAG_LEN + 4]);
+
+impl ConfigSpace {
+    /// `tag`: 1 to 36 bytes, no NUL or control characters (the guest names
+    /// the file system by it in `mount`).
+    pub fn new(tag: &str) -> Result<Self, crate::Error> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.chars().any(char::is_control) {
+            return Err(crate::Error::FsTag { tag: tag.to_string() });
+        }
+        let mut bytes = [0u8; TAG_LEN + 4];
+        bytes[..tag.len()].copy_from_slice(tag.as_bytes());
+        bytes[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        Ok(ConfigSpace(bytes))
+    }
+
+    /// A guest read at `offset`; out-of-range reads leave `data` alone.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        let Ok(start) = usize::try_from(offset) else { return };
+        if let Some(src) = start.checked_add(data.len()).and_then(|end| self.0.get(start..end)) {
+            data.copy_from_slice(src);
+        }
+    }
+}
+
 /// Node id of the root directory (FUSE_ROOT_ID).
 pub const ROOT_ID: u64 = 1;
 

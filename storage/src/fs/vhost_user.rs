@@ -28,12 +28,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::host_overlay::HostOverlay;
 use super::virtiofsd::{self, Virtiofsd};
+use super::{ConfigSpace, DEVICE_TYPE_FS};
 use crate::Error;
 
-/// virtio device type of a file system device.
-pub const DEVICE_TYPE: u32 = 26;
-/// Length of the tag field in the config space.
-pub const TAG_LEN: usize = 36;
 /// How long [`VhostUserFs::connect`] waits for the backend to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reply from the backend may take before the device fails
@@ -49,7 +46,7 @@ const PASSED_THROUGH: u64 = (1 << 28) | (1 << 29); // INDIRECT_DESC, EVENT_IDX
 /// The frontend of one virtio-fs device whose backend is a vhost-user
 /// process.
 pub struct VhostUserFs {
-    config: [u8; TAG_LEN + 4],
+    config: ConfigSpace,
     tag: String,
     queue_sizes: [u16; NUM_QUEUES],
     socket: PathBuf,
@@ -80,9 +77,7 @@ impl VhostUserFs {
             socket: socket.to_path_buf(),
             reason,
         };
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.chars().any(char::is_control) {
-            return Err(Error::FsTag { tag: tag.to_string() });
-        }
+        let config = ConfigSpace::new(tag)?;
         if !queue_size.is_power_of_two() {
             return Err(err(format!("queue size {queue_size} is not a power of two")));
         }
@@ -100,9 +95,6 @@ impl VhostUserFs {
         }
         frontend.set_owner().map_err(|e| err(format!("SET_OWNER: {e}")))?;
         let new_call = || EventFd::new(EFD_NONBLOCK).map_err(|e| err(format!("eventfd: {e}")));
-        let mut config = [0u8; TAG_LEN + 4];
-        config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(VhostUserFs {
             config,
             tag: tag.to_string(),
@@ -247,7 +239,7 @@ pub fn connect_retrying(socket: &Path, timeout: Duration) -> std::io::Result<Uni
 
 impl VirtioDevice for VhostUserFs {
     fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+        DEVICE_TYPE_FS
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -263,13 +255,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Ok(start) = usize::try_from(offset) else { return };
-        let Some(end) = start.checked_add(data.len()) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..end) {
-            data.copy_from_slice(src);
-        }
+        self.config.read(offset, data);
     }
 
     fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> Result<bool, DeviceError> {
