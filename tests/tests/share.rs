@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use mvm_tests::*;
 
-const TIMEOUT: Duration = Duration::from_secs(900);
+/// Generous: boot 1 runs the whole scenario on two shares, about 10 minutes
+/// on an idle PVM host (the guest kernel is interpreted).
+const TIMEOUT: Duration = Duration::from_secs(2400);
 const MANY: usize = 10_000;
 /// Extra open/close rounds of one file for the descriptor check.
 const OPENS: usize = 1_000;

@@ -31,6 +31,11 @@ pub enum OverlayKind {
 pub struct HostOverlay {
     lower: PathBuf,
     merged: PathBuf,
+    /// A read-only, noatime bind mount of `lower` that the kernel overlay
+    /// uses as its lower layer: overlayfs's copy-up opens lower files
+    /// without O_NOATIME, which would touch the project's atimes, and the
+    /// read-only mount makes "never written" a property of the mount.
+    lower_view: Option<PathBuf>,
     kind: OverlayKind,
     mounted: bool,
 }
@@ -58,7 +63,7 @@ impl HostOverlay {
             return Err(err("the project directory does not exist or is not a directory".into()));
         }
         let work = Self::work_dir_for(upper);
-        if is_mountpoint(merged) {
+        while is_mountpoint(merged) {
             // Left by a VMM that was killed before it could unmount.
             log::warn!("unmounting a stale mount at {}", merged.display());
             umount_lazy(merged).map_err(|e| err(format!("cannot unmount what is mounted there already: {e}")))?;
@@ -83,13 +88,28 @@ impl HostOverlay {
                 )));
             }
         }
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower_abs.display(),
-            upper_abs.display(),
-            work_abs.display()
-        );
-        let kind = match mount_kernel(&format!("{options},userxattr"), merged) {
+        let options = |lower: &Path| {
+            format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper_abs.display(),
+                work_abs.display()
+            )
+        };
+        let view = sibling(merged, "lower");
+        let lower_view = match bind_read_only(&lower_abs, &view) {
+            Ok(()) => Some(view),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => None,
+            Err(e) => {
+                return Err(err(format!(
+                    "cannot bind-mount the project read-only at {}: {e}",
+                    view.display()
+                )))
+            }
+        };
+        let kernel_options = format!("{},userxattr", options(lower_view.as_deref().unwrap_or(&lower_abs)));
+        let options = options(&lower_abs);
+        let kind = match mount_kernel(&kernel_options, merged) {
             Ok(()) => OverlayKind::Kernel,
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 mount_fuse(&options, merged).map_err(|reason| {
@@ -100,12 +120,29 @@ impl HostOverlay {
                 })?;
                 OverlayKind::Fuse
             }
-            Err(e) => return Err(err(format!("mount -t overlay -o {options},userxattr: {e}"))),
+            Err(e) => {
+                if let Some(view) = &lower_view {
+                    let _ = unmount_view(view);
+                }
+                return Err(err(format!("mount -t overlay -o {kernel_options}: {e}")));
+            }
+        };
+        // fuse-overlayfs reads the project itself (it could not use a bind
+        // mount made by root anyway); keep no view for it.
+        let lower_view = match kind {
+            OverlayKind::Kernel => lower_view,
+            OverlayKind::Fuse => {
+                if let Some(view) = &lower_view {
+                    let _ = unmount_view(view);
+                }
+                None
+            }
         };
         log::debug!("overlay {options} mounted at {} ({kind:?})", merged.display());
         Ok(HostOverlay {
             lower: lower.to_path_buf(),
             merged: merged.to_path_buf(),
+            lower_view,
             kind,
             mounted: true,
         })
@@ -143,7 +180,69 @@ impl HostOverlay {
             }
             Err(e) => log::error!("cannot unmount the overlay at {}: {e}", self.merged.display()),
         }
+        if let Some(view) = self.lower_view.take() {
+            if let Err(e) = unmount_view(&view) {
+                log::error!("cannot unmount the project's read-only view at {}: {e}", view.display());
+            }
+        }
     }
+}
+
+/// `<dir>/<name>.<ext>` for `<dir>/<name>`.
+fn sibling(path: &Path, ext: &str) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".");
+    name.push(ext);
+    path.with_file_name(name)
+}
+
+/// Bind-mount `source` at `view` (created when missing; a stale mount
+/// there is replaced), then make that mount read-only and noatime.
+fn bind_read_only(source: &Path, view: &Path) -> std::io::Result<()> {
+    while is_mountpoint(view) {
+        log::warn!("unmounting a stale mount at {}", view.display());
+        umount_lazy(view)?;
+    }
+    std::fs::create_dir_all(view)?;
+    let (src, target) = (cstring(source)?, cstring(view)?);
+    // SAFETY: valid NUL-terminated paths; no data argument.
+    if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_dir(view);
+        return Err(e);
+    }
+    let flags =
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOATIME | libc::MS_NODEV | libc::MS_NOSUID;
+    // SAFETY: as above; a remount of the bind mount just made.
+    if unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        let _ = unmount_view(view);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn unmount_view(view: &Path) -> std::io::Result<()> {
+    umount_lazy(view)?;
+    std::fs::remove_dir(view)
 }
 
 impl Drop for HostOverlay {
@@ -152,14 +251,42 @@ impl Drop for HostOverlay {
     }
 }
 
-/// A directory on another file system than its parent.
+/// Whether something is mounted at `dir` (from /proc/self/mountinfo: a
+/// bind mount of the same file system has its parent's device number, so
+/// comparing st_dev would miss it).
 fn is_mountpoint(dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let parent = dir.join("..");
-    match (std::fs::symlink_metadata(dir), std::fs::metadata(parent)) {
-        (Ok(d), Ok(p)) => d.is_dir() && d.dev() != p.dev(),
-        _ => false,
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|point| unescape_mountinfo(point).as_slice() == dir.as_os_str().as_bytes())
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok().and_then(|d| u8::from_str_radix(d, 8).ok()));
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
     }
+    out
 }
 
 fn cstring(p: &Path) -> std::io::Result<CString> {
@@ -347,13 +474,27 @@ mod tests {
         let stacked = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .filter(|l| l.contains(merged.to_str().unwrap()))
+            .filter(|l| l.split(' ').nth(4) == merged.to_str())
             .count();
         assert_eq!(stacked, 1, "the stale mount was replaced, not stacked on");
+        // The overlay reads the project through a read-only, noatime view.
+        let view = sibling(&merged, "lower");
+        let view_line = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(' ').nth(4) == view.to_str())
+            .map(str::to_string)
+            .expect("the project's view is mounted");
+        let options = view_line.split(' ').nth(5).unwrap_or_default();
+        assert!(
+            options.split(',').any(|o| o == "ro") && options.contains("noatime"),
+            "{view_line}"
+        );
         assert!(!merged.join("gone.txt").exists());
         assert_eq!(std::fs::read_to_string(merged.join("new.txt")).unwrap(), "upper");
         drop(ovl);
         assert!(!is_mountpoint(&merged));
+        assert!(!view.exists(), "the view is unmounted and removed");
         std::fs::remove_dir_all(base).unwrap();
     }
 }
