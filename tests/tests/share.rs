@@ -79,7 +79,7 @@ fn manifest(root: &Path) -> Manifest {
             let m = std::fs::symlink_metadata(&path).unwrap();
             let hash = if m.is_file() {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::fs::read(&path).unwrap().hash(&mut h);
+                read_noatime(&path).hash(&mut h);
                 h.finish()
             } else if m.file_type().is_symlink() {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -107,8 +107,33 @@ fn manifest(root: &Path) -> Manifest {
     out
 }
 
+/// The file's bytes, read without touching its atime (the manifest checks
+/// that the VMs leave atimes alone; its own reads must too).
+fn read_noatime(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+        .unwrap();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
 fn md5(path: &Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().expect("md5sum");
+    let mut child = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&read_noatime(path)).expect("feed md5sum");
+    }
+    let out = child.wait_with_output().expect("md5sum");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -281,8 +306,6 @@ fn project_share_overlay_persistence_and_isolation() {
     let dir = scratch_dir("share");
     let project = dir.join("project");
     make_project(&project);
-    // Timestamps settle before the manifest (a file written this second
-    // may still get an atime update from an unrelated reader otherwise).
     let before = manifest(&project);
     let big_md5 = md5(&project.join("big.bin"));
 
