@@ -74,8 +74,8 @@ fn manifest(root: &Path) -> Manifest {
     let mut out = Manifest::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
+        for name in list_noatime(&dir) {
+            let path = dir.join(name);
             let m = std::fs::symlink_metadata(&path).unwrap();
             let hash = if m.is_file() {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -105,6 +105,37 @@ fn manifest(root: &Path) -> Manifest {
         }
     }
     out
+}
+
+/// The names in a directory, listed without touching its atime (which
+/// `std::fs::read_dir` would).
+fn list_noatime(dir: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path; the descriptor goes to fdopendir, which owns
+    // it from then on and closedir releases both.
+    let mut names = Vec::new();
+    unsafe {
+        let fd = libc::open(
+            c_dir.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOATIME | libc::O_CLOEXEC,
+        );
+        assert!(fd >= 0, "open {}: {}", dir.display(), std::io::Error::last_os_error());
+        let stream = libc::fdopendir(fd);
+        assert!(!stream.is_null(), "fdopendir {}", dir.display());
+        loop {
+            let entry = libc::readdir(stream);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_bytes();
+            if name != b"." && name != b".." {
+                names.push(std::ffi::OsStr::from_bytes(name).to_os_string());
+            }
+        }
+        libc::closedir(stream);
+    }
+    names
 }
 
 /// The file's bytes, read without touching its atime (the manifest checks
@@ -428,4 +459,17 @@ fn transcript(vm: &RunningVm) -> String {
         .map(|(_, l)| l.as_str())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The manifest must not change what it records (atimes included), or the
+/// check above could not tell the VMs' doing from its own.
+#[test]
+fn manifest_does_not_touch_atimes() {
+    let dir = scratch_dir("manifest");
+    write(&dir.join("a/b/file"), b"content");
+    write(&dir.join("top"), b"x");
+    let first = manifest(&dir);
+    assert_eq!(first.len(), 4);
+    assert_eq!(manifest(&dir), first);
+    let _ = std::fs::remove_dir_all(&dir);
 }
