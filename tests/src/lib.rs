@@ -42,14 +42,19 @@ pub fn guest_file(name: &str) -> PathBuf {
 
 /// The `mvm-vmm` binary of the same profile as the running test.
 pub fn mvm_vmm() -> PathBuf {
+    workspace_bin("mvm-vmm")
+}
+
+/// A binary of this workspace, of the same profile as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/mvm-vmm
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let bin = profile_dir.join("mvm-vmm");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace --bins`, same profile as the tests)",
