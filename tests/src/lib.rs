@@ -132,7 +132,17 @@ pub struct RunningVm {
     started: Instant,
     /// Every console line so far, with its arrival time.
     pub transcript: Vec<(Duration, String)>,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A test that fails before `finish` must not leave its VMM running.
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// How a run ended.
@@ -218,7 +228,7 @@ impl RunningVm {
             lines,
             started,
             transcript: Vec::new(),
-            stderr,
+            stderr: Some(stderr),
         }
     }
 
@@ -286,10 +296,10 @@ impl RunningVm {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.transcript.push(line);
         }
-        let stderr = self.stderr.join().unwrap_or_default();
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         Finished {
             status,
-            transcript: self.transcript,
+            transcript: std::mem::take(&mut self.transcript),
             stderr,
         }
     }
