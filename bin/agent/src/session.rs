@@ -201,7 +201,7 @@ fn prepare_stdio(cmd: &mut Command, req: &ExecRequest) -> io::Result<Streams> {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
             cmd.process_group(0);
             // SAFETY: the closure only makes async-signal-safe calls.
-            unsafe { cmd.pre_exec(|| reset_signals()) };
+            unsafe { cmd.pre_exec(reset_signals) };
             Ok(Streams {
                 input: None,
                 outputs: Vec::new(),
