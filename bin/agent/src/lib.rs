@@ -60,7 +60,10 @@ pub fn log_line(args: std::fmt::Arguments<'_>) {
 /// status, but never returns when it is PID 1 (init must not exit).
 pub fn main(args: Vec<OsString>) -> i32 {
     let is_pid1 = std::process::id() == 1;
-    let code = run(args, is_pid1);
+    let code = std::panic::catch_unwind(|| run(args, is_pid1)).unwrap_or_else(|_| {
+        say!("the agent panicked");
+        101
+    });
     if is_pid1 {
         say!("cannot serve the host; idling (the guest stays up)");
         loop {

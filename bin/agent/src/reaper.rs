@@ -88,9 +88,11 @@ impl Reaper {
     /// Start the reaper thread.
     pub fn start(self: &Arc<Self>) -> io::Result<()> {
         let me = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || me.run())?;
+        std::thread::Builder::new().name("reaper".into()).spawn(move || loop {
+            // Init without a reaper fills up with zombies: keep going.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.run()));
+            crate::say!("the reaper panicked; restarting it");
+        })?;
         Ok(())
     }
 

@@ -100,6 +100,7 @@ pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> 
         streams,
         pending: Vec::new(),
         stdin_eof: false,
+        done: false,
     };
     session.pump(start)
 }
@@ -277,6 +278,18 @@ struct Session<'a> {
     pending: Vec<u8>,
     /// The host sent `StdinEof`.
     stdin_eof: bool,
+    /// The program was reaped or hung up (else dropping the session, on a
+    /// panic, kills it).
+    done: bool,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.ctx.reaper.take(&self.watch).is_none() {
+            sys::kill_group(self.watch.pid, libc::SIGKILL);
+        }
+        self.ctx.reaper.forget(&self.watch);
+    }
 }
 
 /// What the connection said.
@@ -331,6 +344,7 @@ impl Session<'_> {
                 let mut byte = [0u8; 8];
                 let _ = sys::read(&self.watch.fd(), &mut byte);
                 if let Some(exit) = self.ctx.reaper.take(&self.watch) {
+                    self.done = true;
                     break exit;
                 }
             }
@@ -503,6 +517,7 @@ impl Session<'_> {
             }
         }
         reaper.forget(&self.watch);
+        self.done = true;
         Ok(())
     }
 }
