@@ -92,7 +92,7 @@ pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> 
     streams.take_pipes(&mut child);
     drop(child);
 
-    proto::write_message(conn, &Message::Started { pid: watch.pid as u32 })?;
+    let pid = watch.pid as u32;
     let mut session = Session {
         ctx,
         conn,
@@ -102,6 +102,9 @@ pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> 
         stdin_eof: false,
         done: false,
     };
+    if let Host::Gone = session.send(&Message::Started { pid }) {
+        return session.hang_up();
+    }
     session.pump(start)
 }
 
@@ -332,7 +335,12 @@ impl Session<'_> {
                     }
                 }
             }
-            if fds[2].revents != 0 {
+            if fds[2].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // The program closed its stdin (or terminal): poll would
+                // report this forever, and input has nowhere to go.
+                self.streams.input = None;
+                self.pending.clear();
+            } else if fds[2].revents != 0 {
                 self.write_input();
             }
             if fds[1].revents != 0 {

@@ -529,3 +529,23 @@ fn concurrent_sessions() {
         }
     });
 }
+
+/// The agent's CPU time so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    // utime and stime: fields 14 and 15, counted after "pid (comm)" as 12 and 13.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn closed_stdin_and_output_do_not_spin() {
+    let agent = Agent::start();
+    let before = cpu_ticks(agent.child.id());
+    let o = run(&agent, cmd(&["sh", "-c", "exec 0<&- 1>&- 2>&-; sleep 1"]));
+    assert_eq!(o.status, Some(ExitStatus::Code(0)));
+    let tty = run(&agent, tty_cmd(&["sh", "-c", "exec 0<&- 1>&- 2>&-; sleep 1"]));
+    assert_eq!(tty.status, Some(ExitStatus::Code(0)));
+    let used = cpu_ticks(agent.child.id()) - before;
+    assert!(used < 50, "the agent used {used} ticks over 2 s");
+}
