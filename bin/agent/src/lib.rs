@@ -104,11 +104,22 @@ fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
         say!("cannot start the reaper thread: {e}");
         return 1;
     }
-    let listener = match server::Listener::bind(&args.listen) {
-        Ok(l) => l,
-        Err(e) => {
-            say!("cannot listen on {:?}: {e}", args.listen);
-            return 1;
+    let mut warned = false;
+    let listener = loop {
+        match server::Listener::bind(&args.listen) {
+            Ok(l) => break l,
+            // Init cannot give up (nor exit): keep trying, quietly.
+            Err(e) if init => {
+                if !warned {
+                    say!("cannot listen on {:?}: {e}; retrying every second", args.listen);
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => {
+                say!("cannot listen on {:?}: {e}", args.listen);
+                return 1;
+            }
         }
     };
     match &args.listen {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proto::PowerAction;
+use crate::proto::{Mount, PowerAction};
 use crate::{mounts, say, sys};
 
 /// How long programs get between SIGTERM and SIGKILL.
@@ -94,22 +94,28 @@ fn user_processes_left() -> bool {
 /// remounted read-only. Then the root, read-only.
 fn unmount_all() {
     let all = mounts::current();
-    for m in all.iter().rev() {
-        if m.target == "/" || PSEUDO.contains(&m.fstype.as_str()) {
-            continue;
-        }
-        let Ok(target) = sys::cstring(&m.target) else {
+    for name in unmount_order(&all) {
+        let Ok(target) = sys::cstring(name) else {
             continue;
         };
         // SAFETY: valid NUL-terminated path.
-        if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-            continue;
+        if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+            remount_read_only(&target, name);
         }
-        remount_read_only(&target, &m.target);
     }
     if let Ok(root) = sys::cstring("/") {
         remount_read_only(&root, "/");
     }
+}
+
+/// The mount points to unmount, innermost (latest) first: real file
+/// systems only, not the root.
+fn unmount_order(all: &[Mount]) -> Vec<&str> {
+    all.iter()
+        .rev()
+        .filter(|m| m.target != "/" && !PSEUDO.contains(&m.fstype.as_str()))
+        .map(|m| m.target.as_str())
+        .collect()
 }
 
 fn remount_read_only(target: &std::ffi::CStr, name: &str) {
@@ -129,5 +135,29 @@ fn remount_read_only(target: &std::ffi::CStr, name: &str) {
         if name != "/" {
             say!("cannot unmount or remount {name} read-only: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmounts_real_file_systems_innermost_first() {
+        let m = |target: &str, fstype: &str| Mount {
+            source: "x".into(),
+            target: target.into(),
+            fstype: fstype.into(),
+        };
+        let all = [
+            m("/", "ext4"),
+            m("/proc", "proc"),
+            m("/dev", "devtmpfs"),
+            m("/project", "virtiofs"),
+            m("/data", "ext4"),
+            m("/data/inner", "ext4"),
+            m("/tmp", "tmpfs"),
+        ];
+        assert_eq!(unmount_order(&all), ["/data/inner", "/data", "/project"]);
     }
 }

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,7 +86,13 @@ pub enum Listener {
 impl Listener {
     pub fn bind(listen: &Listen) -> io::Result<Listener> {
         match listen {
-            Listen::Unix(path) => Ok(Listener::Unix(UnixListener::bind(path)?)),
+            Listen::Unix(path) => {
+                // A socket left by an earlier run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?))
+            }
             Listen::Vsock(port) => bind_vsock(*port).map(Listener::Vsock),
         }
     }
