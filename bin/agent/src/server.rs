@@ -8,7 +8,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::proto::{self, Info, Message, PowerAction, AGENT_PORT, VERSION};
 use crate::session::{self, Context};
@@ -170,32 +170,45 @@ pub fn serve(listener: &Listener, ctx: Arc<Context>) -> ! {
 
 /// Handshake, then one request.
 pub fn connection(ctx: &Context, mut conn: File) {
-    match proto::read_message(&mut conn) {
+    if let Some(action) = exchange(ctx, &mut conn) {
+        power(ctx, conn, action);
+    } else {
+        close_gracefully(conn, LINGER);
+    }
+}
+
+/// How long a closing connection waits for the host to close its side.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Handshake and request; returns the power action to take, if that was
+/// the request.
+fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
+    match proto::read_message(conn) {
         Ok(Message::Hello { version, .. }) if version == VERSION => {}
-        Ok(Message::Hello { version, .. }) => return refuse(&mut conn, proto::Error::Version(version)),
+        Ok(Message::Hello { version, .. }) => return refuse(conn, proto::Error::Version(version)),
         Ok(other) => {
             return refuse(
-                &mut conn,
+                conn,
                 proto::Error::Unexpected {
                     expected: "Hello",
                     got: other.name(),
                 },
             )
         }
-        Err(proto::Error::Closed) => return,
-        Err(e) => return refuse(&mut conn, e),
+        Err(proto::Error::Closed) => return None,
+        Err(e) => return refuse(conn, e),
     }
     let hello = Message::Hello {
         version: VERSION,
         software: software(),
     };
-    if proto::write_message(&mut conn, &hello).is_err() {
-        return;
+    if proto::write_message(conn, &hello).is_err() {
+        return None;
     }
-    let request = match proto::read_message(&mut conn) {
+    let request = match proto::read_message(conn) {
         Ok(r) => r,
-        Err(proto::Error::Closed) => return,
-        Err(e) => return refuse(&mut conn, e),
+        Err(proto::Error::Closed) => return None,
+        Err(e) => return refuse(conn, e),
     };
     let start = Instant::now();
     let reply = match request {
@@ -204,26 +217,54 @@ pub fn connection(ctx: &Context, mut conn: File) {
             Ok(()) => Message::Ok,
             Err(e) => Message::Error(format!("cannot set the clock: {}", sys::error_text(&e))),
         },
-        Message::Power(action) => return power(ctx, conn, action),
+        Message::Power(action) => return Some(action),
         Message::Exec(req) => {
-            if let Err(e) = session::run(ctx, &mut conn, req, start) {
+            if let Err(e) = session::run(ctx, conn, req, start) {
                 say!("exec session ended: {e}");
             }
-            return;
+            return None;
         }
         other => Message::Error(format!(
             "expected a request (Info, Exec, Power or SetClock), got {}",
             other.name()
         )),
     };
-    let _ = proto::write_message(&mut conn, &reply);
+    let _ = proto::write_message(conn, &reply);
+    None
 }
 
-/// Answer a protocol error and close.
-fn refuse(conn: &mut File, e: proto::Error) {
+/// Answer a protocol error (the connection is then closed).
+fn refuse(conn: &mut File, e: proto::Error) -> Option<PowerAction> {
     if !matches!(e, proto::Error::Io(_) | proto::Error::ShortFrame) {
         say!("refusing a connection: {e}");
         let _ = proto::write_message(conn, &Message::Error(e.to_string()));
+    }
+    None
+}
+
+/// Close after our last frame without losing it: closing a socket with
+/// unread input resets the connection, and a reset may overtake (and
+/// discard) what we sent. So: end our side, then discard what the host
+/// still sends until it closes too, for at most `linger`.
+pub fn close_gracefully(conn: File, linger: Duration) {
+    // SAFETY: no memory arguments.
+    unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR) };
+    let deadline = Instant::now() + linger;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut fds = [sys::pollfd(conn.as_raw_fd(), libc::POLLIN)];
+        match sys::poll(&mut fds, Some(left)) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        match sys::read(&conn, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -244,14 +285,12 @@ fn power(ctx: &Context, mut conn: File, action: PowerAction) {
             &mut conn,
             &Message::Error("not init: refusing to power off the host".into()),
         );
-        return;
+        return close_gracefully(conn, LINGER);
     }
     let _ = proto::write_message(&mut conn, &Message::Ok);
-    // SAFETY: no memory arguments.
-    unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
-    drop(conn);
-    // Give the virtio queue a moment to carry the reply out.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Let the host read the reply (and close) before the guest goes away;
+    // a host that keeps the connection open delays the poweroff a little.
+    close_gracefully(conn, Duration::from_millis(200));
     power::shut_down(action);
 }
 

@@ -549,3 +549,20 @@ fn closed_stdin_and_output_do_not_spin() {
     let used = cpu_ticks(agent.child.id()) - before;
     assert!(used < 50, "the agent used {used} ticks over 2 s");
 }
+
+#[test]
+fn tty_hangup_and_background_jobs() {
+    let agent = Agent::start();
+    let mut s = agent.exec(tty_cmd(&["sh"]));
+    let pid = started(&mut s);
+    proto::write_message(&mut s, &Message::Stdin(b"echo ready\n".to_vec())).unwrap();
+    expect_output(&mut s, "ready\r\n");
+    drop(s);
+    assert!(process_gone(pid, Duration::from_secs(5)));
+    // A background job keeping the terminal open does not hold the exit.
+    let t = Instant::now();
+    let o = run(&agent, tty_cmd(&["sh", "-c", "sleep 30 & echo done"]));
+    assert!(o.out().contains("done"), "{}", o.out());
+    assert_eq!(o.status, Some(ExitStatus::Code(0)));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
