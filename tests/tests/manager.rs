@@ -60,7 +60,12 @@ impl Mvm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mvm");
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
         child.wait_with_output().expect("wait mvm")
     }
 
@@ -87,9 +92,13 @@ impl Mvm {
 /// name.
 impl Drop for Mvm {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
         for entry in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(entry.path().join("vmm.pid")) else { continue };
+            let Ok(text) = std::fs::read_to_string(entry.path().join("vmm.pid")) else {
+                continue;
+            };
             if let Some(pid) = text
                 .strip_prefix("running ")
                 .and_then(|r| r.split_whitespace().next())
@@ -232,7 +241,10 @@ fn manager_runs_vms_from_create_to_rm() {
         .iter()
         .filter(|o| format!("{}{}", stdout(o), stderr(o)).contains("already running"))
         .count();
-    assert_eq!(said_running, 1, "one of two concurrent starts says the VM already runs: {outs:?}");
+    assert_eq!(
+        said_running, 1,
+        "one of two concurrent starts says the VM already runs: {outs:?}"
+    );
 
     // Both listed as running, each with its own MAC, state dir and VMM.
     let list = mvm.json(&["list", "--json"]);
@@ -246,7 +258,10 @@ fn manager_runs_vms_from_create_to_rm() {
     assert_ne!(vms[0]["state_dir"], vms[1]["state_dir"]);
     assert_ne!(vms[0]["pid"], vms[1]["pid"]);
     let table = mvm.ok(&["list"]);
-    assert!(table.contains("alpha") && table.contains("beta") && table.contains("running"), "{table}");
+    assert!(
+        table.contains("alpha") && table.contains("beta") && table.contains("running"),
+        "{table}"
+    );
 
     // exec: hostname, working directory, status codes, streams.
     assert_eq!(mvm.ok(&["exec", "alpha", "--", "hostname"]), "alpha\n");
@@ -270,20 +285,38 @@ fn manager_runs_vms_from_create_to_rm() {
     let out = mvm.run(&["exec", "alpha", "--", "tty"]);
     assert_eq!(stdout(&out), "not a tty\n", "no PTY without -t");
     let out = mvm.run(&["exec", "-t", "alpha", "--", "tty"]);
-    assert!(stdout(&out).starts_with("/dev/pts/"), "a PTY with -t: {}", describe(&out));
+    assert!(
+        stdout(&out).starts_with("/dev/pts/"),
+        "a PTY with -t: {}",
+        describe(&out)
+    );
 
     // The guest clock follows the host's (set by `mvm start`).
-    let guest: i64 = mvm.ok(&["exec", "alpha", "--", "date", "+%s"]).trim().parse().expect("date +%s");
+    let guest: i64 = mvm
+        .ok(&["exec", "alpha", "--", "date", "+%s"])
+        .trim()
+        .parse()
+        .expect("date +%s");
     let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((guest - host).abs() <= 5, "guest clock {guest}, host {host}");
 
     // Each VM writes to its own upper layer: the other VM and the host
     // never see it.
-    mvm.ok(&["exec", "alpha", "--", "sh", "-c", "echo mine > /project/alpha.txt; rm /project/README"]);
+    mvm.ok(&[
+        "exec",
+        "alpha",
+        "--",
+        "sh",
+        "-c",
+        "echo mine > /project/alpha.txt; rm /project/README",
+    ]);
     assert_eq!(mvm.ok(&["exec", "alpha", "--", "cat", "/project/alpha.txt"]), "mine\n");
     let out = mvm.run(&["exec", "beta", "--", "cat", "/project/alpha.txt"]);
     assert_eq!(out.status.code(), Some(1), "beta sees alpha's file: {}", describe(&out));
-    assert_eq!(mvm.ok(&["exec", "beta", "--", "cat", "/project/README"]), "the project\n");
+    assert_eq!(
+        mvm.ok(&["exec", "beta", "--", "cat", "/project/README"]),
+        "the project\n"
+    );
     assert_eq!(project_listing(&project), before, "the host project changed");
 
     // rm refuses a running VM.
@@ -298,7 +331,10 @@ fn manager_runs_vms_from_create_to_rm() {
     let beta_pid = mvm.pid_of("beta");
     // SAFETY: plain kill(2) of the VMM the pid file names.
     unsafe { libc::kill(beta_pid, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(30), || !alive(beta_pid)), "beta's VMM survived SIGKILL");
+    assert!(
+        wait_until(Duration::from_secs(30), || !alive(beta_pid)),
+        "beta's VMM survived SIGKILL"
+    );
     let status = mvm.json(&["status", "beta", "--json"]);
     assert_eq!(status["state"], "crashed", "{status}");
     let table = mvm.ok(&["list"]);
@@ -369,7 +405,10 @@ fn shell_through_tmux(mvm: &Mvm) {
     tmux.keys(&["C-c"]);
     tmux.keys(&["echo after-$((1+1))-int", "Enter"]);
     tmux.wait_for("after-2-int", Duration::from_secs(60));
-    assert!(t.elapsed() < Duration::from_secs(60), "Ctrl-C did not interrupt sleep 100");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "Ctrl-C did not interrupt sleep 100"
+    );
 
     tmux.keys(&["exit 3", "Enter"]);
     tmux.wait_for("SHELL-EXIT=3", slow);

@@ -74,7 +74,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
 }
 
 fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
-    let args = match server::parse_args(&args) {
+    // As init, argv holds the kernel command-line words the kernel did not
+    // know (`nopv`, `noxsave`, ...), not options for us.
+    let args = if is_pid1 { &[][..] } else { &args[..] };
+    let args = match server::parse_args(args) {
         Ok(server::Command::Run(a)) => a,
         Ok(server::Command::Print(text)) => {
             let _ = std::io::stdout().write_all(text.as_bytes());

@@ -154,7 +154,10 @@ pub struct Info {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// First frame of each side: protocol version and software name.
-    Hello { version: u16, software: String },
+    Hello {
+        version: u16,
+        software: String,
+    },
     /// Host: what is the guest's state? Answer: `InfoReply`.
     Info,
     InfoReply(Info),
@@ -162,13 +165,18 @@ pub enum Message {
     /// be started at all.
     Exec(ExecRequest),
     /// Agent: the program runs with this guest pid.
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     /// Host: input for the program.
     Stdin(Vec<u8>),
     /// Host: no more input (the program's stdin is closed).
     StdinEof,
     /// Host: the terminal's new size (PTY sessions).
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     /// Host: deliver this signal to the program (its process group).
     Signal(i32),
     /// Agent: output of the program.
@@ -176,12 +184,17 @@ pub enum Message {
     Stderr(Vec<u8>),
     /// Agent: the program ended; all its output was sent before this.
     /// `elapsed_us` is the guest-side time from `Exec` to the exit.
-    Exited { status: ExitStatus, elapsed_us: u64 },
+    Exited {
+        status: ExitStatus,
+        elapsed_us: u64,
+    },
     /// Host: power the guest off or reboot it. Answer: `Ok`, then the
     /// guest goes down.
     Power(PowerAction),
     /// Host: set the guest wall clock. Answer: `Ok`.
-    SetClock { unix_ns: i64 },
+    SetClock {
+        unix_ns: i64,
+    },
     /// Success without data.
     Ok,
     /// The request failed, or a frame could not be understood.
@@ -755,7 +768,10 @@ mod tests {
     fn every_message_round_trips() {
         for m in samples() {
             let frame = m.encode();
-            assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
+            assert_eq!(
+                u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
+                frame.len() - 4
+            );
             assert_eq!(Message::decode(&frame[4..]).unwrap(), m, "{}", m.name());
             assert_eq!(read_message(&mut &frame[..]).unwrap(), m);
         }
@@ -781,7 +797,11 @@ mod tests {
             if !matches!(m, Message::Stdin(_) | Message::Stdout(_) | Message::Stderr(_)) {
                 let mut long = frame[4..].to_vec();
                 long.push(0);
-                assert!(matches!(Message::decode(&long), Err(Error::Trailing(1, _))), "{}", m.name());
+                assert!(
+                    matches!(Message::decode(&long), Err(Error::Trailing(1, _))),
+                    "{}",
+                    m.name()
+                );
             }
         }
     }
@@ -857,7 +877,10 @@ mod tests {
 
         assert!(matches!(read_message(&mut &[][..]), Err(Error::Closed)));
         assert!(matches!(read_message(&mut &[5, 0][..]), Err(Error::ShortFrame)));
-        assert!(matches!(read_message(&mut &[5, 0, 0, 0, K_OK][..]), Err(Error::ShortFrame)));
+        assert!(matches!(
+            read_message(&mut &[5, 0, 0, 0, K_OK][..]),
+            Err(Error::ShortFrame)
+        ));
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
         assert!(matches!(read_message(&mut &huge[..]), Err(Error::FrameTooLarge(_))));
     }
@@ -890,7 +913,10 @@ mod tests {
             software: "mvm-agent 0.1.0".into(),
         });
         assert_eq!(hello(&mut ok, "test").unwrap(), "mvm-agent 0.1.0");
-        assert!(matches!(read_message(&mut &ok.output[..]).unwrap(), Message::Hello { version: VERSION, .. }));
+        assert!(matches!(
+            read_message(&mut &ok.output[..]).unwrap(),
+            Message::Hello { version: VERSION, .. }
+        ));
         let mut old = reply(Message::Hello {
             version: VERSION + 1,
             software: "x".into(),
