@@ -9,5 +9,5 @@ cd "$repo"
 bash scripts/setup-host.sh
 bash tests/guest/build.sh >/dev/null
 echo "example: building mvm-vmm (release) ..." >&2
-cargo build --release --locked -q -p mvm-bin
+cargo build --release --locked -q -p mvm
 exec target/release/mvm-vmm run examples/vm.toml
