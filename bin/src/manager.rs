@@ -577,32 +577,43 @@ impl Manager {
         out.push_str("version = 1\n");
         out.push_str(&format!("name = {}\n", quote(name)));
         out.push_str(&format!("state_root = {}\n", quote(&self.root.to_string_lossy())));
-        let ser = |t: &Table| toml::to_string(t).map_err(|e| Error::Usage(format!("cannot write the definition: {e}")));
-        // Whatever else the base file had (unknown keys are rejected by the
-        // final check anyway).
-        let rest = ser(&doc)?;
-        for (header, table) in [
-            ("machine", &machine),
-            ("boot", &boot),
-            ("console", &console),
-            ("vsock", &vsock),
+        // Whatever else the base file had at the top level (unknown keys
+        // are rejected by the final check anyway).
+        let net = list(&mut doc, "net");
+        let mut rest = doc;
+        let mut sections = String::new();
+        for (header, table, order) in [
+            ("machine", &machine, &["vcpus", "memory_mib"][..]),
+            ("boot", &boot, &["kernel", "initrd", "cmdline"][..]),
+            ("console", &console, &["output", "file"][..]),
+            ("vsock", &vsock, &["guest_cid", "uds_path"][..]),
         ] {
-            out.push_str(&format!("\n[{header}]\n{}", ser(table)?));
+            sections.push_str(&format!("\n[{header}]\n{}", emit(table, order)));
         }
-        for (key, items) in [
-            ("share", shares),
-            ("volume", volumes),
-            ("disk", disks),
-            ("net", list(&mut doc, "net")),
+        for (key, items, order) in [
+            ("share", shares, &["tag", "source", "mount", "persist"][..]),
+            ("volume", volumes, &["name", "size_mib", "mount"][..]),
+            ("disk", disks, &["path"][..]),
+            ("net", net, &["tap", "mac", "bridge"][..]),
         ] {
             for item in items {
-                out.push_str(&format!("\n[[{key}]]\n{}", ser(&item)?));
+                sections.push_str(&format!("\n[[{key}]]\n{}", emit(&item, order)));
             }
         }
-        if !rest.trim().is_empty() {
-            out.push('\n');
-            out.push_str(&rest);
+        let mut plain = Table::new();
+        let keys: Vec<String> = rest.keys().cloned().collect();
+        for k in keys {
+            if let Some(v) = rest.remove(&k) {
+                match v {
+                    Value::Table(t) => sections.push_str(&format!("\n[{k}]\n{}", emit(&t, &[]))),
+                    v => {
+                        plain.insert(k, v);
+                    }
+                }
+            }
         }
+        out.push_str(&emit(&plain, &[]));
+        out.push_str(&sections);
         Ok(out)
     }
 
@@ -1026,6 +1037,32 @@ fn unique() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     nanos ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9)
+}
+
+/// `key = value` lines of a flat table: the keys in `order` first, then
+/// the others alphabetically.
+fn emit(t: &toml::Table, order: &[&str]) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: &toml::Value| {
+        let bare = !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let key = if bare {
+            k.to_string()
+        } else {
+            toml::Value::String(k.into()).to_string()
+        };
+        out.push_str(&format!("{key} = {v}\n"));
+    };
+    for k in order {
+        if let Some(v) = t.get(*k) {
+            line(k, v);
+        }
+    }
+    for (k, v) in t {
+        if !order.contains(&k.as_str()) {
+            line(k, v);
+        }
+    }
+    out
 }
 
 fn path_value(p: &Path) -> toml::Value {
