@@ -1248,3 +1248,434 @@ pub fn vmm_program() -> PathBuf {
     }
     PathBuf::from("mvm-vmm")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Fixture {
+        dir: PathBuf,
+        m: Manager,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        project: PathBuf,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "mvm-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("proj")).unwrap();
+            std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+            std::fs::write(dir.join("initrd"), b"i").unwrap();
+            Fixture {
+                m: Manager::new(dir.join("state")),
+                kernel: dir.join("vmlinux"),
+                initrd: dir.join("initrd"),
+                project: dir.join("proj"),
+                dir,
+            }
+        }
+
+        fn opts(&self, name: &str) -> CreateOptions {
+            CreateOptions {
+                name: name.into(),
+                project: Some(self.project.clone()),
+                kernel: Some(self.kernel.clone()),
+                initrd: Some(self.initrd.clone()),
+                ..Default::default()
+            }
+        }
+
+        /// Entries of the state root other than `.lock`.
+        fn entries(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(self.m.root())
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n != ".lock")
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        }
+
+        fn pid_file(&self, name: &str) -> PathBuf {
+            self.m.vm_dir(name).join(VMM_PID)
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "web", "my-app-2", "0", &"x".repeat(32)] {
+            validate_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            "-a",
+            "Bad_Name",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            &"x".repeat(33),
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(e @ Error::InvalidName { .. }) if e.exit_code() == 2),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn volume_specs() {
+        assert_eq!(
+            "data:1024:/data".parse::<VolumeSpec>().unwrap(),
+            VolumeSpec {
+                name: "data".into(),
+                size_mib: 1024,
+                mount: Some("/data".into())
+            }
+        );
+        assert_eq!("d:1".parse::<VolumeSpec>().unwrap().mount, None);
+        for bad in ["", "data", "data:0", "data:x:/d", ":5", "data:5:rel"] {
+            assert!(bad.parse::<VolumeSpec>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn create_writes_a_valid_definition() {
+        let f = Fixture::new();
+        let mut o = f.opts("web");
+        o.cpus = Some(3);
+        o.persist = true;
+        o.volumes = vec!["data:64:/data".parse().unwrap()];
+        let info = f.m.create(&o).unwrap();
+        assert_eq!(info.state, VmState::Stopped);
+        assert_eq!((info.vcpus, info.memory_mib), (3, DEFAULT_MEMORY_MIB));
+        assert_eq!(
+            info.project.as_deref(),
+            Some(std::fs::canonicalize(&f.project).unwrap().as_path())
+        );
+        assert_eq!(info.mac, format_mac(mvm_net::mac_for("web", 0)));
+        let file = f.m.vm_dir("web").join(VM_TOML);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("# VM \"web\", made by `mvm create`"), "{text}");
+        let c = VmConfig::from_file(&file).unwrap();
+        c.validate(254).unwrap();
+        assert_eq!(c.name, "web");
+        assert_eq!(c.state_root, f.m.root());
+        assert_eq!(c.state_dir(), f.m.vm_dir("web"));
+        assert_eq!(c.boot.kernel, f.kernel);
+        assert_eq!(c.boot.initrd.as_deref(), Some(f.initrd.as_path()));
+        assert_eq!(c.boot.cmdline, default_cmdline("web"));
+        assert!(c.boot.cmdline.contains("rdinit=/sbin/mvm-agent"));
+        assert!(
+            matches!(&c.console.output, microvm_dev::ConsoleOutput::File(p) if *p == f.m.vm_dir("web").join(CONSOLE_LOG))
+        );
+        let v = c.vsock.as_ref().unwrap();
+        assert_eq!(
+            (v.guest_cid, v.uds_path.clone()),
+            (3, f.m.vm_dir("web").join(VSOCK_SOCK))
+        );
+        assert_eq!(c.shares.len(), 1);
+        let s = &c.shares[0];
+        assert_eq!(
+            (s.tag.as_str(), s.mount.as_deref(), s.persist, s.overlay),
+            ("project", Some("/project"), true, true)
+        );
+        assert_eq!(c.volumes.len(), 1);
+        assert_eq!((c.volumes[0].name.as_str(), c.volumes[0].size_mib), ("data", 64));
+        // Only the VM directory and nothing temporary.
+        assert_eq!(f.entries(), vec!["web".to_string()]);
+    }
+
+    #[test]
+    fn create_without_project_and_from_a_base_file() {
+        let f = Fixture::new();
+        let mut o = f.opts("bare");
+        o.project = None;
+        f.m.create(&o).unwrap();
+        let c = VmConfig::from_file(f.m.vm_dir("bare").join(VM_TOML)).unwrap();
+        assert!(c.shares.is_empty());
+        assert_eq!(c.machine.vcpus, DEFAULT_CPUS);
+
+        let base = f.dir.join("base.toml");
+        std::fs::write(
+            &base,
+            "version = 1\nname = \"other\"\n[machine]\nvcpus = 1\nacpi = false\n[boot]\nkernel = \"vmlinux\"\ncmdline = \"console=ttyS0 quiet mvm.hostname=x\"\n[console]\noutput = \"stdio\"\n[[share]]\ntag = \"project\"\nsource = \"proj\"\n[[share]]\ntag = \"extra\"\nsource = \"proj\"\noverlay = false\n",
+        )
+        .unwrap();
+        let mut o = f.opts("derived");
+        o.from = Some(base);
+        o.kernel = None;
+        o.initrd = None;
+        o.memory_mib = Some(512);
+        f.m.create(&o).unwrap();
+        let c = VmConfig::from_file(f.m.vm_dir("derived").join(VM_TOML)).unwrap();
+        assert_eq!(c.name, "derived");
+        assert_eq!((c.machine.vcpus, c.machine.memory_mib, c.machine.acpi), (1, 512, false));
+        // Relative paths of the base were resolved against its directory.
+        assert_eq!(c.boot.kernel, f.kernel);
+        assert_eq!(c.boot.initrd, None);
+        assert_eq!(c.boot.cmdline, "console=ttyS0 quiet mvm.hostname=derived");
+        assert!(matches!(c.console.output, microvm_dev::ConsoleOutput::File(_)));
+        let tags: Vec<_> = c.shares.iter().map(|s| s.tag.as_str()).collect();
+        assert_eq!(tags, ["extra", "project"]);
+        assert_eq!(c.shares[0].source, f.dir.join("proj"));
+    }
+
+    #[test]
+    fn failed_creates_leave_nothing() {
+        let f = Fixture::new();
+        let cases: Vec<(CreateOptions, i32)> = vec![
+            (
+                CreateOptions {
+                    project: Some(f.dir.join("missing")),
+                    ..f.opts("a")
+                },
+                2,
+            ),
+            (
+                CreateOptions {
+                    project: Some(f.kernel.clone()),
+                    ..f.opts("a")
+                },
+                2,
+            ),
+            (
+                CreateOptions {
+                    kernel: Some(f.dir.join("nokernel")),
+                    ..f.opts("a")
+                },
+                2,
+            ),
+            (f.opts("Bad_Name"), 2),
+            (f.opts("guest"), 2),
+            // Rejected by the VMM's own checks, after the file was written.
+            (
+                CreateOptions {
+                    volumes: vec!["Bad:5".parse().unwrap()],
+                    ..f.opts("a")
+                },
+                2,
+            ),
+            (
+                CreateOptions {
+                    cpus: Some(0),
+                    ..f.opts("a")
+                },
+                2,
+            ),
+            (
+                CreateOptions {
+                    from: Some(f.dir.join("nobase.toml")),
+                    ..f.opts("a")
+                },
+                2,
+            ),
+        ];
+        for (o, code) in cases {
+            let e = f.m.create(&o).unwrap_err();
+            assert_eq!(e.exit_code(), code, "{e}");
+            assert!(f.entries().is_empty(), "{e}: left {:?}", f.entries());
+        }
+        f.m.create(&f.opts("a")).unwrap();
+        let e = f.m.create(&f.opts("a")).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
+        assert_eq!(f.entries(), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn concurrent_creates_of_one_name_one_wins() {
+        let f = Fixture::new();
+        let results: Vec<Result<VmInfo>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| f.m.create(&f.opts("race")))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, Error::AlreadyExists { .. })));
+        assert_eq!(f.entries(), vec!["race".to_string()]);
+    }
+
+    #[test]
+    fn list_status_rm() {
+        let f = Fixture::new();
+        assert!(f.m.list().unwrap().is_empty());
+        f.m.create(&f.opts("b")).unwrap();
+        f.m.create(&f.opts("a")).unwrap();
+        // Not VMs: ignored by list.
+        std::fs::create_dir_all(f.m.root().join("guest")).unwrap();
+        std::fs::create_dir_all(f.m.root().join("empty")).unwrap();
+        let names: Vec<_> = f.m.list().unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(matches!(f.m.status("empty"), Err(Error::UnknownVm { .. })));
+        assert!(matches!(f.m.status("nope"), Err(e @ Error::UnknownVm { .. }) if e.exit_code() == 2));
+        assert!(matches!(f.m.rm("nope", false), Err(Error::UnknownVm { .. })));
+        assert!(matches!(f.m.stop("nope", POLL), Err(Error::UnknownVm { .. })));
+        assert!(matches!(f.m.status("Bad"), Err(Error::InvalidName { .. })));
+        assert_eq!(f.m.stop("a", POLL).unwrap(), StopOutcome::NotRunning);
+
+        // The VM's files go, the project stays.
+        std::fs::write(f.m.vm_dir("a").join(CONSOLE_LOG), "boot\n").unwrap();
+        std::fs::create_dir_all(f.m.vm_dir("a").join("overlay/project/sub")).unwrap();
+        std::os::unix::fs::symlink(&f.project, f.m.vm_dir("a").join("link")).unwrap();
+        std::fs::write(f.project.join("keep"), "x").unwrap();
+        f.m.rm("a", false).unwrap();
+        assert!(!f.m.vm_dir("a").exists());
+        assert!(f.project.join("keep").exists());
+        let names: Vec<_> = f.m.list().unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["b"]);
+        assert!(!f
+            .entries()
+            .iter()
+            .any(|e| e.starts_with(".rm-") || e.starts_with(".tmp-")));
+    }
+
+    #[test]
+    fn broken_definition() {
+        let f = Fixture::new();
+        f.m.create(&f.opts("x")).unwrap();
+        let file = f.m.vm_dir("x").join(VM_TOML);
+        std::fs::write(&file, "version = 1\n[boot\nkernel = 1\n").unwrap();
+        let listed = f.m.list().unwrap();
+        assert_eq!(listed[0].state, VmState::Broken);
+        assert!(listed[0].error.is_some());
+        let e = f.m.status("x").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(matches!(&e, Error::Config { path, .. } if *path == file));
+        let e = f.m.start("x", &mut StartOptions::default()).unwrap_err();
+        assert!(matches!(&e, Error::Config { path, .. } if *path == file), "{e}");
+        assert!(!f.pid_file("x").exists());
+    }
+
+    fn state_of(f: &Fixture, content: &str) -> VmInfo {
+        std::fs::write(f.pid_file("s"), content).unwrap();
+        f.m.status("s").unwrap()
+    }
+
+    #[test]
+    fn running_stopped_crashed_from_the_pid_file() {
+        let f = Fixture::new();
+        f.m.create(&f.opts("s")).unwrap();
+        // Never started.
+        let i = f.m.status("s").unwrap();
+        assert_eq!((i.state, i.pid, i.last_exit.clone()), (VmState::Stopped, None, None));
+        std::fs::write(f.m.vm_dir("s").join(CONSOLE_LOG), "line 1\r\nKernel panic\n").unwrap();
+
+        let i = state_of(&f, "exited 0 100 the guest powered off\n");
+        assert_eq!(i.state, VmState::Stopped);
+        assert_eq!(i.exited_at, Some(100));
+        assert!(i.last_exit.unwrap().contains("powered off"));
+        assert!(i.console_tail.is_empty());
+        assert_eq!(
+            state_of(&f, "exited 3 100 the guest rebooted\n").state,
+            VmState::Stopped
+        );
+        assert_eq!(
+            state_of(&f, "exited 143 100 stopped by signal 15\n").state,
+            VmState::Stopped
+        );
+        assert_eq!(
+            state_of(&f, "exited 137 100 killed with SIGKILL by mvm stop\n").state,
+            VmState::Stopped
+        );
+        let i = state_of(&f, "exited 4 100 the guest crashed: triple fault\n");
+        assert_eq!(i.state, VmState::Crashed);
+        assert!(i.last_exit.unwrap().contains("triple fault"));
+        assert_eq!(i.console_tail, ["line 1", "Kernel panic"]);
+        assert_eq!(state_of(&f, "exited 1 100 KVM failed\n").state, VmState::Crashed);
+        // "running" but nobody holds the lock: mvm-vmm was killed.
+        let i = state_of(&f, "running 12345 100\n");
+        assert_eq!((i.state, i.pid), (VmState::Crashed, None));
+        assert!(i.last_exit.unwrap().contains("12345"));
+
+        // A holder of the lock: running.
+        let held = pidfile::PidFile::acquire(&f.pid_file("s")).unwrap();
+        let i = f.m.status("s").unwrap();
+        assert_eq!(i.state, VmState::Running);
+        assert_eq!(i.pid, Some(std::process::id()));
+        assert!(i.started_at.is_some() && i.uptime_s.is_some());
+        // Start sees it running and does nothing.
+        assert_eq!(
+            f.m.start("s", &mut StartOptions::default()).unwrap(),
+            StartOutcome::AlreadyRunning {
+                pid: std::process::id()
+            }
+        );
+        // rm refuses without force.
+        let e = f.m.rm("s", false).unwrap_err();
+        assert!(matches!(e, Error::Running { .. }), "{e}");
+        assert!(f.m.vm_dir("s").join(VM_TOML).exists());
+        // Its holder went away without writing how it ended: crashed.
+        drop(held);
+        assert_eq!(f.m.status("s").unwrap().state, VmState::Crashed);
+    }
+
+    #[test]
+    fn rm_force_stops_the_vmm_with_signals() {
+        if Command::new("flock").arg("--version").output().is_err() {
+            eprintln!("skipped: no flock(1)");
+            return;
+        }
+        let f = Fixture::new();
+        f.m.create(&f.opts("busy")).unwrap();
+        let pid_file = f.pid_file("busy");
+        // A stand-in for mvm-vmm: holds the lock, says "running <its pid>".
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("exec 9>>\"$1\"; flock 9; echo \"running $$ 1\" > \"$1\"; exec sleep 60")
+            .arg("sh")
+            .arg(&pid_file)
+            .spawn()
+            .unwrap();
+        let began = Instant::now();
+        while f.m.status("busy").unwrap().pid.is_none() {
+            assert!(began.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(f.m.status("busy").unwrap().pid, Some(child.id()));
+        assert!(matches!(f.m.rm("busy", false), Err(Error::Running { .. })));
+        f.m.rm("busy", true).unwrap();
+        assert!(!f.m.vm_dir("busy").exists());
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+    }
+
+    #[test]
+    fn mountinfo_unescapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/x\\04"), "/x\\04");
+        assert_eq!(with_hostname("a mvm.hostname=z b", "n"), "a b mvm.hostname=n");
+    }
+
+    #[test]
+    fn tails() {
+        let f = Fixture::new();
+        let p = f.dir.join("log");
+        let text: String = (0..30).map(|i| format!("l{i}\n")).collect();
+        std::fs::write(&p, &text).unwrap();
+        assert_eq!(tail_lines(&p, 0, 2), ["l28", "l29"]);
+        assert_eq!(tail_lines(&p, text.len() as u64 - 4, 5), ["l29"]);
+        assert!(tail_lines(&f.dir.join("none"), 0, 5).is_empty());
+    }
+}
