@@ -381,3 +381,46 @@ impl ExecSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A vsock socket whose VMM answers the handshake with `reply` (or
+    /// closes without answering, as when no guest program listens).
+    fn vmm_answering(reply: &'static [u8]) -> (PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        let dir = std::env::temp_dir().join(format!("mvm-agent-{}-{}", std::process::id(), reply.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut got = [0u8; 13];
+            s.read_exact(&mut got).unwrap();
+            s.write_all(reply).unwrap();
+            got.to_vec()
+        });
+        (path, t)
+    }
+
+    #[test]
+    fn handshake_failures_are_errors() {
+        let missing = std::env::temp_dir().join("mvm-agent-missing.sock");
+        let e = AgentClient::connect(&missing, AGENT_PORT, Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("is the VM running?"), "{e}");
+
+        let (path, t) = vmm_answering(b"");
+        let e = AgentClient::connect(&path, AGENT_PORT, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("no answer on vsock port 1024"), "{e}");
+        assert_eq!(t.join().unwrap(), b"CONNECT 1024\n");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+
+        let (path, t) = vmm_answering(b"NOPE\n");
+        let e = AgentClient::connect(&path, AGENT_PORT, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("instead of `OK <port>`"), "{e}");
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
