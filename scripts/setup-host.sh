@@ -25,6 +25,7 @@ packages=(
 	# end-to-end tests: ext4 root file system images
 	e2fsprogs          # mkfs.ext4 -d, debugfs
 	iproute2           # ip netns / tuntap for the virtio-net test
+	tmux               # drives `mvm shell` in the manager test
 	# virtiofsd (built by cargo install below)
 	libseccomp-dev
 	libcap-ng-dev

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the microvm-dev test guest: a minimal Linux 6.1 kernel (vmlinux ELF and
-# bzImage) and a tiny uncompressed initramfs (busybox, tests/guest/init and
-# /bin/mvm-vsock built from tests/guest/vsock.c).
+# bzImage) and a tiny uncompressed initramfs (busybox, tests/guest/init,
+# /bin/mvm-vsock built from tests/guest/vsock.c and the guest agent
+# /sbin/mvm-agent, a static build of bin/agent; boot with
+# `rdinit=/sbin/mvm-agent` to have the agent as PID 1 instead of /init).
 #
 #   tests/guest/build.sh            (from any directory)
 #
@@ -9,7 +11,8 @@
 # tests/guest/kernel.config (Kconfig fragment over tinyconfig),
 # tests/guest/patches/*.patch, tests/guest/init, tests/guest/vsock.c,
 # /bin/busybox (busybox-static), gcc and the kernel's UAPI headers
-# (build-essential).  scripts/setup-host.sh installs the packages.
+# (build-essential), the mvm-agent binary (built here with cargo, static,
+# unless MVM_AGENT names one).  scripts/setup-host.sh installs the packages.
 #
 # Results are cached, keyed by a SHA-256 of their inputs, under
 #   ${MVM_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/microvm-dev/guest}/
@@ -27,7 +30,8 @@
 # initramfs.cpio} are symlinked to the same files.
 #
 # Environment: MVM_GUEST_CACHE (cache directory), MVM_GUEST_JOBS (make -j,
-# default nproc).
+# default nproc), MVM_AGENT (a static mvm-agent to use instead of building
+# one), CARGO_TARGET_DIR (where cargo builds the agent).
 set -euo pipefail
 
 # Keep stdout for the three result lines only.
@@ -125,6 +129,20 @@ trap 'exit 143' TERM
 # build is running).
 rm -rf "$cache"/.tmp-kernel-* "$cache"/.tmp-initramfs-* "$cache"/.tmp-inputs-*
 
+# The guest agent: a static binary (it runs in any guest root), built with
+# its own profile (panics unwind, so a failing connection cannot take PID 1
+# and with it the guest kernel down).
+agent=${MVM_AGENT:-}
+if [ -z "$agent" ]; then
+	say "building mvm-agent (static) ..."
+	(cd "$repo" && unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS &&
+		CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+			cargo build --locked --quiet --profile agent -p mvm-agent \
+			--target x86_64-unknown-linux-gnu) || die "building mvm-agent failed"
+	agent="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/agent/mvm-agent"
+fi
+[ -x "$agent" ] || die "mvm-agent binary $agent is missing"
+
 # Build from a snapshot of the inputs, so that editing them during a build
 # cannot put new content into a cache entry named after the old hash.
 inputs=$(mktemp -d "$cache/.tmp-inputs-XXXXXX")
@@ -133,6 +151,8 @@ cp "$fragment" "$inputs/kernel.config"
 cp "${patches[@]}" "$inputs/patches/"
 cp "$init_script" "$inputs/init"
 cp "$vsock_src" "$inputs/vsock.c"
+cp "$agent" "$inputs/mvm-agent"
+agent="$inputs/mvm-agent"
 fragment="$inputs/kernel.config"
 patches=("$inputs"/patches/*.patch)
 init_script="$inputs/init"
@@ -142,7 +162,7 @@ patch_items=()
 for p in "${patches[@]}"; do patch_items+=("file:$p"); done
 kernel_hash=$(hash_inputs kernel "file:$fragment" "${patch_items[@]}" "file:$self" \
 	"linux-source-6.1=$linux_version" "gcc=$gcc_version")
-initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$vsock_src" "file:$self" \
+initramfs_hash=$(hash_inputs initramfs "file:$init_script" "file:$vsock_src" "file:$agent" "file:$self" \
 	"busybox-static=$busybox_version" "gcc=$gcc_version" "linux-libc-dev=$uapi_version")
 kernel_dir="$cache/kernel-$kernel_hash"
 initramfs_dir="$cache/initramfs-$initramfs_hash"
@@ -248,6 +268,8 @@ build_initramfs() {
 	EOF
 	cp "$init_script" "$tmp/out/init"
 	cp "$busybox" "$tmp/out/busybox"
+	cp "$agent" "$tmp/out/mvm-agent"
+	echo 'root:x:0:0:root:/root:/bin/sh' >"$tmp/out/passwd"
 	# No libc, stripped: 10 KiB instead of a static glibc binary's 670
 	# (the guest kernel copies the initramfs interpreted on PVM hosts).
 	gcc -static -Os -Wall -Wextra -Werror -nostdlib -ffreestanding \
@@ -271,13 +293,24 @@ build_initramfs() {
 		file /bin/mvm-vsock $tmp/out/mvm-vsock 0755 0 0
 		slink /bin/sh busybox 0777 0 0
 		file /etc/fstab $tmp/out/fstab 0644 0 0
+		file /etc/passwd $tmp/out/passwd 0644 0 0
 		file /init $tmp/out/init 0755 0 0
+		dir /sbin 0755 0 0
+		dir /run 0755 0 0
+		file /sbin/mvm-agent $tmp/out/mvm-agent 0755 0 0
 	EOF
+	# Programs the agent runs by name (it has no shell to find applets):
+	# the common ones, as links to busybox.
+	for applet in cat cp date df echo env false grep head hostname id kill ls \
+		mkdir mount mv printenv ps pwd rm sleep stat stty sync tail tee test \
+		touch tr true uname wc; do
+		printf 'slink /bin/%s busybox 0777 0 0\n' "$applet" >>"$list"
+	done
 	"$kernel_dir/gen_init_cpio" -t 0 "$list" >"$tmp/out/initramfs.cpio" ||
 		die "gen_init_cpio failed"
 	# Record the list with stable paths, drop the copies.
-	sed -i "s|$tmp/out/busybox|$busybox|; s|$tmp/out/init|tests/guest/init|; s|$tmp/out/fstab|(generated fstab)|; s|$tmp/out/mvm-vsock|(built from tests/guest/vsock.c)|" "$list"
-	rm -f "$tmp/out/busybox" "$tmp/out/init" "$tmp/out/mvm-vsock"
+	sed -i "s|$tmp/out/busybox|$busybox|; s|$tmp/out/init|tests/guest/init|; s|$tmp/out/fstab|(generated fstab)|; s|$tmp/out/mvm-vsock|(built from tests/guest/vsock.c)|; s|$tmp/out/mvm-agent|(static build of bin/agent)|; s|$tmp/out/passwd|(generated passwd)|" "$list"
+	rm -f "$tmp/out/busybox" "$tmp/out/init" "$tmp/out/mvm-vsock" "$tmp/out/mvm-agent" "$tmp/out/passwd"
 	mv -T "$tmp/out" "$initramfs_dir"
 	rm -rf "$tmp"
 	tmp=

@@ -42,14 +42,19 @@ pub fn guest_file(name: &str) -> PathBuf {
 
 /// The `mvm-vmm` binary of the same profile as the running test.
 pub fn mvm_vmm() -> PathBuf {
+    workspace_bin("mvm-vmm")
+}
+
+/// A binary of this workspace, of the same profile as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/mvm-vmm
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let bin = profile_dir.join("mvm-vmm");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace --bins`, same profile as the tests)",
@@ -127,7 +132,17 @@ pub struct RunningVm {
     started: Instant,
     /// Every console line so far, with its arrival time.
     pub transcript: Vec<(Duration, String)>,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A test that fails before `finish` must not leave its VMM running.
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// How a run ended.
@@ -213,7 +228,7 @@ impl RunningVm {
             lines,
             started,
             transcript: Vec::new(),
-            stderr,
+            stderr: Some(stderr),
         }
     }
 
@@ -281,10 +296,10 @@ impl RunningVm {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.transcript.push(line);
         }
-        let stderr = self.stderr.join().unwrap_or_default();
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         Finished {
             status,
-            transcript: self.transcript,
+            transcript: std::mem::take(&mut self.transcript),
             stderr,
         }
     }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use microvm_dev::{console, ConsoleOutput, Vm, VmConfig, VmExit};
+use microvm_dev::{console, Vm, VmConfig, VmExit};
 use mvm_tests::*;
 
 const QUICK: Duration = Duration::from_secs(60);
@@ -77,12 +77,14 @@ fn library_runs_with_channel_console_and_stops_from_another_thread() {
     let mut config = VmConfig::new(&kernel);
     config.machine.vcpus = 2;
     let (tx, mut rx) = console::channel();
-    config.console.output = ConsoleOutput::Writer(Box::new(tx));
+    config.console.output = tx.into();
     let vm = Vm::new(config).expect("VM builds");
     let handle = vm.handle();
     let runner = std::thread::spawn(move || vm.run());
     assert_eq!(rx.read_line_timeout(QUICK), Ok(Some("ok".to_string())));
     handle.stop();
+    // The iterator ends when the VM is gone.
+    assert_eq!(rx.lines().count(), 0);
     let exit = runner.join().expect("run thread").expect("run");
     assert_eq!(exit, VmExit::Stopped(microvm_dev::StopReason::Requested));
     // The console sender went away with the VM.

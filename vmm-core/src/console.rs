@@ -53,8 +53,15 @@ pub(crate) fn open_output(output: ConsoleOutput) -> Result<Box<dyn Write + Send>
     })
 }
 
-/// Sending half of [`channel`]: give it to [`ConsoleOutput::Writer`].
+/// Sending half of [`channel`]: put it in the configuration with
+/// `config.console.output = sender.into()`.
 pub struct ConsoleSender(Sender<Vec<u8>>);
+
+impl From<ConsoleSender> for ConsoleOutput {
+    fn from(sender: ConsoleSender) -> Self {
+        ConsoleOutput::Writer(Box::new(sender))
+    }
+}
 
 impl Write for ConsoleSender {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -102,6 +109,30 @@ impl ConsoleReceiver {
     }
 }
 
+/// Lines of console output (without line endings) until the VM is gone:
+/// `for line in receiver.lines() { ... }`.
+pub struct Lines<'a>(&'a mut ConsoleReceiver);
+
+impl Iterator for Lines<'_> {
+    type Item = String;
+    fn next(&mut self) -> Option<String> {
+        loop {
+            // A long timeout only bounds each wait; the loop waits on.
+            if let Ok(line) = self.0.read_line_timeout(Duration::from_secs(3600)) {
+                return line;
+            }
+        }
+    }
+}
+
+impl ConsoleReceiver {
+    /// Iterate over the console output by lines, blocking for each, until
+    /// the VM is gone (its last partial line comes last).
+    pub fn lines(&mut self) -> Lines<'_> {
+        Lines(self)
+    }
+}
+
 impl Read for ConsoleReceiver {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.buf.is_empty() {
@@ -118,8 +149,9 @@ impl Read for ConsoleReceiver {
     }
 }
 
-/// A console sink the caller reads: pass the sender as
-/// `ConsoleOutput::Writer(Box::new(sender))`.
+/// A console sink the caller reads: put the sender in the configuration
+/// (`config.console.output = sender.into()`) and read the receiver, e.g.
+/// with [`ConsoleReceiver::lines`].
 pub fn channel() -> (ConsoleSender, ConsoleReceiver) {
     let (tx, rx) = mpsc::channel();
     (
@@ -343,6 +375,19 @@ mod tests {
         out.clear();
         assert!(f.feed(&[b'a', ESCAPE, b'x', b'b'], &mut out));
         assert_eq!(out.iter().copied().collect::<Vec<_>>(), [b'a']);
+    }
+
+    #[test]
+    fn channel_iterates_by_lines_and_converts_into_an_output() {
+        let (mut tx, mut rx) = channel();
+        let writer = std::thread::spawn(move || {
+            tx.write_all(b"one\r\ntw").unwrap();
+            tx.write_all(b"o\nthree").unwrap();
+            let output: ConsoleOutput = tx.into();
+            assert!(matches!(output, ConsoleOutput::Writer(_)));
+        });
+        assert_eq!(rx.lines().collect::<Vec<_>>(), ["one", "two", "three"]);
+        writer.join().unwrap();
     }
 
     #[test]

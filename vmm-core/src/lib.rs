@@ -5,8 +5,7 @@
 //! your process.
 //!
 //! ```no_run
-//! use microvm_dev::{console, ConsoleOutput, Vm, VmConfig, VmExit};
-//! use std::time::Duration;
+//! use microvm_dev::{console, Vm, VmConfig, VmExit};
 //!
 //! # fn main() -> Result<(), microvm_dev::Error> {
 //! let mut config = VmConfig::new("vmlinux");
@@ -15,12 +14,12 @@
 //! config.machine.memory_mib = 256;
 //! // Read the serial console from this program instead of stdout.
 //! let (tx, mut rx) = console::channel();
-//! config.console.output = ConsoleOutput::Writer(Box::new(tx));
+//! config.console.output = tx.into();
 //!
 //! let vm = Vm::new(config)?;          // all checks and setup happen here
 //! let handle = vm.handle();           // stop it from any thread
 //! let runner = std::thread::spawn(move || vm.run());
-//! while let Ok(Some(line)) = rx.read_line_timeout(Duration::from_secs(600)) {
+//! for line in rx.lines() {
 //!     println!("guest: {line}");
 //!     if line.contains("login:") {
 //!         handle.stop();

@@ -1,4 +1,7 @@
+//! The guest agent binary; everything lives in the library (see its docs
+//! for the flags and the static build).
+
 fn main() {
-    eprintln!("mvm-agent: not built yet");
-    std::process::exit(1);
+    let code = mvm_agent::main(std::env::args_os().skip(1).collect());
+    std::process::exit(code);
 }

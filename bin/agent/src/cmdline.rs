@@ -1,0 +1,219 @@
+//! The agent's settings from the kernel command line (`mvm.*` words).
+//!
+//! ```text
+//! mvm.hostname=<name>        the guest's host name (default "mvm")
+//! mvm.share=<tag>:<dir>      mount virtio-fs <tag> on <dir> (repeatable)
+//! mvm.volume=<name>:<dir>    mount the virtio-blk disk with serial
+//!                            "vol-<name>" (ext4) on <dir> (repeatable)
+//! ```
+//!
+//! The host writes these, but a bad value must not take the guest down: it
+//! is logged and skipped.
+
+/// A virtio-fs share to mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub dir: String,
+}
+
+/// An ext4 volume (virtio-blk disk found by its serial) to mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub name: String,
+    pub dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub hostname: String,
+    pub shares: Vec<Share>,
+    pub volumes: Vec<Volume>,
+}
+
+pub const DEFAULT_HOSTNAME: &str = "mvm";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: DEFAULT_HOSTNAME.into(),
+            shares: Vec::new(),
+            volumes: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parse a kernel command line; returns the settings and one message
+    /// per word that was refused (for the log).
+    pub fn parse(cmdline: &str) -> (Config, Vec<String>) {
+        let mut config = Config::default();
+        let mut problems = Vec::new();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let result = match key {
+                "mvm.hostname" => check_hostname(value).map(|h| config.hostname = h.into()),
+                "mvm.share" => split_pair(value, "tag").map(|(tag, dir)| {
+                    config.shares.push(Share {
+                        tag: tag.into(),
+                        dir: dir.into(),
+                    })
+                }),
+                "mvm.volume" => split_pair(value, "name")
+                    .and_then(|(name, dir)| check_volume_name(name).map(|()| (name, dir)))
+                    .map(|(name, dir)| {
+                        config.volumes.push(Volume {
+                            name: name.into(),
+                            dir: dir.into(),
+                        })
+                    }),
+                k if k.starts_with("mvm.") => Err("unknown setting".into()),
+                _ => Ok(()),
+            };
+            if let Err(why) = result {
+                problems.push(format!("kernel command line: ignoring {word:?}: {why}"));
+            }
+        }
+        (config, problems)
+    }
+
+    /// Where a program runs when the host names no directory: the first
+    /// share (the project).
+    pub fn project_dir(&self) -> Option<&str> {
+        self.shares.first().map(|s| s.dir.as_str())
+    }
+}
+
+/// `<first>:<dir>`, both checked.
+fn split_pair<'a>(value: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
+    let (first, dir) = value
+        .split_once(':')
+        .ok_or_else(|| format!("expected <{what}>:<directory>"))?;
+    if first.is_empty() {
+        return Err(format!("empty {what}"));
+    }
+    check_dir(dir)?;
+    Ok((first, dir))
+}
+
+/// A mount point: absolute, not `/` itself, no `..` (nothing that could
+/// land on top of the system's own directories by accident).
+pub fn check_dir(dir: &str) -> Result<(), String> {
+    if !dir.starts_with('/') {
+        return Err(format!("directory {dir:?} is not absolute"));
+    }
+    if dir.split('/').any(|c| c == "..") {
+        return Err(format!("directory {dir:?} contains \"..\""));
+    }
+    if dir.split('/').all(|c| c.is_empty() || c == ".") {
+        return Err("cannot mount on /".into());
+    }
+    Ok(())
+}
+
+fn check_hostname(name: &str) -> Result<&str, String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if name.is_empty() || name.len() > 64 || !ok_chars {
+        return Err("a host name is 1 to 64 letters, digits, '-' or '.'".into());
+    }
+    Ok(name)
+}
+
+fn check_volume_name(name: &str) -> Result<(), String> {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err("a volume name is letters, digits, '-', '_' or '.'".into());
+    }
+    Ok(())
+}
+
+/// The virtio-blk serial the host gives volume `name` (the device holds at
+/// most 20 bytes of it).
+pub fn volume_serial(name: &str) -> String {
+    let mut s = format!("vol-{name}");
+    s.truncate(20);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hostname_shares_and_volumes() {
+        let (c, problems) = Config::parse(
+            "console=ttyS0 quiet mvm.hostname=myapp mvm.share=project:/project \
+             mvm.share=cache:/var/cache/x mvm.volume=data:/var/lib/data rdinit=/sbin/mvm-agent\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.hostname, "myapp");
+        assert_eq!(
+            c.shares,
+            vec![
+                Share {
+                    tag: "project".into(),
+                    dir: "/project".into()
+                },
+                Share {
+                    tag: "cache".into(),
+                    dir: "/var/cache/x".into()
+                },
+            ]
+        );
+        assert_eq!(
+            c.volumes,
+            vec![Volume {
+                name: "data".into(),
+                dir: "/var/lib/data".into()
+            }]
+        );
+        assert_eq!(c.project_dir(), Some("/project"));
+    }
+
+    #[test]
+    fn defaults_without_settings() {
+        let (c, problems) = Config::parse("console=ttyS0 root=/dev/vda");
+        assert!(problems.is_empty());
+        assert_eq!(c, Config::default());
+        assert_eq!(c.hostname, "mvm");
+        assert_eq!(c.project_dir(), None);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        for bad in [
+            "mvm.share=project:relative",
+            "mvm.share=:/x",
+            "mvm.share=project",
+            "mvm.share=project:/a/../etc",
+            "mvm.share=project:/",
+            "mvm.share=project://.",
+            "mvm.share=project:",
+            "mvm.volume=:/data",
+            "mvm.volume=da/ta:/data",
+            "mvm.volume=data:data",
+            "mvm.hostname=",
+            "mvm.hostname=bad_name!",
+            "mvm.frobnicate=1",
+        ] {
+            let (c, problems) = Config::parse(bad);
+            assert_eq!(c, Config::default(), "{bad}");
+            assert_eq!(problems.len(), 1, "{bad}");
+        }
+        let long = format!("mvm.hostname={}", "a".repeat(65));
+        assert_eq!(Config::parse(&long).1.len(), 1);
+        // A good word after a bad one still counts.
+        let (c, problems) = Config::parse("mvm.share=x:y mvm.share=p:/p");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(c.project_dir(), Some("/p"));
+    }
+
+    #[test]
+    fn volume_serial_fits_the_device_field() {
+        assert_eq!(volume_serial("data"), "vol-data");
+        assert_eq!(volume_serial("a-very-long-volume-name"), "vol-a-very-long-volu");
+    }
+}

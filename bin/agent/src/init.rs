@@ -1,0 +1,185 @@
+//! PID 1 duties: the file systems every program expects, the console,
+//! host name, loopback, and the host's shares and volumes.
+//!
+//! Nothing here is fatal: a failure is logged and the agent goes on (a
+//! guest without /dev/shm is still better than a kernel panic).
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::cmdline::{volume_serial, Config};
+use crate::{mounts, say, sys};
+
+const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+const NODEV: libc::c_ulong = libc::MS_NODEV;
+const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
+
+/// Mount the standard file systems and make sure fds 0-2 are the console.
+pub fn setup_system() {
+    if std::fs::metadata(mounts::PROC_MOUNTS).is_err() {
+        mount_at("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, None);
+    }
+    let mounted = mounts::current();
+    let mount = |source: &str, target: &str, fstype: &str, flags, data: Option<&str>| {
+        if !mounts::is_mounted(&mounted, target) {
+            mount_at(source, target, fstype, flags, data);
+        }
+    };
+    mount("devtmpfs", "/dev", "devtmpfs", NOSUID, Some("mode=0755"));
+    console_stdio();
+    mount("sysfs", "/sys", "sysfs", NOSUID | NODEV | NOEXEC, None);
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        NOSUID | NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    );
+    if std::fs::symlink_metadata("/dev/ptmx").is_err() {
+        if let Err(e) = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx") {
+            say!("cannot create /dev/ptmx: {e}");
+        }
+    }
+    mount("shm", "/dev/shm", "tmpfs", NOSUID | NODEV, Some("mode=1777"));
+    mount("run", "/run", "tmpfs", NOSUID | NODEV, Some("mode=755"));
+    mount("tmp", "/tmp", "tmpfs", NOSUID | NODEV, Some("mode=1777"));
+}
+
+fn mount_at(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) {
+    if let Err(e) = std::fs::create_dir_all(target) {
+        say!("cannot create {target}: {e}");
+        return;
+    }
+    if let Err(e) = sys::mount(source, target, fstype, flags, data) {
+        say!("cannot mount {fstype} on {target}: {}", sys::error_text(&e));
+    }
+}
+
+/// Fds 0-2 on /dev/console if the kernel could not open it for us (the
+/// initramfs had no /dev/console).
+fn console_stdio() {
+    let missing: Vec<i32> = (0..3).filter(|&fd| !sys::fd_is_open(fd)).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let console = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/console")
+    {
+        Ok(f) => f,
+        Err(_) => return, // nowhere to log to either
+    };
+    let raw = console.as_raw_fd();
+    for fd in missing {
+        if fd != raw {
+            // SAFETY: dup2 onto a free standard fd.
+            unsafe { libc::dup2(raw, fd) };
+        }
+    }
+    if raw <= 2 {
+        // It landed on a standard fd: keep it open.
+        let _ = console.into_raw_fd();
+    }
+}
+
+/// Read the kernel command line; log what it got wrong.
+pub fn read_config() -> Config {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (config, problems) = Config::parse(&cmdline);
+    for p in problems {
+        say!("{p}");
+    }
+    config
+}
+
+/// Host name, loopback, shares, volumes, environment.
+pub fn apply(config: &Config) {
+    if let Err(e) = set_hostname(&config.hostname) {
+        say!("cannot set the host name to {}: {e}", config.hostname);
+    }
+    if let Err(e) = loopback_up() {
+        say!("cannot bring up lo: {e}");
+    }
+    for share in &config.shares {
+        mount_at(&share.tag, &share.dir, "virtiofs", 0, None);
+    }
+    for volume in &config.volumes {
+        let serial = volume_serial(&volume.name);
+        match find_disk(Path::new("/sys/block"), &serial) {
+            Some(dev) => mount_at(&format!("/dev/{dev}"), &volume.dir, "ext4", 0, None),
+            None => say!("volume {}: no disk with serial {serial}", volume.name),
+        }
+    }
+    // The agent's own environment (the kernel gives init almost none);
+    // nothing else runs yet, so setting it is not racy.
+    std::env::set_var("PATH", crate::session::DEFAULT_PATH);
+    std::env::set_var("HOME", "/root");
+    let _ = std::env::set_current_dir("/");
+}
+
+fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`.
+    sys::cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// The virtio-blk disk (`vdX` under `sys_block`) whose serial is `serial`.
+pub fn find_disk(sys_block: &Path, serial: &str) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(sys_block)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vd"))
+        .collect();
+    names.sort();
+    names.into_iter().find(|n| {
+        std::fs::read_to_string(sys_block.join(n).join("serial"))
+            .is_ok_and(|s| s.trim_end_matches(['\n', '\0']).trim() == serial)
+    })
+}
+
+/// `ip link set lo up`.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket call.
+    let fd = sys::cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: a fresh fd only we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: valid ifreq pointer for both ioctls; the flags member is the
+    // one SIOC[GS]IFFLAGS use.
+    unsafe {
+        sys::cvt(libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr))?;
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        sys::cvt(libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_disk_by_serial() {
+        let dir = std::env::temp_dir().join(format!("mvm-agent-sysblock-{}", std::process::id()));
+        for (dev, serial) in [("vda", "root\n"), ("vdb", "vol-data\n"), ("sda", "vol-other")] {
+            std::fs::create_dir_all(dir.join(dev)).unwrap();
+            std::fs::write(dir.join(dev).join("serial"), serial).unwrap();
+        }
+        std::fs::create_dir_all(dir.join("vdc")).unwrap();
+        assert_eq!(find_disk(&dir, "vol-data").as_deref(), Some("vdb"));
+        assert_eq!(find_disk(&dir, "vol-other"), None);
+        assert_eq!(find_disk(&dir, "vol-nope"), None);
+        assert_eq!(find_disk(&dir.join("missing"), "vol-data"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,379 @@
+//! End to end: the `mvm` manager with real guests whose PID 1 is
+//! `mvm-agent` (the test initramfs, `rdinit=/sbin/mvm-agent`).
+//!
+//! One scenario, three boots (guest boots are slow on the development
+//! host): two VMs over one project started at once (one of them twice,
+//! concurrently), `list`, `exec` in each, `shell` driven through tmux, a
+//! `kill -9` of one VMM and its restart, `rm` refused while running, and a
+//! clean stop of both.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
+
+/// Start timeout handed to `mvm start`: boots take 30-90 s here, longer
+/// with two at once on two cores.
+const START_TIMEOUT_S: &str = "900";
+
+/// The `mvm` CLI on a private state root.
+struct Mvm {
+    root: PathBuf,
+    bin: PathBuf,
+}
+
+impl Mvm {
+    fn new(root: PathBuf) -> Self {
+        Mvm {
+            root,
+            bin: workspace_bin("mvm"),
+        }
+    }
+
+    /// Environment for any process that runs `mvm` against our root.
+    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("MVM_STATE_DIR", self.root.clone()),
+            ("MVM_KERNEL", guest_file("vmlinux")),
+            ("MVM_INITRD", guest_file("initramfs.cpio")),
+            ("MVM_VMM", mvm_vmm()),
+        ]
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).envs(self.env()).stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run mvm")
+    }
+
+    fn run_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mvm");
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child.wait_with_output().expect("wait mvm")
+    }
+
+    /// Run and require success; the stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "mvm {args:?} failed: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("mvm {args:?}: not JSON ({e}): {text}"))
+    }
+
+    fn pid_of(&self, name: &str) -> i32 {
+        let status = self.json(&["status", name, "--json"]);
+        assert_eq!(status["state"], "running", "{name}: {status}");
+        status["pid"].as_i64().expect("pid") as i32
+    }
+}
+
+/// A failed test must not leave VMMs behind: kill whatever the pid files
+/// name.
+impl Drop for Mvm {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("vmm.pid")) else { continue };
+            if let Some(pid) = text
+                .strip_prefix("running ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    done()
+}
+
+/// A tmux server of our own, one window running `mvm shell`.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("tmux (scripts/setup-host.sh installs it)")
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "mvm"];
+        args.extend_from_slice(keys);
+        let out = self.run(&args);
+        assert!(out.status.success(), "tmux send-keys: {}", describe(&out));
+    }
+
+    fn screen(&self) -> String {
+        // -J joins wrapped lines; -S - takes the whole history.
+        stdout(&self.run(&["capture-pane", "-p", "-J", "-S", "-", "-t", "mvm"]))
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let mut screen = String::new();
+        let found = wait_until(timeout, || {
+            screen = self.screen();
+            screen.contains(needle)
+        });
+        assert!(found, "{needle:?} did not appear within {timeout:?}; screen:\n{screen}");
+        screen
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+fn project_listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read project")
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap_or_default())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn manager_runs_vms_from_create_to_rm() {
+    let dir = scratch_dir("manager");
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("README"), "the project\n").unwrap();
+    std::fs::write(project.join("script.sh"), "echo from-project\n").unwrap();
+    let before = project_listing(&project);
+    let mvm = Mvm::new(dir.join("state"));
+    let p = project.to_str().unwrap();
+
+    // Two copies of one project.
+    mvm.ok(&["create", "alpha", "--project", p, "--cpus", "1", "--memory", "128"]);
+    mvm.ok(&["create", "beta", "--project", p, "--cpus", "1", "--memory", "128"]);
+    let definition = std::fs::read_to_string(mvm.root.join("alpha/vm.toml")).unwrap();
+    assert!(definition.contains("rdinit=/sbin/mvm-agent"), "{definition}");
+    microvm_dev::VmConfig::from_file(mvm.root.join("alpha/vm.toml")).expect("the definition is a valid vm.toml");
+
+    // Start both at once, alpha twice: it must start once.
+    let t0 = Instant::now();
+    let starts: Vec<_> = ["alpha", "alpha", "beta"]
+        .iter()
+        .map(|name| {
+            mvm.command(&["start", name, "--timeout", START_TIMEOUT_S])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn mvm start")
+        })
+        .collect();
+    let outs: Vec<Output> = starts.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for out in &outs {
+        assert!(out.status.success(), "mvm start: {}", describe(out));
+    }
+    eprintln!("both VMs ready after {:.1} s", t0.elapsed().as_secs_f64());
+    let said_running = outs[..2]
+        .iter()
+        .filter(|o| format!("{}{}", stdout(o), stderr(o)).contains("already running"))
+        .count();
+    assert_eq!(said_running, 1, "one of two concurrent starts says the VM already runs: {outs:?}");
+
+    // Both listed as running, each with its own MAC, state dir and VMM.
+    let list = mvm.json(&["list", "--json"]);
+    let vms = list.as_array().expect("list --json is an array");
+    assert_eq!(vms.len(), 2, "{list}");
+    for vm in vms {
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert_eq!(vm["project"], p, "{vm}");
+    }
+    assert_ne!(vms[0]["mac"], vms[1]["mac"]);
+    assert_ne!(vms[0]["state_dir"], vms[1]["state_dir"]);
+    assert_ne!(vms[0]["pid"], vms[1]["pid"]);
+    let table = mvm.ok(&["list"]);
+    assert!(table.contains("alpha") && table.contains("beta") && table.contains("running"), "{table}");
+
+    // exec: hostname, working directory, status codes, streams.
+    assert_eq!(mvm.ok(&["exec", "alpha", "--", "hostname"]), "alpha\n");
+    assert_eq!(mvm.ok(&["exec", "beta", "--", "hostname"]), "beta\n");
+    assert_eq!(mvm.ok(&["exec", "alpha", "--", "pwd"]), "/project\n");
+    assert_eq!(mvm.ok(&["exec", "alpha", "--", "sh", "script.sh"]), "from-project\n");
+    let out = mvm.run(&["exec", "alpha", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    let out = mvm.run(&["exec", "alpha", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137), "killed by SIGKILL: {}", describe(&out));
+    let out = mvm.run(&["exec", "alpha", "--", "sh", "-c", "echo out; echo err >&2"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!((stdout(&out).as_str(), stderr(&out).as_str()), ("out\n", "err\n"));
+    let out = mvm.run_with_input(&["exec", "alpha", "--", "cat"], b"hi\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout(&out), "hi\n");
+    let out = mvm.run(&["exec", "alpha", "--", "no-such-program"]);
+    assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
+    assert!(stderr(&out).contains("no-such-program"), "{}", describe(&out));
+    assert!(stdout(&out).is_empty());
+    let out = mvm.run(&["exec", "alpha", "--", "tty"]);
+    assert_eq!(stdout(&out), "not a tty\n", "no PTY without -t");
+    let out = mvm.run(&["exec", "-t", "alpha", "--", "tty"]);
+    assert!(stdout(&out).starts_with("/dev/pts/"), "a PTY with -t: {}", describe(&out));
+
+    // The guest clock follows the host's (set by `mvm start`).
+    let guest: i64 = mvm.ok(&["exec", "alpha", "--", "date", "+%s"]).trim().parse().expect("date +%s");
+    let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest - host).abs() <= 5, "guest clock {guest}, host {host}");
+
+    // Each VM writes to its own upper layer: the other VM and the host
+    // never see it.
+    mvm.ok(&["exec", "alpha", "--", "sh", "-c", "echo mine > /project/alpha.txt; rm /project/README"]);
+    assert_eq!(mvm.ok(&["exec", "alpha", "--", "cat", "/project/alpha.txt"]), "mine\n");
+    let out = mvm.run(&["exec", "beta", "--", "cat", "/project/alpha.txt"]);
+    assert_eq!(out.status.code(), Some(1), "beta sees alpha's file: {}", describe(&out));
+    assert_eq!(mvm.ok(&["exec", "beta", "--", "cat", "/project/README"]), "the project\n");
+    assert_eq!(project_listing(&project), before, "the host project changed");
+
+    // rm refuses a running VM.
+    let out = mvm.run(&["rm", "alpha"]);
+    assert!(!out.status.success(), "rm of a running VM: {}", describe(&out));
+    assert!(stderr(&out).contains("running"), "{}", describe(&out));
+    assert!(mvm.root.join("alpha/vm.toml").exists());
+
+    shell_through_tmux(&mvm);
+
+    // kill -9 of beta's VMM: crashed, then it starts again.
+    let beta_pid = mvm.pid_of("beta");
+    // SAFETY: plain kill(2) of the VMM the pid file names.
+    unsafe { libc::kill(beta_pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(30), || !alive(beta_pid)), "beta's VMM survived SIGKILL");
+    let status = mvm.json(&["status", "beta", "--json"]);
+    assert_eq!(status["state"], "crashed", "{status}");
+    let table = mvm.ok(&["list"]);
+    assert!(table.contains("crashed"), "{table}");
+    mvm.ok(&["start", "beta", "--timeout", START_TIMEOUT_S]);
+    assert_eq!(mvm.ok(&["exec", "beta", "--", "hostname"]), "beta\n");
+
+    // Stop both through their agents.
+    for name in ["alpha", "beta"] {
+        let t = Instant::now();
+        let said = mvm.ok(&["stop", name, "--timeout", "120"]);
+        eprintln!("{name} stopped in {:.1} s: {}", t.elapsed().as_secs_f64(), said.trim());
+        assert!(said.to_lowercase().contains("power"), "stopped by the agent: {said}");
+        let status = mvm.json(&["status", name, "--json"]);
+        assert_eq!(status["state"], "stopped", "{status}");
+    }
+    let out = mvm.run(&["stop", "alpha"]);
+    assert!(out.status.success(), "stopping a stopped VM: {}", describe(&out));
+
+    // rm removes the state directory, never the project.
+    mvm.ok(&["rm", "alpha"]);
+    assert!(!mvm.root.join("alpha").exists());
+    mvm.ok(&["rm", "beta"]);
+    assert_eq!(mvm.json(&["list", "--json"]), serde_json::json!([]));
+    assert_eq!(project_listing(&project), before, "rm touched the project");
+}
+
+/// `mvm shell alpha` in a tmux window: output, window size, Ctrl-C, exit
+/// status, and the host terminal restored afterwards.
+fn shell_through_tmux(mvm: &Mvm) {
+    let tmux = Tmux {
+        socket: format!("mvm-test-{}", std::process::id()),
+    };
+    let env: Vec<String> = mvm
+        .env()
+        .iter()
+        .map(|(k, v)| format!("{k}='{}'", v.display()))
+        .collect();
+    let command = format!(
+        "env TERM=xterm {} '{}' shell alpha; echo \"SHELL-EXIT=$?\"; exec sleep 600",
+        env.join(" "),
+        mvm.bin.display()
+    );
+    let out = tmux.run(&["new-session", "-d", "-s", "mvm", "-x", "100", "-y", "30", &command]);
+    assert!(out.status.success(), "tmux new-session: {}", describe(&out));
+    let slow = Duration::from_secs(120);
+
+    // Typed text and its output differ, so the output proves execution.
+    tmux.keys(&["echo hello-$((6*7))", "Enter"]);
+    tmux.wait_for("hello-42", slow);
+    tmux.keys(&["echo size1=$(stty size) dir=$(pwd)", "Enter"]);
+    tmux.wait_for("size1=30 100 dir=/project", slow);
+
+    let out = tmux.run(&["resize-window", "-t", "mvm", "-x", "120", "-y", "40"]);
+    assert!(out.status.success(), "tmux resize-window: {}", describe(&out));
+    // The new size travels host SIGWINCH -> Resize -> TIOCSWINSZ.
+    let resized = wait_until(slow, || {
+        tmux.keys(&["echo size2=$(stty size)", "Enter"]);
+        std::thread::sleep(Duration::from_secs(3));
+        tmux.screen().contains("size2=40 120")
+    });
+    assert!(resized, "stty size never showed 40 120:\n{}", tmux.screen());
+
+    // Ctrl-C reaches the guest program: sleep 100 ends at once.
+    tmux.keys(&["sleep 100", "Enter"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let t = Instant::now();
+    tmux.keys(&["C-c"]);
+    tmux.keys(&["echo after-$((1+1))-int", "Enter"]);
+    tmux.wait_for("after-2-int", Duration::from_secs(60));
+    assert!(t.elapsed() < Duration::from_secs(60), "Ctrl-C did not interrupt sleep 100");
+
+    tmux.keys(&["exit 3", "Enter"]);
+    tmux.wait_for("SHELL-EXIT=3", slow);
+    // The pane's terminal is back in cooked mode: typed text echoes.
+    tmux.keys(&["typed-after-exit"]);
+    tmux.wait_for("typed-after-exit", Duration::from_secs(10));
+}
