@@ -452,7 +452,13 @@ fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: b
         &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH],
         move |sig| {
             let Ok(c) = seen.lock() else { return };
-            let Some(c) = c.as_ref() else { return };
+            let Some(c) = c.as_ref() else {
+                // Still connecting: nothing runs in the guest yet.
+                if sig != libc::SIGWINCH {
+                    std::process::exit(128 + sig);
+                }
+                return;
+            };
             if sig == libc::SIGWINCH {
                 if tty {
                     if let Some((r, c2)) = term::window_size() {
