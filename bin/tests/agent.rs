@@ -229,8 +229,42 @@ fn cli_exec_and_shell() {
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("24 80"));
 
+    // On a terminal (script(1) provides one): raw mode, the terminal's
+    // size, and the shell's status; the terminal settings come back.
+    if Path::new("/usr/bin/script").exists() {
+        let cmd = format!(
+            "stty rows 40 cols 120; stty -g > {0}/before; {1} shell vm1; s=$?; stty -g > {0}/after; exit $s",
+            dir.display(),
+            env!("CARGO_BIN_EXE_mvm")
+        );
+        let o = mvm_script(&state, &cmd, b"stty size\nexit 6\n");
+        assert_eq!(o.status.code(), Some(6), "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("40 120"));
+        let before = std::fs::read_to_string(dir.join("before")).unwrap();
+        assert_eq!(before, std::fs::read_to_string(dir.join("after")).unwrap());
+    }
+
     let o = mvm(&["exec", "vm1", "-t", "--", "sh", "-c", "test -t 1 && echo tty"], b"");
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains("tty"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Run `cmd` under script(1), on a pseudo-terminal, with `input` typed.
+fn mvm_script(state: &Path, cmd: &str, input: &[u8]) -> std::process::Output {
+    let mut child = Command::new("script")
+        .args(["-qefc", cmd, "/dev/null"])
+        .env("MVM_STATE_DIR", state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Typed after the shell had time to start, like a person would.
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(input).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    child.wait_with_output().unwrap()
 }
