@@ -9,12 +9,18 @@
 use std::process::ExitCode;
 
 use microvm_dev::{StopReason, Vm, VmConfig, VmExit};
+use mvm::pidfile::{self, AcquireError, PidFile, Record};
 
-const USAGE: &str = "usage: mvm-vmm run <vm.toml>
+const USAGE: &str = "usage: mvm-vmm run <vm.toml> [--pid-file <path>]
 
 Boots the VM described by <vm.toml> and runs it until the guest powers off,
 reboots or crashes. The guest console is this terminal unless the file says
 otherwise; on a terminal, Ctrl-A x stops the VM.
+
+--pid-file <path>: lock <path> (flock) for the whole run and write
+`running <pid> <start unix time>` to it, then at exit
+`exited <status> <unix time> <reason>`; if another mvm-vmm holds the lock,
+exit 1 (\"already running\"). `mvm` uses it to know whether a VM runs.
 
 exit status: 0 powered off, 3 rebooted, 4 crashed, 2 bad configuration,
 1 other error, 128+N stopped by signal N.
@@ -115,7 +121,7 @@ fn forward_stop_signals(handle: microvm_dev::VmHandle) -> std::sync::Arc<std::sy
 /// (15-25 ms, mostly the in-kernel irqchip) after our exit status is
 /// already with the caller. The child waits for our exit on a pipe, then
 /// exits itself, which closes the last references.
-fn detach_teardown() {
+fn detach_teardown(pid_fd: Option<libc::c_int>) {
     let mut pipe = [0; 2];
     // SAFETY: pipe(2) into a two-element array.
     if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
@@ -127,6 +133,10 @@ fn detach_teardown() {
     match unsafe { libc::fork() } {
         0 => unsafe {
             libc::close(pipe[1]);
+            // The pid file's lock must end with the VMM, not the teardown.
+            if let Some(fd) = pid_fd {
+                libc::close(fd);
+            }
             let mut byte = 0u8;
             // Returns at end-of-file: the parent has exited.
             while libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1) > 0 {}
@@ -140,7 +150,7 @@ fn detach_teardown() {
     }
 }
 
-fn run(path: &str) -> ExitCode {
+fn run(path: &str, pid_path: Option<&str>) -> ExitCode {
     let config = match VmConfig::from_file(path) {
         Ok(c) => c,
         Err(e) => {
@@ -148,48 +158,77 @@ fn run(path: &str) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let mut pid_file = match pid_path.map(|p| PidFile::acquire(std::path::Path::new(p))) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(AcquireError::Locked(pid))) => {
+            let pid = pid.map_or("unknown".to_string(), |p| p.to_string());
+            eprintln!("mvm-vmm: error: VM {} is already running (pid {pid})", config.name);
+            return ExitCode::from(1);
+        }
+        Some(Err(AcquireError::Io(e))) => {
+            eprintln!(
+                "mvm-vmm: error: cannot use the pid file {}: {e}",
+                pid_path.unwrap_or_default()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let record_exit = |pid_file: &mut Option<PidFile>, status: u8, reason: &str| {
+        if let Some(f) = pid_file.as_mut() {
+            let record = Record::Exited {
+                status: i32::from(status),
+                at: pidfile::unix_now(),
+                reason: reason.to_string(),
+            };
+            if let Err(e) = f.write(&record) {
+                eprintln!("mvm-vmm: warning: cannot update the pid file: {e}");
+            }
+        }
+    };
     let vm = match Vm::new(config) {
         Ok(vm) => vm,
         Err(e) => {
             report(&e);
-            return ExitCode::from(if e.is_config_error() { EXIT_CONFIG } else { 1 });
+            let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
+            record_exit(&mut pid_file, code, &e.to_string());
+            return ExitCode::from(code);
         }
     };
     let mut vm = vm;
     let signal = forward_stop_signals(vm.handle());
     let result = vm.run_once();
-    detach_teardown();
-    let code = exit_code(result, &signal);
+    detach_teardown(pid_file.as_ref().map(PidFile::raw_fd));
+    let (code, reason) = exit_code(result, &signal);
+    record_exit(&mut pid_file, code, &reason);
     // Exit without dropping `vm`: the child finishes the teardown.
     std::process::exit(i32::from(code));
 }
 
-fn exit_code(result: microvm_dev::Result<VmExit>, signal: &std::sync::atomic::AtomicI32) -> u8 {
+/// The exit status and its reason, for the pid file.
+fn exit_code(result: microvm_dev::Result<VmExit>, signal: &std::sync::atomic::AtomicI32) -> (u8, String) {
     match result {
-        Ok(VmExit::PowerOff) => 0,
+        Ok(VmExit::PowerOff) => (0, "the guest powered off".into()),
         Ok(VmExit::Reboot) => {
             log::info!("guest rebooted");
-            EXIT_REBOOT
+            (EXIT_REBOOT, "the guest rebooted".into())
         }
         Ok(VmExit::Crash(report)) => {
             eprintln!("mvm-vmm: guest crashed: {report}");
-            EXIT_CRASH
+            (EXIT_CRASH, format!("the guest crashed: {report}"))
         }
-        Ok(VmExit::Stopped(StopReason::ConsoleEscape)) => EXIT_ESCAPE,
+        Ok(VmExit::Stopped(StopReason::ConsoleEscape)) => (EXIT_ESCAPE, "stopped with Ctrl-A x".into()),
         Ok(VmExit::Stopped(StopReason::Requested)) => match signal.load(std::sync::atomic::Ordering::SeqCst) {
-            0 => 1,
+            0 => (1, "stopped".into()),
             sig => {
                 eprintln!("mvm-vmm: stopped by signal {sig}");
-                128u8.saturating_add(sig as u8)
+                (128u8.saturating_add(sig as u8), format!("stopped by signal {sig}"))
             }
         },
         Err(e) => {
             report(&e);
-            if e.is_config_error() {
-                EXIT_CONFIG
-            } else {
-                1
-            }
+            let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
+            (code, e.to_string())
         }
     }
 }
@@ -198,7 +237,8 @@ fn main() -> ExitCode {
     init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["run", path] => run(path),
+        ["run", path] => run(path, None),
+        ["run", path, "--pid-file", pid] | ["run", "--pid-file", pid, path] => run(path, Some(pid)),
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS

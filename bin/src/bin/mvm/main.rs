@@ -1,0 +1,489 @@
+//! `mvm`: create, start, stop and enter microvm-dev VMs.
+
+mod term;
+
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use mvm::agent::{ExecRequest, Tty};
+use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
+use mvm::{CreateOptions, Error, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
+
+const EXIT_HELP: &str = "\
+Exit status: 0 success; 2 usage or configuration error (bad name, unknown VM,
+bad project path, invalid vm.toml); 1 any other error. `exec` and `shell`
+exit with the guest program's status (128+N if signal N killed it).
+
+Environment: MVM_STATE_DIR (state directory, default /var/lib/microvm-dev),
+MVM_KERNEL / MVM_INITRD (default guest kernel and initramfs for `create`),
+MVM_VMM (the mvm-vmm program), MVM_LOG (mvm-vmm's log level).";
+
+#[derive(Parser)]
+#[command(
+    name = "mvm",
+    version,
+    about = "Create, start, stop and enter microvm-dev VMs",
+    after_help = EXIT_HELP
+)]
+struct Cli {
+    /// State directory holding the VMs (overrides MVM_STATE_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Define a new VM (writes <state dir>/<name>/vm.toml; does not start it).
+    #[command(after_help = EXIT_HELP)]
+    Create {
+        /// VM name: lowercase letters, digits and '-', at most 32 characters.
+        name: String,
+        /// Host directory the guest sees at /project; the guest's changes
+        /// go to an overlay in the VM, never to this directory.
+        #[arg(long, value_name = "DIR")]
+        project: Option<PathBuf>,
+        /// Number of vCPUs [default: 2].
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Guest memory in MiB [default: 256].
+        #[arg(long, value_name = "MiB")]
+        memory: Option<u32>,
+        /// Keep the guest's changes to /project across restarts.
+        #[arg(long)]
+        persist: bool,
+        /// A persistent ext4 volume: name:size_mib[:mount], e.g. data:1024:/data.
+        #[arg(long, value_name = "NAME:SIZE:MOUNT")]
+        volume: Vec<String>,
+        /// Start from this vm.toml (its machine, boot and other keys are kept).
+        #[arg(long, value_name = "VM.TOML")]
+        from: Option<PathBuf>,
+        /// Guest kernel [default: $MVM_KERNEL, else <state dir>/guest/vmlinux].
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        /// Initramfs [default: $MVM_INITRD, else <state dir>/guest/initramfs.cpio].
+        #[arg(long, value_name = "FILE")]
+        initrd: Option<PathBuf>,
+    },
+    /// Start a VM and wait until its guest agent answers.
+    #[command(after_help = EXIT_HELP)]
+    Start {
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Stop a VM: power off through its agent, else SIGTERM, else SIGKILL.
+    #[command(after_help = EXIT_HELP)]
+    Stop {
+        name: String,
+        /// Seconds to wait for the power-off before SIGTERM.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Stop a VM if it runs, then start it.
+    #[command(after_help = EXIT_HELP)]
+    Restart {
+        name: String,
+        /// Seconds to wait for the guest after the start.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Remove a VM and its state (overlay, volumes, logs); never the project.
+    #[command(after_help = EXIT_HELP)]
+    Rm {
+        name: String,
+        /// Kill the VM first if it runs.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// List the VMs.
+    #[command(after_help = EXIT_HELP)]
+    List {
+        /// Print a JSON array of objects (fields as in docs/manager.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    #[command(after_help = EXIT_HELP)]
+    Status {
+        name: String,
+        /// Print a JSON object (fields as in docs/manager.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the guest console output.
+    #[command(after_help = EXIT_HELP)]
+    Logs {
+        name: String,
+        /// Keep printing new output (like tail -f) until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// An interactive login shell in the guest.
+    #[command(after_help = EXIT_HELP)]
+    Shell { name: String },
+    /// Run a program in the guest: mvm exec <name> -- <program> [args...]
+    #[command(after_help = EXIT_HELP)]
+    Exec {
+        name: String,
+        /// Forward standard input even when it is a terminal.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run the program on a pseudo-terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Print a shell completion script: mvm completions bash > /etc/bash_completion.d/mvm
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Print an error and its causes on one line each, no backtrace. A cause
+/// whose text the line above already holds is not repeated.
+fn report(e: &dyn std::error::Error) {
+    eprintln!("mvm: error: {e}");
+    let mut shown = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            eprintln!("  caused by: {text}");
+        }
+        shown = text;
+        source = s.source();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let manager = match &cli.state_dir {
+        Some(dir) => Manager::new(dir.clone()),
+        None => Manager::from_env(),
+    };
+    let code = match run(&manager, cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            e.exit_code()
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
+    match cmd {
+        Cmd::Create {
+            name,
+            project,
+            cpus,
+            memory,
+            persist,
+            volume,
+            from,
+            kernel,
+            initrd,
+        } => {
+            let volumes = volume
+                .iter()
+                .map(|v| v.parse::<VolumeSpec>())
+                .collect::<mvm::Result<Vec<_>>>()?;
+            let info = m.create(&CreateOptions {
+                name,
+                project,
+                cpus,
+                memory_mib: memory,
+                persist,
+                volumes,
+                from,
+                kernel,
+                initrd,
+            })?;
+            println!(
+                "created VM {} ({}); start it with `mvm start {}`",
+                info.name,
+                info.state_dir.join(mvm::manager::VM_TOML).display(),
+                info.name
+            );
+            Ok(0)
+        }
+        Cmd::Start { name, timeout } => start(m, &name, timeout, false),
+        Cmd::Restart { name, timeout } => start(m, &name, timeout, true),
+        Cmd::Stop { name, timeout } => {
+            let how = m.stop(&name, Duration::from_secs(timeout))?;
+            println!("{name} {}", how.describe());
+            Ok(0)
+        }
+        Cmd::Rm { name, force } => {
+            m.rm(&name, force)?;
+            Ok(0)
+        }
+        Cmd::List { json } => {
+            let vms = m.list()?;
+            if json {
+                println!("{}", to_json(&vms)?);
+            } else {
+                print_table(&vms);
+            }
+            Ok(0)
+        }
+        Cmd::Status { name, json } => {
+            let info = m.status(&name)?;
+            if json {
+                println!("{}", to_json(&info)?);
+            } else {
+                print_status(&info);
+            }
+            Ok(0)
+        }
+        Cmd::Logs { name, follow } => logs(m, &name, follow),
+        Cmd::Shell { name } => {
+            let stdin_tty = term::isatty(libc::STDIN_FILENO);
+            exec(m, &name, Vec::new(), true, true, stdin_tty)
+        }
+        Cmd::Exec {
+            name,
+            interactive,
+            tty,
+            command,
+        } => {
+            let stdin_tty = term::isatty(libc::STDIN_FILENO);
+            let forward = interactive || !stdin_tty;
+            let argv = command.iter().map(|a| a.as_bytes().to_vec()).collect();
+            exec(m, &name, argv, tty, forward, tty && forward && stdin_tty)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mvm", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> mvm::Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| Error::Usage(format!("cannot write JSON: {e}")))
+}
+
+fn start(m: &Manager, name: &str, timeout: u64, restart: bool) -> mvm::Result<i32> {
+    let on_tty = term::isatty(libc::STDERR_FILENO);
+    let mut last_shown = u64::MAX;
+    let mut progress = |elapsed: Duration| {
+        let secs = elapsed.as_secs();
+        if secs != last_shown {
+            last_shown = secs;
+            eprint!("\r\x1b[2Kstarting {name}: booting… {secs}s");
+        }
+    };
+    let mut opts = StartOptions {
+        timeout: Duration::from_secs(timeout),
+        progress: if on_tty { Some(&mut progress) } else { None },
+    };
+    let result = if restart {
+        m.restart(name, DEFAULT_STOP_TIMEOUT, &mut opts)
+    } else {
+        m.start(name, &mut opts)
+    };
+    if on_tty {
+        eprint!("\r\x1b[2K");
+    }
+    match result? {
+        StartOutcome::Started { ready_after, .. } => {
+            if on_tty {
+                eprintln!(
+                    "{name} is running (agent ready after {:.1} s)",
+                    ready_after.as_secs_f64()
+                );
+            }
+        }
+        StartOutcome::AlreadyRunning { pid } => eprintln!("{name} is already running (pid {pid})"),
+    }
+    Ok(0)
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn print_table(vms: &[VmInfo]) {
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                v.state.as_str().to_string(),
+                v.pid.map_or("-".into(), |p| p.to_string()),
+                v.vcpus.to_string(),
+                format!("{}M", v.memory_mib),
+                v.uptime_s.map_or("-".into(), uptime),
+                v.project.as_ref().map_or("-".into(), |p| p.display().to_string()),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "PROJECT"];
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(v: &VmInfo) {
+    println!("name:      {}", v.name);
+    println!("state:     {}", v.state.as_str());
+    if let Some(pid) = v.pid {
+        println!("pid:       {pid}");
+    }
+    if let Some(u) = v.uptime_s {
+        println!("uptime:    {}", uptime(u));
+    }
+    println!("cpus:      {}", v.vcpus);
+    println!("memory:    {} MiB", v.memory_mib);
+    println!(
+        "project:   {}",
+        v.project.as_ref().map_or("-".into(), |p| p.display().to_string())
+    );
+    println!("mac:       {}", v.mac);
+    println!("state dir: {}", v.state_dir.display());
+    if let Some(e) = &v.last_exit {
+        println!("last exit: {e}");
+    }
+    if let Some(e) = &v.error {
+        println!("error:     {e}");
+    }
+    if v.state == VmState::Crashed && !v.console_tail.is_empty() {
+        println!("last console lines:");
+        for l in &v.console_tail {
+            println!("  {l}");
+        }
+    }
+}
+
+fn logs(m: &Manager, name: &str, follow: bool) -> mvm::Result<i32> {
+    let info = m.status(name)?;
+    let path = info.state_dir.join(CONSOLE_LOG);
+    let mut out = std::io::stdout();
+    let mut pos = 0u64;
+    loop {
+        match std::fs::File::open(&path) {
+            Ok(mut f) => {
+                let len = f.metadata().map_or(0, |m| m.len());
+                // A new start truncates the console log: begin again.
+                if len < pos {
+                    pos = 0;
+                }
+                if len > pos {
+                    f.seek(SeekFrom::Start(pos))
+                        .and_then(|_| std::io::copy(&mut (&mut f).take(len - pos), &mut out))
+                        .map_err(Error::io(format!("reading {}", path.display())))?;
+                    out.flush().map_err(Error::io("writing the console output"))?;
+                    pos = len;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !follow {
+                    eprintln!("mvm: {name} has no console output yet (it never started)");
+                }
+            }
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()))(e)),
+        }
+        if !follow {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Run `argv` (empty: a login shell) in the guest; the program's status.
+fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: bool, raw: bool) -> mvm::Result<i32> {
+    let info = m.status(name)?;
+    if info.state != VmState::Running {
+        return Err(Error::NotRunning { name: name.into() });
+    }
+    let (rows, cols) = term::window_size().unwrap_or((24, 80));
+    let request = ExecRequest {
+        argv,
+        env: Vec::new(),
+        cwd: None,
+        tty: tty.then(|| Tty {
+            rows,
+            cols,
+            term: std::env::var("TERM")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "xterm".into()),
+        }),
+    };
+    // Signals are blocked before any thread starts, so only the signal
+    // thread sees them.
+    let control = std::sync::Arc::new(std::sync::Mutex::new(None::<mvm::ExecControl>));
+    let seen = control.clone();
+    term::forward_signals(
+        &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH],
+        move |sig| {
+            let Ok(c) = seen.lock() else { return };
+            let Some(c) = c.as_ref() else {
+                // Still connecting: nothing runs in the guest yet.
+                if sig != libc::SIGWINCH {
+                    std::process::exit(128 + sig);
+                }
+                return;
+            };
+            if sig == libc::SIGWINCH {
+                if tty {
+                    if let Some((r, c2)) = term::window_size() {
+                        let _ = c.resize(r, c2);
+                    }
+                }
+            } else {
+                let _ = c.signal(sig);
+            }
+        },
+    );
+    let session = m.agent(name)?.exec(request)?;
+    if let Ok(mut c) = control.lock() {
+        *c = Some(session.control());
+    }
+    let raw_mode = if raw {
+        term::RawMode::enable(libc::STDIN_FILENO).ok()
+    } else {
+        None
+    };
+    let result = session.run(
+        forward_stdin.then(std::io::stdin),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    );
+    drop(raw_mode);
+    Ok(result?.status.shell_code())
+}

@@ -1,0 +1,133 @@
+//! The error type of the `mvm` crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong managing VMs. Messages say what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A VM name that is not `[a-z0-9][a-z0-9-]*` of at most 32 bytes.
+    #[error("invalid VM name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    /// No VM of this name in the state directory.
+    #[error("no VM named {name:?} (in {}); `mvm list` shows the VMs, `mvm create {name} --project <dir>` makes one", root.display())]
+    UnknownVm { name: String, root: PathBuf },
+    /// `create` of a name that exists.
+    #[error("a VM named {name:?} already exists; pick another name, or remove it first with `mvm rm {name}`")]
+    AlreadyExists { name: String },
+    /// `--project` is missing, not a directory, or unusable.
+    #[error("project {}: {reason}", path.display())]
+    Project { path: PathBuf, reason: String },
+    /// A command-line or option value that cannot be used.
+    #[error("{0}")]
+    Usage(String),
+    /// No kernel to boot was given or found.
+    #[error("no guest {what} to boot: pass --{what} <file> or set {env} (or install one as {})", default.display())]
+    NoKernel {
+        what: &'static str,
+        env: &'static str,
+        default: PathBuf,
+    },
+    /// The VM definition (vm.toml) is invalid.
+    #[error("invalid VM definition {}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: microvm_dev::Error,
+    },
+    /// A base file given with `--from` cannot be used.
+    #[error("{}: {reason}", path.display())]
+    BaseFile { path: PathBuf, reason: String },
+    /// The VM is running and the operation needs it stopped.
+    #[error("VM {name:?} is running (pid {pid}); stop it first with `mvm stop {name}`, or use --force")]
+    Running { name: String, pid: u32 },
+    /// The VM is not running and the operation needs it running.
+    #[error("VM {name:?} is not running; start it with `mvm start {name}`")]
+    NotRunning { name: String },
+    /// `mvm-vmm` exited before the guest's agent answered.
+    #[error("VM {name:?} did not start: mvm-vmm {status}{details}")]
+    StartFailed {
+        name: String,
+        status: String,
+        /// The last lines of vmm.log and console.log, preformatted.
+        details: String,
+    },
+    /// The agent did not answer in time.
+    #[error("VM {name:?}: the guest agent did not answer within {secs} s (last: {last}); see `mvm logs {name}`. The VM is left running: `mvm stop {name}` stops it")]
+    StartTimeout { name: String, secs: u64, last: String },
+    /// The VM did not stop even after SIGKILL.
+    #[error("VM {name:?} (pid {pid}) did not stop, even after SIGKILL")]
+    StopFailed { name: String, pid: u32 },
+    /// The `mvm-vmm` program cannot be found or started.
+    #[error("cannot run mvm-vmm ({}): {source}; set MVM_VMM to its path", path.display())]
+    Vmm {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to the guest agent failed.
+    #[error("guest agent: {what}")]
+    Agent {
+        what: String,
+        #[source]
+        source: Option<mvm_agent::proto::Error>,
+    },
+    /// The agent answered a request with an error.
+    #[error("the guest agent refused: {0}")]
+    Remote(String),
+    /// Refusing to delete a state directory something is mounted under.
+    #[error("refusing to remove {}: {} is mounted there; unmount it first", dir.display(), mount.display())]
+    MountedUnder { dir: PathBuf, mount: PathBuf },
+    /// The generated definition does not pass the VMM's checks.
+    #[error("the VM definition would be invalid")]
+    Invalid(#[source] microvm_dev::Error),
+    /// Another `mvm` works on this VM right now.
+    #[error("VM {name:?} is busy: {what}; try again when it is done")]
+    Busy { name: String, what: String },
+    /// A host file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The process exit status for this error: 2 for usage and
+    /// configuration errors (bad name, unknown VM, bad project path,
+    /// invalid vm.toml), 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::InvalidName { .. }
+            | Error::UnknownVm { .. }
+            | Error::AlreadyExists { .. }
+            | Error::Project { .. }
+            | Error::Usage(_)
+            | Error::NoKernel { .. }
+            | Error::Config { .. }
+            | Error::Invalid(_)
+            | Error::BaseFile { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// An `Io` error maker for `map_err`.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+
+    pub(crate) fn agent(what: impl Into<String>) -> impl FnOnce(mvm_agent::proto::Error) -> Error {
+        let what = what.into();
+        move |source| match source {
+            mvm_agent::proto::Error::Remote(m) => Error::Remote(m),
+            source => Error::Agent {
+                what,
+                source: Some(source),
+            },
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

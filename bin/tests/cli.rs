@@ -1,0 +1,293 @@
+//! The `mvm` binary on bad input: exit statuses, messages, and nothing
+//! left behind. No VM boots here (the integration tests in tests/ do that).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mvm-cli-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        std::fs::create_dir_all(dir.join("proj")).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"not a kernel").unwrap();
+        std::fs::write(dir.join("initrd"), b"not an initrd").unwrap();
+        Env { dir }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn mvm(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mvm"))
+            .args(args)
+            .env("MVM_STATE_DIR", self.state())
+            .env("MVM_KERNEL", self.dir.join("vmlinux"))
+            .env("MVM_INITRD", self.dir.join("initrd"))
+            // Nothing in these tests may start a VMM.
+            .env("MVM_VMM", self.dir.join("no-such-vmm"))
+            .env_remove("MVM_LOG")
+            .output()
+            .unwrap()
+    }
+
+    fn project(&self) -> String {
+        self.dir.join("proj").display().to_string()
+    }
+
+    /// State root entries other than the lock file.
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn expect(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+#[test]
+fn unknown_vm_is_a_usage_error_naming_it() {
+    let e = Env::new();
+    for args in [
+        &["status", "ghost"][..],
+        &["start", "ghost"],
+        &["stop", "ghost"],
+        &["restart", "ghost"],
+        &["rm", "ghost"],
+        &["logs", "ghost"],
+        &["shell", "ghost"],
+        &["exec", "ghost", "--", "true"],
+    ] {
+        let o = e.mvm(args);
+        expect(&o, 2, "no VM named \"ghost\"");
+        assert!(stderr(&o).starts_with("mvm: error: "), "{args:?}");
+    }
+}
+
+#[test]
+fn bad_names_are_refused() {
+    let e = Env::new();
+    let long = "a".repeat(33);
+    for name in ["Bad_Name", long.as_str(), "é", "a.b", "a b"] {
+        let o = e.mvm(&["create", name, "--project", &e.project()]);
+        expect(&o, 2, "invalid VM name");
+        let o = e.mvm(&["status", name]);
+        expect(&o, 2, "invalid VM name");
+    }
+    assert!(e.entries().is_empty());
+}
+
+#[test]
+fn bad_project_creates_nothing() {
+    let e = Env::new();
+    let missing = e.dir.join("missing").display().to_string();
+    expect(
+        &e.mvm(&["create", "web", "--project", &missing]),
+        2,
+        "no such directory",
+    );
+    let file = e.dir.join("vmlinux").display().to_string();
+    expect(&e.mvm(&["create", "web", "--project", &file]), 2, "not a directory");
+    assert!(e.entries().is_empty(), "{:?}", e.entries());
+}
+
+#[test]
+fn create_twice_and_list() {
+    let e = Env::new();
+    let o = e.mvm(&[
+        "create",
+        "web",
+        "--project",
+        &e.project(),
+        "--cpus",
+        "3",
+        "--memory",
+        "300",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    expect(
+        &e.mvm(&["create", "web", "--project", &e.project()]),
+        2,
+        "already exists",
+    );
+    assert_eq!(e.entries(), ["web"]);
+
+    let o = e.mvm(&["list"]);
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    let mut lines = text.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("NAME  STATE    PID  CPUS  MEMORY  UPTIME  PROJECT"),
+        "{text}"
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..6], ["web", "stopped", "-", "3", "300M", "-"]);
+
+    let o = e.mvm(&["list", "--json"]);
+    let json = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        json.trim_start().starts_with('[')
+            && json.contains("\"name\": \"web\"")
+            && json.contains("\"state\": \"stopped\""),
+        "{json}"
+    );
+    let o = e.mvm(&["status", "web", "--json"]);
+    let json = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        json.contains("\"memory_mib\": 300") && json.contains("\"mac\": \""),
+        "{json}"
+    );
+
+    // Not running: exec and shell say so; stop has nothing to do.
+    expect(&e.mvm(&["exec", "web", "--", "true"]), 1, "is not running");
+    let o = e.mvm(&["stop", "web"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("was not running"));
+
+    let o = e.mvm(&["rm", "web"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(e.entries().is_empty());
+}
+
+#[test]
+fn rm_refuses_a_running_vm() {
+    let e = Env::new();
+    assert!(e.mvm(&["create", "busy", "--project", &e.project()]).status.success());
+    // Stand in for a running mvm-vmm: hold its pid file lock.
+    let held = mvm::pidfile::PidFile::acquire(&e.state().join("busy/vmm.pid")).unwrap();
+    expect(&e.mvm(&["rm", "busy"]), 1, "is running");
+    assert!(e.state().join("busy/vm.toml").exists());
+    let o = e.mvm(&["status", "busy"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("state:     running"));
+    let o = e.mvm(&["start", "busy"]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("busy is already running"));
+    drop(held);
+}
+
+#[test]
+fn start_with_an_invalid_definition_starts_nothing() {
+    let e = Env::new();
+    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    let file = e.state().join("web/vm.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("[machine]", "[machine\n")).unwrap();
+    let o = e.mvm(&["start", "web"]);
+    let err = stderr(&o);
+    expect(&o, 2, &file.display().to_string());
+    assert!(err.contains("vm.toml:"), "names no line: {err}");
+    for f in ["vmm.pid", "vmm.log", "console.log", "vsock.sock"] {
+        assert!(!e.state().join("web").join(f).exists(), "{f} exists");
+    }
+    // list still shows it, as broken.
+    let o = e.mvm(&["list"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("broken"));
+}
+
+#[test]
+fn start_reports_a_missing_vmm() {
+    let e = Env::new();
+    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    expect(&e.mvm(&["start", "web", "--timeout", "1"]), 1, "cannot run mvm-vmm");
+}
+
+#[test]
+fn missing_kernel_says_what_to_do() {
+    let e = Env::new();
+    let o = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["create", "web", "--project", &e.project()])
+        .env("MVM_STATE_DIR", e.state())
+        .env_remove("MVM_KERNEL")
+        .env_remove("MVM_INITRD")
+        .output()
+        .unwrap();
+    expect(&o, 2, "--kernel");
+    assert!(e.entries().is_empty());
+}
+
+#[test]
+fn help_usage_and_completions() {
+    let e = Env::new();
+    for cmd in [
+        "create",
+        "start",
+        "stop",
+        "restart",
+        "rm",
+        "list",
+        "status",
+        "logs",
+        "shell",
+        "exec",
+        "completions",
+    ] {
+        let o = e.mvm(&[cmd, "--help"]);
+        assert_eq!(o.status.code(), Some(0), "{cmd} --help");
+        assert!(!o.stdout.is_empty());
+    }
+    let o = e.mvm(&["--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Exit status"));
+    // clap's own usage errors exit 2.
+    assert_eq!(e.mvm(&["exec", "web", "true"]).status.code(), Some(2));
+    assert_eq!(e.mvm(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(e.mvm(&["create"]).status.code(), Some(2));
+    let o = e.mvm(&["completions", "bash"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mvm"));
+    expect(
+        &e.mvm(&["create", "v", "--project", &e.project(), "--volume", "data"]),
+        2,
+        "volume \"data\"",
+    );
+}
+
+#[test]
+fn state_dir_flag_overrides_the_environment() {
+    let e = Env::new();
+    let other = e.dir.join("other");
+    let o = e.mvm(&[
+        "--state-dir",
+        &other.display().to_string(),
+        "create",
+        "web",
+        "--project",
+        &e.project(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(other.join("web/vm.toml").exists());
+    assert!(e.entries().is_empty());
+    assert!(Path::new(&other).join(".lock").exists());
+}
