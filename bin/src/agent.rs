@@ -226,11 +226,19 @@ impl AgentConnection {
         }
     }
 
-    /// Start a program; it runs once the agent answers `Started`.
+    /// Start a program; it runs once the agent answers `Started`. A
+    /// program that cannot start (not found: 127, not executable: 126)
+    /// still gives a session, whose `run` yields the agent's message on
+    /// stderr and that status.
     pub fn exec(self, request: ExecRequest) -> Result<ExecSession> {
         let stream = self.stream.try_clone().map_err(Error::io("cloning the agent socket"))?;
+        let mut pending = std::collections::VecDeque::new();
         let pid = match self.request(&Message::Exec(request), "Exec")? {
             Message::Started { pid } => pid,
+            m @ (Message::Stderr(_) | Message::Stdout(_) | Message::Exited { .. }) => {
+                pending.push_back(m);
+                0
+            }
             m => return Err(Self::unexpected("Started", &m)),
         };
         // The program may run for hours: no time limits from here on.
@@ -246,6 +254,7 @@ impl AgentConnection {
                 writer: Arc::new(Mutex::new(writer)),
             },
             pid,
+            pending,
         })
     }
 }
@@ -297,11 +306,14 @@ impl ExecControl {
 pub struct ExecSession {
     reader: UnixStream,
     control: ExecControl,
+    /// 0 when the program could not be started.
     pid: u32,
+    /// Messages that arrived in place of `Started`.
+    pending: std::collections::VecDeque<Message>,
 }
 
 impl ExecSession {
-    /// The program's pid in the guest.
+    /// The program's pid in the guest (0 when it could not be started).
     pub fn guest_pid(&self) -> u32 {
         self.pid
     }
@@ -326,6 +338,8 @@ impl ExecSession {
         stderr: &mut dyn Write,
     ) -> Result<ExecResult> {
         match stdin {
+            // Nothing to send to a program that never started.
+            _ if self.pid == 0 => {}
             None => self.control.stdin_eof()?,
             Some(mut input) => {
                 let control = self.control.clone();
@@ -356,6 +370,12 @@ impl ExecSession {
             }
         }
         loop {
+            if let Some(msg) = self.pending.pop_front() {
+                if let Some(result) = self.deliver(msg, stdout, stderr)? {
+                    return Ok(result);
+                }
+                continue;
+            }
             let msg = proto::read_message(&mut self.reader).map_err(|e| match e {
                 proto::Error::Closed => Error::Agent {
                     what: "the connection closed before the program exited (did the VM stop?)".into(),
@@ -363,22 +383,28 @@ impl ExecSession {
                 },
                 e => Error::agent("reading the program's output")(e),
             })?;
-            match msg {
-                Message::Stdout(d) => stdout
-                    .write_all(&d)
-                    .and_then(|()| stdout.flush())
-                    .map_err(Error::io("writing output"))?,
-                Message::Stderr(d) => stderr
-                    .write_all(&d)
-                    .and_then(|()| stderr.flush())
-                    .map_err(Error::io("writing output"))?,
-                Message::Exited { status, elapsed_us } => return Ok(ExecResult { status, elapsed_us }),
-                Message::Error(e) => return Err(Error::Remote(e)),
-                m => {
-                    return Err(AgentConnection::unexpected("program output or Exited", &m));
-                }
+            if let Some(result) = self.deliver(msg, stdout, stderr)? {
+                return Ok(result);
             }
         }
+    }
+
+    /// Write out one message of the session; the result once it ends.
+    fn deliver(&self, msg: Message, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<Option<ExecResult>> {
+        match msg {
+            Message::Stdout(d) => stdout
+                .write_all(&d)
+                .and_then(|()| stdout.flush())
+                .map_err(Error::io("writing output"))?,
+            Message::Stderr(d) => stderr
+                .write_all(&d)
+                .and_then(|()| stderr.flush())
+                .map_err(Error::io("writing output"))?,
+            Message::Exited { status, elapsed_us } => return Ok(Some(ExecResult { status, elapsed_us })),
+            Message::Error(e) => return Err(Error::Remote(e)),
+            m => return Err(AgentConnection::unexpected("program output or Exited", &m)),
+        }
+        Ok(None)
     }
 }
 

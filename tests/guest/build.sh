@@ -301,9 +301,9 @@ build_initramfs() {
 	EOF
 	# Programs the agent runs by name (it has no shell to find applets):
 	# the common ones, as links to busybox.
-	for applet in cat cp date df echo env false grep head hostname id kill ls \
+	for applet in cat chmod cp date dd df echo env false find grep head hostname id kill ln ls \
 		mkdir mount mv printenv ps pwd rm sleep stat stty sync tail tee test \
-		touch tr true uname wc; do
+		touch tr true tty uname vi wc; do
 		printf 'slink /bin/%s busybox 0777 0 0\n' "$applet" >>"$list"
 	done
 	"$kernel_dir/gen_init_cpio" -t 0 "$list" >"$tmp/out/initramfs.cpio" ||
