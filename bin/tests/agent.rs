@@ -2,7 +2,7 @@
 //! agent, run on the host (`mvm-agent --listen unix:<path>`) behind a
 //! stand-in for the VMM's vsock socket (the `CONNECT <port>` / `OK`
 //! handshake, then bytes both ways). Needs the `mvm-agent` binary of the
-//! same profile (`cargo build --workspace --bins`); skipped without it.
+//! same profile (`cargo build --workspace --bins`); fails without it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,11 +28,8 @@ struct Rig {
 
 impl Rig {
     /// `vsock` in `dir`: a VMM stand-in forwarding port 1024 to a real agent.
-    fn new(dir: &Path, vsock: PathBuf) -> Option<Rig> {
-        let Some(bin) = agent_binary() else {
-            eprintln!("skipped: build mvm-agent first (cargo build --workspace --bins)");
-            return None;
-        };
+    fn new(dir: &Path, vsock: PathBuf) -> Rig {
+        let bin = agent_binary().expect("mvm-agent of this profile: build it first (cargo build --workspace --bins)");
         std::fs::create_dir_all(dir).unwrap();
         let agent_sock = dir.join("agent.sock");
         let agent = Command::new(bin)
@@ -55,11 +52,11 @@ impl Rig {
                 std::thread::spawn(move || relay(conn, &agent_sock));
             }
         });
-        Some(Rig {
+        Rig {
             dir: dir.to_path_buf(),
             agent,
             vsock,
-        })
+        }
     }
 
     fn client(&self) -> AgentClient {
@@ -108,9 +105,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 #[test]
 fn client_against_the_real_agent() {
     let dir = temp_dir("agent");
-    let Some(rig) = Rig::new(&dir, dir.join("vsock.sock")) else {
-        return;
-    };
+    let rig = Rig::new(&dir, dir.join("vsock.sock"));
     let agent = rig.client();
 
     let info = agent.info().unwrap();
@@ -178,10 +173,14 @@ fn client_against_the_real_agent() {
     let text = String::from_utf8_lossy(&o);
     assert!(text.contains("33 101") && text.contains("tty"), "{text:?}");
 
-    // A program that does not exist: an error or a failure, not a hang.
-    if let Ok(o) = agent.exec_output(&["/no/such/program"]) {
-        assert_ne!(o.status, ExitStatus::Code(0));
-    }
+    // A program that does not exist: 127 and the agent's message, as a
+    // shell would; one that is not executable: 126.
+    let o = agent.exec_output(&["/no/such/program"]).unwrap();
+    assert_eq!(o.status, ExitStatus::Code(127));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/program"), "{o:?}");
+    assert!(o.stdout.is_empty());
+    let o = agent.exec_output(&["/etc/passwd"]).unwrap();
+    assert_eq!(o.status, ExitStatus::Code(126), "{o:?}");
 }
 
 /// `mvm exec` and `mvm shell` on a VM that looks running: its pid file
@@ -210,10 +209,7 @@ fn cli_exec_and_shell() {
     };
     let o = mvm(&["create", "vm1", "--project", dir.join("proj").to_str().unwrap()], b"");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let Some(_rig) = Rig::new(&dir.join("rig"), state.join("vm1/vsock.sock")) else {
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    };
+    let _rig = Rig::new(&dir.join("rig"), state.join("vm1/vsock.sock"));
     let _held = mvm::pidfile::PidFile::acquire(&state.join("vm1/vmm.pid")).unwrap();
 
     let o = mvm(&["exec", "vm1", "--", "cat"], b"hi\n");
