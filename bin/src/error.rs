@@ -131,3 +131,21 @@ impl Error {
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Print an error and its causes to stderr, one line each, no backtrace:
+/// `<program>: error: ...` then `  caused by: ...`. A cause whose text the
+/// line above already holds (messages often quote their source) is not
+/// repeated. Both binaries report this way.
+pub fn report(program: &str, e: &dyn std::error::Error) {
+    eprintln!("{program}: error: {e}");
+    let mut shown = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            eprintln!("  caused by: {text}");
+        }
+        shown = text;
+        source = s.source();
+    }
+}

@@ -45,7 +45,7 @@ pub mod manager;
 pub mod pidfile;
 
 pub use agent::{AgentClient, AgentConnection, ExecControl, ExecResult, ExecSession, Output};
-pub use error::{Error, Result};
+pub use error::{report, Error, Result};
 pub use manager::{
     validate_name, CreateOptions, Manager, StartOptions, StartOutcome, StopOutcome, VmInfo, VmState, VolumeSpec,
 };

@@ -7,7 +7,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -267,15 +266,7 @@ struct FileLock {
 
 impl FileLock {
     fn open(path: &Path) -> Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(Error::io(format!("cannot open the lock file {}", path.display())))
+        crate::pidfile::open_lock_file(path).map_err(Error::io(format!("cannot open the lock file {}", path.display())))
     }
 
     /// Wait for the lock.
@@ -560,6 +551,7 @@ impl Manager {
         let mut cmd = Command::new(&vmm);
         cmd.arg("run")
             .arg(&file)
+            .arg("--restart-on-reboot")
             .arg("--pid-file")
             .arg(dir.join(VMM_PID))
             .current_dir(&dir)

@@ -83,19 +83,24 @@ pub enum AcquireError {
     Io(std::io::Error),
 }
 
+/// Open (or create) a file that is used through `flock`: read-write,
+/// never truncated, not inherited by programs we start.
+pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
 impl PidFile {
     /// Open or create `path`, lock it (retrying briefly: a manager probing
     /// the lock holds it for microseconds) and write `running <our pid>`.
     pub fn acquire(path: &Path) -> Result<PidFile, AcquireError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(AcquireError::Io)?;
+        let mut file = open_lock_file(path).map_err(AcquireError::Io)?;
         let mut tries = 0;
         loop {
             match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {

@@ -302,7 +302,7 @@ build_initramfs() {
 	# Programs the agent runs by name (it has no shell to find applets):
 	# the common ones, as links to busybox.
 	for applet in cat chmod cp date dd df echo env false find grep head hostname id kill ln ls \
-		mkdir mount mv printenv ps pwd rm sleep stat stty sync tail tee test \
+		halt mkdir mount mv poweroff printenv ps pwd reboot rm sleep stat stty sync tail tee test \
 		touch tr true tty uname vi wc; do
 		printf 'slink /bin/%s busybox 0777 0 0\n' "$applet" >>"$list"
 	done

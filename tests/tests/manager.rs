@@ -319,6 +319,10 @@ fn manager_runs_vms_from_create_to_rm() {
     );
     assert_eq!(project_listing(&project), before, "the host project changed");
 
+    // The console log holds the guest's boot, up to the agent.
+    let logs = mvm.ok(&["logs", "alpha"]);
+    assert!(logs.contains("mvm-agent: ready on vsock port 1024"), "{logs}");
+
     // rm refuses a running VM.
     let out = mvm.run(&["rm", "alpha"]);
     assert!(!out.status.success(), "rm of a running VM: {}", describe(&out));
@@ -337,10 +341,42 @@ fn manager_runs_vms_from_create_to_rm() {
     );
     let status = mvm.json(&["status", "beta", "--json"]);
     assert_eq!(status["state"], "crashed", "{status}");
+    let tail = status["console_tail"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(tail > 0, "a crashed VM shows its last console lines: {status}");
     let table = mvm.ok(&["list"]);
     assert!(table.contains("crashed"), "{table}");
     mvm.ok(&["start", "beta", "--timeout", START_TIMEOUT_S]);
     assert_eq!(mvm.ok(&["exec", "beta", "--", "hostname"]), "beta\n");
+
+    // `reboot` in the guest (busybox signals init): the agent shuts down
+    // cleanly and the same VMM boots the guest again.
+    let beta_pid = mvm.pid_of("beta");
+    let t = Instant::now();
+    // Its answer may or may not beat the reboot; it must not be 127.
+    let out = mvm.run(&["exec", "beta", "--", "reboot"]);
+    assert_ne!(out.status.code(), Some(127), "{}", describe(&out));
+    let back = wait_until(Duration::from_secs(900), || {
+        std::thread::sleep(Duration::from_secs(2));
+        let out = mvm.run(&["exec", "beta", "--", "cat", "/proc/uptime"]);
+        // Up again, and not the old guest still shutting down.
+        out.status.success()
+            && stdout(&out)
+                .split('.')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|up| up < t.elapsed().as_secs())
+    });
+    assert!(
+        back,
+        "beta did not come back after reboot: {}",
+        mvm.ok(&["logs", "beta"])
+    );
+    eprintln!("beta rebooted in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(
+        mvm.pid_of("beta"),
+        beta_pid,
+        "the same VMM process runs the rebooted guest"
+    );
 
     // Stop both through their agents.
     for name in ["alpha", "beta"] {
@@ -360,6 +396,8 @@ fn manager_runs_vms_from_create_to_rm() {
     mvm.ok(&["rm", "beta"]);
     assert_eq!(mvm.json(&["list", "--json"]), serde_json::json!([]));
     assert_eq!(project_listing(&project), before, "rm touched the project");
+    drop(mvm);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `mvm shell alpha` in a tmux window: output, window size, Ctrl-C, exit

@@ -94,10 +94,14 @@ fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
         say!("cannot block SIGCHLD: {e}");
     }
     let init = is_pid1 && matches!(args.listen, server::Listen::Vsock(_));
+    if init {
+        power::block_signals();
+    }
     let config = if init {
         init::setup_system();
         let config = init::read_config();
         init::apply(&config);
+        power::watch_signals();
         config
     } else {
         cmdline::Config::default()

@@ -33,6 +33,61 @@ const PSEUDO: &[&str] = &[
     "binfmt_misc",
 ];
 
+/// Signals other programs send init to ask for a shutdown, as busybox
+/// and sysvinit read them (`reboot`, `poweroff`, `halt` without `-f`
+/// signal PID 1), and the kernel's Ctrl-Alt-Del (SIGINT).
+const POWER_SIGNALS: [(libc::c_int, PowerAction); 5] = [
+    (libc::SIGTERM, PowerAction::Reboot),
+    (libc::SIGINT, PowerAction::Reboot),
+    (libc::SIGUSR1, PowerAction::Poweroff),
+    (libc::SIGUSR2, PowerAction::Poweroff),
+    (libc::SIGPWR, PowerAction::Poweroff),
+];
+
+fn power_signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to our set.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for (sig, _) in POWER_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    set
+}
+
+/// Block the shutdown signals in the calling thread and every thread it
+/// starts afterwards (call before any thread exists), so only the thread
+/// of [`watch_signals`] takes them.
+pub fn block_signals() {
+    let set = power_signal_set();
+    // SAFETY: valid sigset pointer, NULL old set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// As init: turn `reboot`/`poweroff` from guest programs into a clean
+/// shutdown (the same as the host's `Power` request).
+pub fn watch_signals() {
+    let spawned = std::thread::Builder::new().name("power-signals".into()).spawn(|| {
+        let set = power_signal_set();
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on a valid set.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if let Some((_, action)) = POWER_SIGNALS.iter().find(|(s, _)| *s == sig) {
+                say!("signal {sig}: {action:?}");
+                shut_down(*action);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        say!("cannot watch for reboot/poweroff signals: {e}");
+    }
+}
+
 /// Take the guest down. Returns only if the kernel refused.
 pub fn shut_down(action: PowerAction) {
     // SAFETY: sync has no arguments.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use microvm_dev::{StopReason, Vm, VmConfig, VmExit};
 use mvm::pidfile::{self, AcquireError, PidFile, Record};
 
-const USAGE: &str = "usage: mvm-vmm run <vm.toml> [--pid-file <path>]
+const USAGE: &str = "usage: mvm-vmm run <vm.toml> [--pid-file <path>] [--restart-on-reboot]
 
 Boots the VM described by <vm.toml> and runs it until the guest powers off,
 reboots or crashes. The guest console is this terminal unless the file says
@@ -21,6 +21,9 @@ otherwise; on a terminal, Ctrl-A x stops the VM.
 `running <pid> <start unix time>` to it, then at exit
 `exited <status> <unix time> <reason>`; if another mvm-vmm holds the lock,
 exit 1 (\"already running\"). `mvm` uses it to know whether a VM runs.
+
+--restart-on-reboot: when the guest reboots, boot it again (re-reading
+<vm.toml>) instead of exiting with status 3, as a machine would.
 
 exit status: 0 powered off, 3 rebooted, 4 crashed, 2 bad configuration,
 1 other error, 128+N stopped by signal N.
@@ -61,29 +64,14 @@ fn init_logging() {
     }
 }
 
-/// Print an error and its causes on one line each, no backtrace. A cause
-/// whose text the line above already holds (messages often quote their
-/// source) is not repeated.
-fn report(e: &dyn std::error::Error) {
-    eprintln!("mvm-vmm: error: {e}");
-    let mut shown = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !shown.contains(&text) {
-            eprintln!("  caused by: {text}");
-        }
-        shown = text;
-        source = s.source();
-    }
-}
-
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// Block the stop signals in every thread (the mask is inherited) and turn
 /// them into a clean VM stop on a dedicated thread, so the terminal is
 /// restored and the exit status reported as for any other stop.
-fn forward_stop_signals(handle: microvm_dev::VmHandle) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
+fn forward_stop_signals(
+    handle: std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>,
+) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
     let received = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     // SAFETY: sigset operations on a local set, then a mask change for
     // this thread before any other thread exists.
@@ -105,7 +93,7 @@ fn forward_stop_signals(handle: microvm_dev::VmHandle) -> std::sync::Arc<std::sy
             // SAFETY: waits on a valid signal set.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 seen.store(sig, std::sync::atomic::Ordering::SeqCst);
-                handle.stop();
+                handle.lock().unwrap_or_else(|p| p.into_inner()).stop();
             }
         });
     if let Err(e) = spawned {
@@ -150,11 +138,11 @@ fn detach_teardown(pid_fd: Option<libc::c_int>) {
     }
 }
 
-fn run(path: &str, pid_path: Option<&str>) -> ExitCode {
+fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode {
     let config = match VmConfig::from_file(path) {
         Ok(c) => c,
         Err(e) => {
-            report(&e);
+            mvm::report("mvm-vmm", &e);
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -186,23 +174,59 @@ fn run(path: &str, pid_path: Option<&str>) -> ExitCode {
             }
         }
     };
-    let vm = match Vm::new(config) {
-        Ok(vm) => vm,
-        Err(e) => {
-            report(&e);
-            let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
-            record_exit(&mut pid_file, code, &e.to_string());
-            return ExitCode::from(code);
+    let mut config = Some(config);
+    let mut signals: Option<(std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>, _)> = None;
+    loop {
+        // After a reboot the file is read again, as a machine re-reads its
+        // settings when it restarts.
+        let config = match config.take().map_or_else(|| VmConfig::from_file(path), Ok) {
+            Ok(c) => c,
+            Err(e) => {
+                mvm::report("mvm-vmm", &e);
+                record_exit(&mut pid_file, EXIT_CONFIG, &e.to_string());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let mut vm = match Vm::new(config) {
+            Ok(vm) => vm,
+            Err(e) => {
+                mvm::report("mvm-vmm", &e);
+                let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
+                record_exit(&mut pid_file, code, &e.to_string());
+                return ExitCode::from(code);
+            }
+        };
+        let signal = match &signals {
+            None => {
+                let slot = std::sync::Arc::new(std::sync::Mutex::new(vm.handle()));
+                let signal = forward_stop_signals(slot.clone());
+                signals = Some((slot, signal.clone()));
+                signal
+            }
+            Some((slot, signal)) => {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = vm.handle();
+                // A stop signal that came while no VM ran.
+                if signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                    vm.handle().stop();
+                }
+                signal.clone()
+            }
+        };
+        let result = vm.run_once();
+        if restart_on_reboot
+            && matches!(result, Ok(VmExit::Reboot))
+            && signal.load(std::sync::atomic::Ordering::SeqCst) == 0
+        {
+            eprintln!("mvm-vmm: the guest rebooted; booting it again");
+            drop(vm);
+            continue;
         }
-    };
-    let mut vm = vm;
-    let signal = forward_stop_signals(vm.handle());
-    let result = vm.run_once();
-    detach_teardown(pid_file.as_ref().map(PidFile::raw_fd));
-    let (code, reason) = exit_code(result, &signal);
-    record_exit(&mut pid_file, code, &reason);
-    // Exit without dropping `vm`: the child finishes the teardown.
-    std::process::exit(i32::from(code));
+        detach_teardown(pid_file.as_ref().map(PidFile::raw_fd));
+        let (code, reason) = exit_code(result, &signal);
+        record_exit(&mut pid_file, code, &reason);
+        // Exit without dropping `vm`: the child finishes the teardown.
+        std::process::exit(i32::from(code));
+    }
 }
 
 /// The exit status and its reason, for the pid file.
@@ -226,19 +250,40 @@ fn exit_code(result: microvm_dev::Result<VmExit>, signal: &std::sync::atomic::At
             }
         },
         Err(e) => {
-            report(&e);
+            mvm::report("mvm-vmm", &e);
             let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
             (code, e.to_string())
         }
     }
 }
 
+/// `run`'s arguments: the file, `--pid-file <path>`, `--restart-on-reboot`,
+/// in any order.
+fn parse_run<'a>(args: &[&'a str]) -> Option<(&'a str, Option<&'a str>, bool)> {
+    let (mut path, mut pid, mut restart) = (None, None, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match *arg {
+            "--pid-file" if pid.is_none() => pid = Some(*it.next()?),
+            "--restart-on-reboot" => restart = true,
+            a if !a.starts_with("--") && path.is_none() => path = Some(a),
+            _ => return None,
+        }
+    }
+    Some((path?, pid, restart))
+}
+
 fn main() -> ExitCode {
     init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["run", path] => run(path, None),
-        ["run", path, "--pid-file", pid] | ["run", "--pid-file", pid, path] => run(path, Some(pid)),
+        ["run", rest @ ..] if !rest.is_empty() => match parse_run(rest) {
+            Some((path, pid, restart)) => run(path, pid, restart),
+            None => {
+                eprintln!("{USAGE}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS

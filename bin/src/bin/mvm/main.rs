@@ -149,22 +149,6 @@ enum Cmd {
     },
 }
 
-/// Print an error and its causes on one line each, no backtrace. A cause
-/// whose text the line above already holds is not repeated.
-fn report(e: &dyn std::error::Error) {
-    eprintln!("mvm: error: {e}");
-    let mut shown = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !shown.contains(&text) {
-            eprintln!("  caused by: {text}");
-        }
-        shown = text;
-        source = s.source();
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     let manager = match &cli.state_dir {
@@ -174,7 +158,7 @@ fn main() {
     let code = match run(&manager, cli.command) {
         Ok(code) => code,
         Err(e) => {
-            report(&e);
+            mvm::report("mvm", &e);
             e.exit_code()
         }
     };
