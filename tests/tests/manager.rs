@@ -438,7 +438,13 @@ fn shell_through_tmux(mvm: &Mvm) {
 
     // Ctrl-C reaches the guest program: sleep 100 ends at once.
     tmux.keys(&["sleep 100", "Enter"]);
-    std::thread::sleep(Duration::from_secs(5));
+    // Only once `sleep` runs (exec'd, in the terminal's foreground) does
+    // Ctrl-C have a program to interrupt; before, the shell takes it.
+    let running = wait_until(slow, || {
+        let out = mvm.run(&["exec", "alpha", "--", "ps"]);
+        stdout(&out).contains("sleep 100")
+    });
+    assert!(running, "sleep 100 never started:\n{}", tmux.screen());
     let t = Instant::now();
     tmux.keys(&["C-c"]);
     tmux.keys(&["echo after-$((1+1))-int", "Enter"]);

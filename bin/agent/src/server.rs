@@ -168,8 +168,33 @@ pub fn serve(listener: &Listener, ctx: Arc<Context>) -> ! {
     }
 }
 
+/// How long a connection may take to send its `Hello` and request: a
+/// peer that connects and says nothing must not hold a thread forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Limit (or with `None`, stop limiting) how long a read on `conn` blocks.
+fn set_read_timeout(conn: &File, timeout: Option<Duration>) {
+    let t = timeout.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(t.subsec_micros()),
+    };
+    // SAFETY: setsockopt with a valid timeval of the right size; on a
+    // descriptor that is not a socket it fails harmlessly (ENOTSOCK).
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Handshake, then one request.
 pub fn connection(ctx: &Context, mut conn: File) {
+    set_read_timeout(&conn, Some(REQUEST_TIMEOUT));
     if let Some(action) = exchange(ctx, &mut conn) {
         power(ctx, conn, action);
     } else {
@@ -210,6 +235,8 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
         Err(proto::Error::Closed) => return None,
         Err(e) => return refuse(conn, e),
     };
+    // The request is in; an exec session may wait on input for hours.
+    set_read_timeout(conn, None);
     let start = Instant::now();
     let reply = match request {
         Message::Info => Message::InfoReply(info()),
