@@ -152,6 +152,8 @@ struct Tmux {
 impl Tmux {
     fn run(&self, args: &[&str]) -> Output {
         Command::new("tmux")
+            .env_remove("TMUX")
+            .env("TERM", "xterm")
             .arg("-L")
             .arg(&self.socket)
             .args(args)
@@ -377,6 +379,14 @@ fn manager_runs_vms_from_create_to_rm() {
         beta_pid,
         "the same VMM process runs the rebooted guest"
     );
+    // The console log holds both boots (the guest's serial output may
+    // trail its agent's first answers a little).
+    let mut logs = String::new();
+    let both = wait_until(Duration::from_secs(60), || {
+        logs = mvm.ok(&["logs", "beta"]);
+        logs.matches("mvm-agent: ready on vsock port").count() == 2
+    });
+    assert!(both, "the console log lacks a boot:\n{logs}");
 
     // Stop both through their agents.
     for name in ["alpha", "beta"] {

@@ -179,7 +179,8 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
     loop {
         // After a reboot the file is read again, as a machine re-reads its
         // settings when it restarts.
-        let config = match config.take().map_or_else(|| VmConfig::from_file(path), Ok) {
+        let rebooted = config.is_none();
+        let mut config = match config.take().map_or_else(|| VmConfig::from_file(path), Ok) {
             Ok(c) => c,
             Err(e) => {
                 mvm::report("mvm-vmm", &e);
@@ -187,6 +188,14 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        // A console file holds the whole run: after a reboot it is appended
+        // to, not truncated, so the shutdown before the reboot stays there.
+        if let (true, microvm_dev::ConsoleOutput::File(file)) = (rebooted, &config.console.output) {
+            match std::fs::OpenOptions::new().append(true).open(file) {
+                Ok(f) => config.console.output = microvm_dev::ConsoleOutput::Writer(Box::new(f)),
+                Err(e) => log::warn!("cannot reopen {} to append: {e}; it starts over", file.display()),
+            }
+        }
         let mut vm = match Vm::new(config) {
             Ok(vm) => vm,
             Err(e) => {
