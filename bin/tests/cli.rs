@@ -291,3 +291,46 @@ fn state_dir_flag_overrides_the_environment() {
     assert!(e.entries().is_empty());
     assert!(Path::new(&other).join(".lock").exists());
 }
+
+/// `logs` prints the console log; `logs -f` keeps printing what is
+/// appended, and starts over when a new start truncates the file.
+#[test]
+fn logs_prints_and_follows_the_console() {
+    use std::io::{BufRead, BufReader, Write};
+    let e = Env::new();
+    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    let console = e.state().join("web/console.log");
+    std::fs::write(&console, "first boot\n").unwrap();
+    let o = e.mvm(&["logs", "web"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "first boot\n");
+
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["logs", "-f", "web"])
+        .env("MVM_STATE_DIR", e.state())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    // A line that never comes must fail the test, not hang it.
+    let pid = follow.id() as libc::pid_t;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        if !finished.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: plain kill(2) of our child, not yet waited for.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    assert_eq!(lines.next().unwrap().unwrap(), "first boot");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&console).unwrap();
+    writeln!(f, "appended later").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "appended later");
+    // A new start truncates the file: -f begins again from the top.
+    std::fs::write(&console, "second boot\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "second boot");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
