@@ -6,7 +6,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -266,20 +265,17 @@ struct FileLock {
 
 impl FileLock {
     fn open(path: &Path) -> Result<File> {
-        crate::pidfile::open_lock_file(path).map_err(Error::io(format!("cannot open the lock file {}", path.display())))
+        pidfile::open_lock_file(path).map_err(Error::io(format!("cannot open the lock file {}", path.display())))
     }
 
     /// Wait for the lock.
     fn acquire(path: &Path) -> Result<FileLock> {
         let f = Self::open(path)?;
         loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(FileLock { _file: f });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::io(format!("cannot lock {}", path.display()))(e));
+            match pidfile::flock(&f, libc::LOCK_EX) {
+                Ok(()) => return Ok(FileLock { _file: f }),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("cannot lock {}", path.display()))(e)),
             }
         }
     }
@@ -287,15 +283,10 @@ impl FileLock {
     /// Take the lock if free.
     fn try_acquire(path: &Path) -> Result<Option<FileLock>> {
         let f = Self::open(path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(FileLock { _file: f }));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(None)
-        } else {
-            Err(Error::io(format!("cannot lock {}", path.display()))(e))
+        match pidfile::flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(FileLock { _file: f })),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io(format!("cannot lock {}", path.display()))(e)),
         }
     }
 }
@@ -913,36 +904,11 @@ pub fn tail_lines(path: &Path, from: u64, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
-/// A mount point at or under `dir`, per /proc/self/mountinfo.
+/// A mount point at or under `dir`.
 fn mount_under(dir: &Path) -> Result<Option<PathBuf>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("cannot read /proc/self/mountinfo"))?;
-    for line in text.lines() {
-        let Some(field) = line.split(' ').nth(4) else { continue };
-        let mount = PathBuf::from(unescape_mountinfo(field));
-        if mount.starts_with(dir) {
-            return Ok(Some(mount));
-        }
-    }
-    Ok(None)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let points =
+        mvm_storage::fs::host_overlay::mount_points().map_err(Error::io("cannot read /proc/self/mountinfo"))?;
+    Ok(points.into_iter().find(|m| m.starts_with(dir)))
 }
 
 /// The `mvm-vmm` to run: `$MVM_VMM`, else the one next to this program,
@@ -1372,9 +1338,14 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_unescapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
-        assert_eq!(unescape_mountinfo("/x\\04"), "/x\\04");
+    fn mount_under_finds_mounts_below_a_directory() {
+        assert_eq!(mount_under(Path::new("/proc")).unwrap(), Some(PathBuf::from("/proc")));
+        let f = Fixture::new();
+        assert_eq!(mount_under(&f.dir).unwrap(), None);
+    }
+
+    #[test]
+    fn hostname_goes_last_on_the_command_line() {
         assert_eq!(with_hostname("a mvm.hostname=z b", "n"), "a b mvm.hostname=n");
     }
 

@@ -60,7 +60,7 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
+pub(crate) fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
     // SAFETY: flock on a file descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
         Ok(())

@@ -258,12 +258,19 @@ fn is_mountpoint(dir: &Path) -> bool {
     let Ok(dir) = std::fs::canonicalize(dir) else {
         return false;
     };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines()
+    mount_points().is_ok_and(|points| points.contains(&dir))
+}
+
+/// Every mount point of this process's mount namespace, from
+/// /proc/self/mountinfo.
+pub fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::ffi::OsStringExt;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|point| unescape_mountinfo(point).as_slice() == dir.as_os_str().as_bytes())
+        .map(|point| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(point))))
+        .collect())
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -384,6 +391,13 @@ mod tests {
             .unwrap()
             .lines()
             .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+    }
+
+    #[test]
+    fn mountinfo_unescapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), b"/a b\\c");
+        assert_eq!(unescape_mountinfo("/x\\04"), b"/x\\04");
+        assert!(mount_points().unwrap().contains(&PathBuf::from("/")));
     }
 
     fn getxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
