@@ -44,11 +44,10 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// read(2) into `buf`; EINTR is retried.
-pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// Run a read/write-style system call until it is not interrupted.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: the buffer is valid for buf.len() bytes.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -59,19 +58,16 @@ pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// read(2) into `buf`; EINTR is retried.
+pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for buf.len() bytes.
+    retry_eintr(|| unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
 /// write(2) from `buf`; EINTR is retried. May write less than all.
 pub fn write(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: the buffer is valid for buf.len() bytes.
-        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    // SAFETY: the buffer is valid for buf.len() bytes.
+    retry_eintr(|| unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
 }
 
 /// poll(2) over `fds`; `None` waits forever. EINTR counts as "nothing
