@@ -43,6 +43,7 @@ pub mod agent;
 mod error;
 pub mod manager;
 pub mod pidfile;
+pub mod term;
 
 pub use agent::{AgentClient, AgentConnection, ExecControl, ExecResult, ExecSession, Output};
 pub use error::{report, Error, Result};

@@ -164,15 +164,24 @@ pub fn channel() -> (ConsoleSender, ConsoleReceiver) {
 }
 
 /// Puts a terminal in raw mode and restores it when dropped, on every path
-/// out of [`crate::Vm::run`].
-pub(crate) struct RawTerminal {
+/// out of [`crate::Vm::run`] (and out of any program that holds one: a
+/// panic restores it too, since `panic = "abort"` skips drops).
+pub struct RawTerminal {
     fd: RawFd,
     saved: libc::termios,
 }
 
+/// The settings to put back if the process panics while raw.
+static RAW_SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
+
+fn restore_terminal(fd: RawFd, saved: &libc::termios) {
+    // SAFETY: restores settings read from the same descriptor.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, saved) };
+}
+
 impl RawTerminal {
     /// Raw mode on `fd` if it is a terminal, else `None`.
-    pub(crate) fn enter(fd: RawFd) -> Result<Option<Self>> {
+    pub fn enter(fd: RawFd) -> Result<Option<Self>> {
         // SAFETY: isatty only inspects the descriptor.
         if unsafe { libc::isatty(fd) } != 1 {
             return Ok(None);
@@ -186,6 +195,17 @@ impl RawTerminal {
         let mut raw = saved;
         // SAFETY: modifies the struct in place.
         unsafe { libc::cfmakeraw(&mut raw) };
+        *RAW_SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, saved));
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if let Some((fd, t)) = RAW_SAVED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    restore_terminal(*fd, t);
+                }
+                previous(info);
+            }));
+        });
         // SAFETY: valid descriptor and pointer.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return Err(Error::host("setting terminal raw mode")(io::Error::last_os_error()));
@@ -196,8 +216,8 @@ impl RawTerminal {
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        // SAFETY: restores settings read from the same descriptor.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        restore_terminal(self.fd, &self.saved);
+        *RAW_SAVED.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

@@ -67,39 +67,19 @@ fn init_logging() {
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// Block the stop signals in every thread (the mask is inherited) and turn
-/// them into a clean VM stop on a dedicated thread, so the terminal is
-/// restored and the exit status reported as for any other stop.
+/// them into a clean stop of whichever VM `handle` names, so the terminal
+/// is restored and the exit status reported as for any other stop.
 fn forward_stop_signals(
     handle: std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>,
 ) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
     let received = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
-    // SAFETY: sigset operations on a local set, then a mask change for
-    // this thread before any other thread exists.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in STOP_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
     let seen = received.clone();
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 << 10)
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waits on a valid signal set.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                seen.store(sig, std::sync::atomic::Ordering::SeqCst);
-                handle.lock().unwrap_or_else(|p| p.into_inner()).stop();
-            }
-        });
-    if let Err(e) = spawned {
+    let forwarded = mvm::term::forward_signals(&STOP_SIGNALS, move |sig| {
+        seen.store(sig, std::sync::atomic::Ordering::SeqCst);
+        handle.lock().unwrap_or_else(|p| p.into_inner()).stop();
+    });
+    if let Err(e) = forwarded {
         log::warn!("cannot start the signal thread ({e}); Ctrl-C will kill the VMM abruptly");
-        // SAFETY: undo the block so signals keep their default effect.
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
     }
     received
 }

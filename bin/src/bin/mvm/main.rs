@@ -1,7 +1,5 @@
 //! `mvm`: create, start, stop and enter microvm-dev VMs.
 
-mod term;
-
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -11,6 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
 use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
+use mvm::term;
 use mvm::{CreateOptions, Error, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
 
 const EXIT_HELP: &str = "\
@@ -432,7 +431,7 @@ fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: b
     // thread sees them.
     let control = std::sync::Arc::new(std::sync::Mutex::new(None::<mvm::ExecControl>));
     let seen = control.clone();
-    term::forward_signals(
+    let forwarded = term::forward_signals(
         &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH],
         move |sig| {
             let Ok(c) = seen.lock() else { return };
@@ -454,12 +453,17 @@ fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: b
             }
         },
     );
+    if let Err(e) = forwarded {
+        eprintln!("mvm: warning: cannot forward signals to the guest program ({e}): Ctrl-C ends mvm itself");
+    }
     let session = m.agent(name)?.exec(request)?;
     if let Ok(mut c) = control.lock() {
         *c = Some(session.control());
     }
     let raw_mode = if raw {
-        term::RawMode::enable(libc::STDIN_FILENO).ok()
+        microvm_dev::console::RawTerminal::enter(libc::STDIN_FILENO)
+            .ok()
+            .flatten()
     } else {
         None
     };
