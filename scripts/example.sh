@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The example VM: installs what a fresh Debian 12 machine lacks, builds the
-# test guest (kernel + initramfs with mvm-agent as init; cached outside the
+# guest kernel and its initramfs (mvm-agent as init; cached outside the
 # clone, several minutes the first time) and the release binaries, installs
-# `mvm` and `mvm-vmm` into /usr/local/bin and the test guest as mvm's
-# default guest, then:
+# `mvm` and `mvm-vmm` into /usr/local/bin and the kernel and initramfs as
+# mvm's default guest, then:
 #
 #   mvm create example --project <this repository>
+#                            (builds the default Debian image the first time:
+#                             mmdebstrap from the Debian archive, ~1 minute)
 #   mvm start example
-#   mvm shell example        (on a terminal; `exit` leaves it)
+#   mvm shell example        (on a terminal: bash in Debian; `exit` leaves it)
 #   mvm stop example
 #
 # Not on a terminal, it runs a few commands with `mvm exec` instead of the
@@ -30,7 +32,7 @@ state_root=${MVM_STATE_DIR:-/var/lib/microvm-dev}
 "${sudo[@]}" mkdir -p "$state_root/guest"
 "${sudo[@]}" install -m 0644 "$guest_vmlinux" "$state_root/guest/vmlinux"
 "${sudo[@]}" install -m 0644 "$guest_initramfs" "$state_root/guest/initramfs.cpio"
-echo "example: installed $bindir/mvm, $bindir/mvm-vmm and the test guest in $state_root/guest/" >&2
+echo "example: installed $bindir/mvm, $bindir/mvm-vmm and the guest kernel and initramfs in $state_root/guest/" >&2
 
 mvm=("${sudo[@]}" "$bindir/mvm")
 # A fresh example VM each time.
@@ -42,7 +44,7 @@ if [ -t 0 ] && [ -t 1 ]; then
 	"${mvm[@]}" shell example || true
 else
 	"${mvm[@]}" exec example -- uname -a
-	"${mvm[@]}" exec example -- sh -c 'echo "hello from $(hostname), in $(pwd)"; grep virtiofs /proc/mounts'
+	"${mvm[@]}" exec example -- bash -c 'echo "hello from $(hostname), Debian $(cat /etc/debian_version), in $(pwd)"; git --version; git log -1 --oneline; findmnt -n -o SOURCE,FSTYPE / /project'
 fi
 "${mvm[@]}" list
 "${mvm[@]}" stop example

@@ -144,6 +144,7 @@ fn main() {
             memory_mib: Some(128),
             kernel: Some(guest_file("vmlinux")),
             initrd: Some(guest_file("initramfs.cpio")),
+            root: mvm::manager::RootChoice::Initramfs,
             ..Default::default()
         })
         .expect("create");

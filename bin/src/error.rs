@@ -83,6 +83,22 @@ pub enum Error {
     /// Another `mvm` works on this VM right now.
     #[error("VM {name:?} is busy: {what}; try again when it is done")]
     Busy { name: String, what: String },
+    /// No image of this name or id.
+    #[error("no image {reference:?} in {}; `mvm image list` shows the images, `mvm image build --name {reference}` builds one", dir.display())]
+    UnknownImage { reference: String, dir: PathBuf },
+    /// Removing an image that a VM boots from.
+    #[error("image {image} is the root of VM(s) {vms}; remove them first (`mvm rm <vm>`)")]
+    ImageInUse { image: String, vms: String },
+    /// A step of an image build failed.
+    #[error("building image {name:?}: {step} failed: {detail}")]
+    ImageBuild {
+        name: String,
+        step: &'static str,
+        detail: String,
+    },
+    /// Not enough disk space.
+    #[error("no space left in {}: about {need_mib} MiB are needed, {free_mib} MiB are free; free some space or set MVM_IMAGE_DIR to a larger disk", dir.display())]
+    NoSpace { dir: PathBuf, need_mib: u64, free_mib: u64 },
     /// A host file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -106,7 +122,8 @@ impl Error {
             | Error::NoKernel { .. }
             | Error::Config { .. }
             | Error::Invalid(_)
-            | Error::BaseFile { .. } => 2,
+            | Error::BaseFile { .. }
+            | Error::UnknownImage { .. } => 2,
             _ => 1,
         }
     }

@@ -41,12 +41,14 @@
 
 pub mod agent;
 mod error;
+pub mod image;
 pub mod manager;
 pub mod pidfile;
 pub mod term;
 
 pub use agent::{AgentClient, AgentConnection, ExecControl, ExecResult, ExecSession, Output};
 pub use error::{report, Error, Result};
+pub use image::{ImageInfo, ImageSpec, ImageStore};
 pub use manager::{
     validate_name, CreateOptions, Manager, StartOptions, StartOutcome, StopOutcome, VmInfo, VmState, VolumeSpec,
 };

@@ -23,6 +23,7 @@ pub use definition::default_cmdline;
 use definition::with_hostname;
 
 use crate::agent::{AgentClient, Info, PowerAction, AGENT_PORT};
+use crate::image::ImageStore;
 use crate::pidfile::{self, Record};
 use crate::{Error, Result};
 
@@ -43,6 +44,8 @@ pub const START_LOCK: &str = "start.lock";
 /// Directory of the default guest kernel and initramfs in the state root;
 /// also why no VM may be called "guest".
 pub const GUEST_DIR: &str = "guest";
+/// Default directory of the root file system images in the state root.
+pub const IMAGES_DIR: &str = "images";
 /// Environment variables naming the default kernel and initramfs.
 pub const KERNEL_ENV: &str = "MVM_KERNEL";
 pub const INITRD_ENV: &str = "MVM_INITRD";
@@ -149,8 +152,29 @@ pub struct CreateOptions {
     /// Guest kernel; default `$MVM_KERNEL`, else `<root>/guest/vmlinux`.
     pub kernel: Option<PathBuf>,
     /// Initramfs; default `$MVM_INITRD`, else `<root>/guest/initramfs.cpio`
-    /// if it exists.
+    /// if it exists. Its init must be mvm-agent.
     pub initrd: Option<PathBuf>,
+    /// The root file system.
+    pub root: RootChoice,
+    /// With an image root: keep the guest's changes to it in memory only,
+    /// so every start begins from the image.
+    pub ephemeral: bool,
+    /// With an image root: size of the volume that keeps the changes;
+    /// default [`microvm_dev::config::DEFAULT_ROOT_MIB`] (sparse).
+    pub root_size_mib: Option<u64>,
+}
+
+/// What a new VM boots into.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RootChoice {
+    /// The image named [`crate::image::DEFAULT_IMAGE`], built first if
+    /// there is none (a `--from` file's `[root]` wins over this).
+    #[default]
+    DefaultImage,
+    /// An image by name, `<name>-<id>`, id, or the path of an ext4 file.
+    Image(String),
+    /// No image: the initramfs is the whole system.
+    Initramfs,
 }
 
 /// Whether a VM runs.
@@ -259,7 +283,7 @@ impl StopOutcome {
 }
 
 /// A held `flock`, released on drop.
-struct FileLock {
+pub(crate) struct FileLock {
     _file: File,
 }
 
@@ -269,7 +293,7 @@ impl FileLock {
     }
 
     /// Wait for the lock.
-    fn acquire(path: &Path) -> Result<FileLock> {
+    pub(crate) fn acquire(path: &Path) -> Result<FileLock> {
         let f = Self::open(path)?;
         loop {
             match pidfile::flock(&f, libc::LOCK_EX) {
@@ -281,7 +305,7 @@ impl FileLock {
     }
 
     /// Take the lock if free.
-    fn try_acquire(path: &Path) -> Result<Option<FileLock>> {
+    pub(crate) fn try_acquire(path: &Path) -> Result<Option<FileLock>> {
         let f = Self::open(path)?;
         match pidfile::flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => Ok(Some(FileLock { _file: f })),
@@ -292,7 +316,7 @@ impl FileLock {
 }
 
 /// Removes a directory on drop unless disarmed: nothing half-created stays.
-struct RemoveOnDrop(Option<PathBuf>);
+pub(crate) struct RemoveOnDrop(pub(crate) Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -379,14 +403,25 @@ impl Manager {
     /// Create a VM: write its definition to `<root>/<name>/vm.toml`.
     /// Nothing is left on disk when this fails.
     pub fn create(&self, opts: &CreateOptions) -> Result<VmInfo> {
+        self.create_with_progress(opts, &mut |_| {})
+    }
+
+    /// [`Manager::create`], reporting the steps of an image build it needs
+    /// (the default image, the first time).
+    pub fn create_with_progress(
+        &self,
+        opts: &CreateOptions,
+        progress: &mut dyn FnMut(crate::image::Progress<'_>),
+    ) -> Result<VmInfo> {
         let name = opts.name.as_str();
         validate_name(name)?;
-        if name == GUEST_DIR {
+        if name == GUEST_DIR || name == IMAGES_DIR {
             return Err(Error::InvalidName {
                 name: name.into(),
                 reason: format!(
-                    "reserved: {}/{GUEST_DIR} holds the default guest kernel",
-                    self.root.display()
+                    "reserved: {}/{name} holds the default guest {}",
+                    self.root.display(),
+                    if name == GUEST_DIR { "kernel" } else { "images" }
                 ),
             });
         }
@@ -394,7 +429,7 @@ impl Manager {
             None => None,
             Some(p) => Some(check_project(p)?),
         };
-        let text = self.definition(opts, project.as_deref())?;
+        let text = self.definition(opts, project.as_deref(), progress)?;
 
         let _lock = self.root_lock()?;
         let dir = self.vm_dir(name);
@@ -418,6 +453,38 @@ impl Manager {
         })?;
         guard.0 = None;
         self.status(name)
+    }
+
+    /// The root file system images (`$MVM_IMAGE_DIR`, else
+    /// `<root>/images`).
+    pub fn images(&self) -> ImageStore {
+        ImageStore::for_state_root(&self.root)
+    }
+
+    /// Each VM whose root is an image, with that image's file.
+    pub fn image_roots(&self) -> Result<Vec<(String, PathBuf)>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter_map(|vm| {
+                let root = VmConfig::from_file(vm.state_dir.join(VM_TOML)).ok()?.root?;
+                Some((vm.name, root.image))
+            })
+            .collect())
+    }
+
+    /// Delete the images `reference` names (see [`ImageStore::remove`]),
+    /// refusing while a VM boots from one.
+    pub fn remove_image(&self, reference: &str) -> Result<Vec<crate::ImageInfo>> {
+        let roots = self.image_roots()?;
+        let users = |image: &Path| {
+            roots
+                .iter()
+                .filter(|(_, r)| r == image)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        self.images().remove(reference, &users)
     }
 
     /// Every VM, by name.
@@ -965,8 +1032,29 @@ mod tests {
                 project: Some(self.project.clone()),
                 kernel: Some(self.kernel.clone()),
                 initrd: Some(self.initrd.clone()),
+                root: RootChoice::Initramfs,
                 ..Default::default()
             }
+        }
+
+        /// A real (tiny) ext4 image in the store, as a build leaves it.
+        fn image(&self, name: &str, id: &str) -> PathBuf {
+            let dir = self.m.images().dir().join(format!("{name}-{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join(crate::image::ROOTFS);
+            std::fs::File::create(&file).unwrap().set_len(4 << 20).unwrap();
+            let ok = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&file)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            let info = serde_json::json!({
+                "name": name, "id": id, "suite": "bookworm", "packages": ["git"], "mirror": null,
+                "created": 1, "size_bytes": 0, "build_secs": 1.0
+            });
+            std::fs::write(dir.join("image.json"), info.to_string()).unwrap();
+            file
         }
 
         /// Entries of the state root other than `.lock`.
@@ -992,6 +1080,70 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+
+    #[test]
+    fn image_roots_in_the_definition() {
+        let f = Fixture::new();
+        let image = f.image(crate::image::DEFAULT_IMAGE, "0123456789ab");
+        let other = f.image("py", "aaaa00001111");
+        let root_of = |name: &str| {
+            VmConfig::from_file(f.m.vm_dir(name).join(VM_TOML))
+                .unwrap()
+                .root
+                .unwrap()
+        };
+        let mut o = f.opts("d1");
+        o.root = RootChoice::DefaultImage;
+        f.m.create(&o).unwrap();
+        let r = root_of("d1");
+        assert_eq!(r.image, image);
+        assert_eq!(r.upper, microvm_dev::RootUpper::Volume);
+        let mut o = f.opts("d2");
+        o.root = RootChoice::Image("py".into());
+        o.ephemeral = true;
+        f.m.create(&o).unwrap();
+        assert_eq!(root_of("d2").image, other);
+        assert_eq!(root_of("d2").upper, microvm_dev::RootUpper::Tmpfs);
+        let mut o = f.opts("d3");
+        o.root = RootChoice::Image(other.to_string_lossy().into_owned());
+        o.root_size_mib = Some(1024);
+        f.m.create(&o).unwrap();
+        assert_eq!(root_of("d3").size_mib, 1024);
+        // Without an image root, nothing of [root].
+        f.m.create(&f.opts("plain")).unwrap();
+        let text = std::fs::read_to_string(f.m.vm_dir("plain").join(VM_TOML)).unwrap();
+        assert!(!text.contains("[root]"), "{text}");
+
+        let fails = |o: CreateOptions, want: &str| {
+            let e = f.m.create(&o).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+            assert_eq!(e.exit_code(), 2, "{e}");
+        };
+        let mut o = f.opts("bad");
+        o.ephemeral = true;
+        fails(o, "--ephemeral");
+        let mut o = f.opts("bad");
+        o.root = RootChoice::Image("nope".into());
+        fails(o, "no image \"nope\"");
+        let mut o = f.opts("bad");
+        o.root = RootChoice::Image("/no/such.ext4".into());
+        fails(o, "/no/such.ext4");
+        let mut o = f.opts("bad");
+        o.root = RootChoice::DefaultImage;
+        o.initrd = None;
+        std::env::remove_var(INITRD_ENV);
+        fails(o, "no guest initrd");
+        assert!(!f.m.vm_dir("bad").exists());
+
+        // Images in use stay.
+        let e = f.m.remove_image("py").unwrap_err().to_string();
+        assert!(e.contains("d2") && e.contains("d3"), "{e}");
+        assert!(other.exists());
+        f.m.rm("d2", false).unwrap();
+        f.m.rm("d3", false).unwrap();
+        assert_eq!(f.m.remove_image("py").unwrap().len(), 1);
+        assert!(!other.exists());
     }
 
     #[test]

@@ -207,7 +207,16 @@ fn cli_exec_and_shell() {
         drop(input);
         child.wait_with_output().unwrap()
     };
-    let o = mvm(&["create", "vm1", "--project", dir.join("proj").to_str().unwrap()], b"");
+    let o = mvm(
+        &[
+            "create",
+            "--no-image",
+            "vm1",
+            "--project",
+            dir.join("proj").to_str().unwrap(),
+        ],
+        b"",
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let _rig = Rig::new(&dir.join("rig"), state.join("vm1/vsock.sock"));
     let _held = mvm::pidfile::PidFile::acquire(&state.join("vm1/vmm.pid")).unwrap();

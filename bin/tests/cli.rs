@@ -37,6 +37,8 @@ impl Env {
             .env("MVM_INITRD", self.dir.join("initrd"))
             // Nothing in these tests may start a VMM.
             .env("MVM_VMM", self.dir.join("no-such-vmm"))
+            // Nor build an image (an empty image directory of its own).
+            .env("MVM_IMAGE_DIR", self.dir.join("images"))
             .env_remove("MVM_LOG")
             .output()
             .unwrap()
@@ -99,7 +101,7 @@ fn bad_names_are_refused() {
     let e = Env::new();
     let long = "a".repeat(33);
     for name in ["Bad_Name", long.as_str(), "é", "a.b", "a b"] {
-        let o = e.mvm(&["create", name, "--project", &e.project()]);
+        let o = e.mvm(&["create", "--no-image", name, "--project", &e.project()]);
         expect(&o, 2, "invalid VM name");
         let o = e.mvm(&["status", name]);
         expect(&o, 2, "invalid VM name");
@@ -112,12 +114,16 @@ fn bad_project_creates_nothing() {
     let e = Env::new();
     let missing = e.dir.join("missing").display().to_string();
     expect(
-        &e.mvm(&["create", "web", "--project", &missing]),
+        &e.mvm(&["create", "--no-image", "web", "--project", &missing]),
         2,
         "no such directory",
     );
     let file = e.dir.join("vmlinux").display().to_string();
-    expect(&e.mvm(&["create", "web", "--project", &file]), 2, "not a directory");
+    expect(
+        &e.mvm(&["create", "--no-image", "web", "--project", &file]),
+        2,
+        "not a directory",
+    );
     assert!(e.entries().is_empty(), "{:?}", e.entries());
 }
 
@@ -126,6 +132,7 @@ fn create_twice_and_list() {
     let e = Env::new();
     let o = e.mvm(&[
         "create",
+        "--no-image",
         "web",
         "--project",
         &e.project(),
@@ -136,7 +143,7 @@ fn create_twice_and_list() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     expect(
-        &e.mvm(&["create", "web", "--project", &e.project()]),
+        &e.mvm(&["create", "--no-image", "web", "--project", &e.project()]),
         2,
         "already exists",
     );
@@ -185,7 +192,10 @@ fn create_twice_and_list() {
 #[test]
 fn rm_refuses_a_running_vm() {
     let e = Env::new();
-    assert!(e.mvm(&["create", "busy", "--project", &e.project()]).status.success());
+    assert!(e
+        .mvm(&["create", "--no-image", "busy", "--project", &e.project()])
+        .status
+        .success());
     // Stand in for a running mvm-vmm: hold its pid file lock.
     let held = mvm::pidfile::PidFile::acquire(&e.state().join("busy/vmm.pid")).unwrap();
     expect(&e.mvm(&["rm", "busy"]), 1, "is running");
@@ -201,7 +211,10 @@ fn rm_refuses_a_running_vm() {
 #[test]
 fn start_with_an_invalid_definition_starts_nothing() {
     let e = Env::new();
-    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    assert!(e
+        .mvm(&["create", "--no-image", "web", "--project", &e.project()])
+        .status
+        .success());
     let file = e.state().join("web/vm.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, text.replace("[machine]", "[machine\n")).unwrap();
@@ -220,7 +233,10 @@ fn start_with_an_invalid_definition_starts_nothing() {
 #[test]
 fn start_reports_a_missing_vmm() {
     let e = Env::new();
-    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    assert!(e
+        .mvm(&["create", "--no-image", "web", "--project", &e.project()])
+        .status
+        .success());
     expect(&e.mvm(&["start", "web", "--timeout", "1"]), 1, "cannot run mvm-vmm");
 }
 
@@ -228,7 +244,7 @@ fn start_reports_a_missing_vmm() {
 fn missing_kernel_says_what_to_do() {
     let e = Env::new();
     let o = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(["create", "web", "--project", &e.project()])
+        .args(["create", "--no-image", "web", "--project", &e.project()])
         .env("MVM_STATE_DIR", e.state())
         .env_remove("MVM_KERNEL")
         .env_remove("MVM_INITRD")
@@ -252,6 +268,7 @@ fn help_usage_and_completions() {
         "logs",
         "shell",
         "exec",
+        "image",
         "completions",
     ] {
         let o = e.mvm(&[cmd, "--help"]);
@@ -268,7 +285,15 @@ fn help_usage_and_completions() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("mvm"));
     expect(
-        &e.mvm(&["create", "v", "--project", &e.project(), "--volume", "data"]),
+        &e.mvm(&[
+            "create",
+            "--no-image",
+            "v",
+            "--project",
+            &e.project(),
+            "--volume",
+            "data",
+        ]),
         2,
         "volume \"data\"",
     );
@@ -282,6 +307,7 @@ fn state_dir_flag_overrides_the_environment() {
         "--state-dir",
         &other.display().to_string(),
         "create",
+        "--no-image",
         "web",
         "--project",
         &e.project(),
@@ -298,7 +324,10 @@ fn state_dir_flag_overrides_the_environment() {
 fn logs_prints_and_follows_the_console() {
     use std::io::{BufRead, BufReader, Write};
     let e = Env::new();
-    assert!(e.mvm(&["create", "web", "--project", &e.project()]).status.success());
+    assert!(e
+        .mvm(&["create", "--no-image", "web", "--project", &e.project()])
+        .status
+        .success());
     let console = e.state().join("web/console.log");
     std::fs::write(&console, "first boot\n").unwrap();
     let o = e.mvm(&["logs", "web"]);
@@ -333,4 +362,53 @@ fn logs_prints_and_follows_the_console() {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     follow.kill().unwrap();
     follow.wait().unwrap();
+}
+
+#[test]
+fn image_options_and_commands_on_bad_input() {
+    let e = Env::new();
+    let p = e.project();
+    expect(
+        &e.mvm(&["create", "v", "--project", &p, "--no-image", "--ephemeral"]),
+        2,
+        "--ephemeral and --root-size apply to an image root",
+    );
+    expect(
+        &e.mvm(&["create", "v", "--project", &p, "--image", "x", "--no-image"]),
+        2,
+        "cannot be used with",
+    );
+    expect(
+        &e.mvm(&["create", "v", "--project", &p, "--ephemeral", "--root-size", "10"]),
+        2,
+        "cannot be used with",
+    );
+    expect(
+        &e.mvm(&["create", "v", "--project", &p, "--image", "nope"]),
+        2,
+        "no image \"nope\"",
+    );
+    let not_ext4 = e.dir.join("vmlinux").display().to_string();
+    expect(
+        &e.mvm(&["create", "v", "--project", &p, "--image", &not_ext4]),
+        2,
+        "not an ext4 image",
+    );
+    expect(&e.mvm(&["create", "images", "--no-image"]), 2, "reserved");
+    assert!(e.entries().is_empty(), "{:?}", e.entries());
+
+    let o = e.mvm(&["image", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("NAME "));
+    let o = e.mvm(&["image", "list", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    expect(&e.mvm(&["image", "rm", "nope"]), 2, "no image \"nope\"");
+    expect(&e.mvm(&["image", "build", "--suite", "a b"]), 2, "suite \"a b\"");
+    expect(&e.mvm(&["image", "build", "--name", "A"]), 2, "image name \"A\"");
+    expect(
+        &e.mvm(&["image", "build", "--packages", "git,$(x)"]),
+        2,
+        "package \"$(x)\"",
+    );
+    expect(&e.mvm(&["image", "build", "--mirror", "deb.debian.org"]), 2, "mirror");
 }

@@ -6,6 +6,8 @@
 //! The test guest (kernel + initramfs) is built by `tests/guest/build.sh`,
 //! which links it into `target/guest/`. `MVM_GUEST_DIR` overrides that.
 
+pub mod mvm_cli;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

@@ -7,126 +7,16 @@
 //! `kill -9` of one VMM and its restart, `rm` refused while running, and a
 //! clean stop of both.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
+use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
+use mvm_tests::scratch_dir;
 
 /// Start timeout handed to `mvm start`: boots take 30-90 s here, longer
 /// with two at once on two cores.
 const START_TIMEOUT_S: &str = "900";
-
-/// The `mvm` CLI on a private state root.
-struct Mvm {
-    root: PathBuf,
-    bin: PathBuf,
-}
-
-impl Mvm {
-    fn new(root: PathBuf) -> Self {
-        Mvm {
-            root,
-            bin: workspace_bin("mvm"),
-        }
-    }
-
-    /// Environment for any process that runs `mvm` against our root.
-    fn env(&self) -> Vec<(&'static str, PathBuf)> {
-        vec![
-            ("MVM_STATE_DIR", self.root.clone()),
-            ("MVM_KERNEL", guest_file("vmlinux")),
-            ("MVM_INITRD", guest_file("initramfs.cpio")),
-            ("MVM_VMM", mvm_vmm()),
-        ]
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(args).envs(self.env()).stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run mvm")
-    }
-
-    fn run_with_input(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mvm");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input)
-            .expect("write stdin");
-        child.wait_with_output().expect("wait mvm")
-    }
-
-    /// Run and require success; the stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "mvm {args:?} failed: {}", describe(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let text = self.ok(args);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("mvm {args:?}: not JSON ({e}): {text}"))
-    }
-
-    fn pid_of(&self, name: &str) -> i32 {
-        let status = self.json(&["status", name, "--json"]);
-        assert_eq!(status["state"], "running", "{name}: {status}");
-        status["pid"].as_i64().expect("pid") as i32
-    }
-}
-
-/// A failed test must not leave VMMs behind: kill whatever the pid files
-/// name.
-impl Drop for Mvm {
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(entry.path().join("vmm.pid")) else {
-                continue;
-            };
-            if let Some(pid) = text
-                .strip_prefix("running ")
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
@@ -216,8 +106,28 @@ fn manager_runs_vms_from_create_to_rm() {
     let p = project.to_str().unwrap();
 
     // Two copies of one project.
-    mvm.ok(&["create", "alpha", "--project", p, "--cpus", "1", "--memory", "128"]);
-    mvm.ok(&["create", "beta", "--project", p, "--cpus", "1", "--memory", "128"]);
+    mvm.ok(&[
+        "create",
+        "--no-image",
+        "alpha",
+        "--project",
+        p,
+        "--cpus",
+        "1",
+        "--memory",
+        "128",
+    ]);
+    mvm.ok(&[
+        "create",
+        "--no-image",
+        "beta",
+        "--project",
+        p,
+        "--cpus",
+        "1",
+        "--memory",
+        "128",
+    ]);
     let definition = std::fs::read_to_string(mvm.root.join("alpha/vm.toml")).unwrap();
     assert!(definition.contains("rdinit=/sbin/mvm-agent"), "{definition}");
     microvm_dev::VmConfig::from_file(mvm.root.join("alpha/vm.toml")).expect("the definition is a valid vm.toml");

@@ -52,6 +52,15 @@
 //! size_mib = 256      # required; created and formatted on first start
 //! mount = "/data"     # where the guest's init mounts it
 //!
+//! [root]            # optional: the guest's root file system from an image
+//! image = "rootfs.ext4"  # required; ext4 image, attached read-only (shareable
+//!                     # by many VMs); the initrd's init (mvm-agent) mounts it
+//!                     # as the lower layer of an overlayfs root
+//! upper = "volume"    # "volume" (default): the writable layer is volume "root"
+//!                     # in the state dir, kept across restarts; "tmpfs": in
+//!                     # guest memory, empty at every start
+//! size_mib = 8192     # default 8192: size of the "root" volume (sparse)
+//!
 //! [console]
 //! output = "stdio"    # "stdio" (default), "file" or "none"
 //! file = "console.log"
@@ -93,6 +102,13 @@ pub const MAX_VOLUME_NAME: usize = 16;
 /// Largest volume, 16 TiB: far above any use here, and keeps byte
 /// arithmetic in u64.
 pub const MAX_VOLUME_MIB: u64 = 1 << 24;
+/// Disk serial of the `[root]` image (the guest's init finds it by this).
+pub const ROOT_SERIAL: &str = "mvm-root";
+/// Name of the volume that holds a `[root]`'s writable layer (reserved).
+pub const ROOT_VOLUME: &str = "root";
+/// Default size of that volume: room for packages and builds; the file is
+/// sparse, so only what the guest writes takes host disk.
+pub const DEFAULT_ROOT_MIB: u64 = 8192;
 /// Longest VM name used for a state directory.
 pub const MAX_NAME_LEN: usize = 64;
 /// Upper bound on guest memory, far above any use here; it keeps size
@@ -118,8 +134,45 @@ pub struct VmConfig {
     pub shares: Vec<ShareConfig>,
     /// Persistent ext4 volumes kept in the VM's state directory.
     pub volumes: Vec<VolumeConfig>,
+    /// The root file system image and its writable layer, if the guest
+    /// boots from an image rather than from its initrd alone.
+    pub root: Option<RootConfig>,
     /// Where the VM's state directory lives: `<state_root>/<name>`.
     pub state_root: PathBuf,
+}
+
+/// A root file system image with a per-VM writable layer (`[root]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootConfig {
+    /// The ext4 image, attached read-only as the first disk (serial
+    /// [`ROOT_SERIAL`]).
+    pub image: PathBuf,
+    /// Where the guest's writes go.
+    pub upper: RootUpper,
+    /// Size of the upper volume ([`RootUpper::Volume`]).
+    pub size_mib: u64,
+}
+
+/// The writable layer of an image root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RootUpper {
+    /// Volume [`ROOT_VOLUME`] in the state directory: kept across restarts.
+    #[default]
+    Volume,
+    /// tmpfs in guest memory: every start begins from the image.
+    Tmpfs,
+}
+
+impl RootConfig {
+    /// The upper layer's volume, when it is one.
+    pub fn volume(&self) -> Option<VolumeConfig> {
+        (self.upper == RootUpper::Volume).then(|| VolumeConfig {
+            name: ROOT_VOLUME.into(),
+            size_mib: self.size_mib,
+            mount: None,
+        })
+    }
 }
 
 /// Which file server serves a share.
@@ -297,6 +350,7 @@ impl VmConfig {
             vsock: None,
             shares: Vec::new(),
             volumes: Vec::new(),
+            root: None,
             state_root: default_state_root(),
         }
     }
@@ -310,6 +364,7 @@ impl VmConfig {
     /// default upper layer, volumes).
     pub fn needs_state_dir(&self) -> bool {
         !self.volumes.is_empty()
+            || self.root.as_ref().is_some_and(|r| r.volume().is_some())
             || self
                 .shares
                 .iter()
@@ -423,8 +478,14 @@ impl VmConfig {
                 mount: v.mount,
             })
             .collect();
+        let root = file.root.map(|r| RootConfig {
+            image: resolve(r.image),
+            upper: r.upper,
+            size_mib: r.size_mib,
+        });
         Ok(VmConfig {
             name: file.name.unwrap_or_default(),
+            root,
             nets,
             vsock,
             shares,
@@ -617,7 +678,22 @@ struct FileConfig {
     share: Vec<FileShare>,
     #[serde(default)]
     volume: Vec<FileVolume>,
+    root: Option<FileRoot>,
     state_root: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoot {
+    image: PathBuf,
+    #[serde(default)]
+    upper: RootUpper,
+    #[serde(default = "default_root_mib")]
+    size_mib: u64,
+}
+
+fn default_root_mib() -> u64 {
+    DEFAULT_ROOT_MIB
 }
 
 #[derive(Deserialize)]

@@ -32,10 +32,12 @@ use crate::{Error, Result};
 
 type Device = Box<dyn VirtioDevice>;
 
-/// The virtio devices of a VM, in the order the guest sees them: disks,
-/// volumes, network interfaces, shares, rng, vsock.
+/// The virtio devices of a VM, in the order the guest sees them: root
+/// image, disks, volumes (the root's writable layer first), network
+/// interfaces, shares, rng, vsock.
 pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Device>> {
     let mut devices: Vec<Device> = Vec::new();
+    root_image(config, &mut devices)?;
     disks(config, &mut devices)?;
     volumes(config, &mut devices)?;
     nets(config, &mut devices)?;
@@ -55,7 +57,11 @@ pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Device>> {
 /// How many virtio devices the configuration asks for (checked against
 /// the MMIO slots before anything is created).
 pub(crate) fn virtio_count(config: &VmConfig) -> usize {
-    config.disks.len()
+    config
+        .root
+        .as_ref()
+        .map_or(0, |r| 1 + usize::from(r.volume().is_some()))
+        + config.disks.len()
         + config.volumes.len()
         + config.nets.len()
         + config.shares.len()
@@ -81,8 +87,21 @@ fn disks(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
     Ok(())
 }
 
+/// The root image, read-only: every VM made from it shares the one file.
+fn root_image(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+    if let Some(root) = &config.root {
+        devices.push(Box::new(mvm_storage::block::Block::open(
+            &root.image,
+            true,
+            crate::config::ROOT_SERIAL,
+        )?));
+    }
+    Ok(())
+}
+
 fn volumes(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
-    for volume in &config.volumes {
+    let root_volume = config.root.as_ref().and_then(|r| r.volume());
+    for volume in root_volume.iter().chain(&config.volumes) {
         let image = state::prepare_volume(config, volume)?;
         devices.push(Box::new(mvm_storage::block::Block::open(
             &image,

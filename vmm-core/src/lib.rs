@@ -54,8 +54,8 @@ mod vm;
 pub mod x86_64;
 
 pub use config::{
-    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, ShareBackend, ShareConfig, VmConfig,
-    VolumeConfig,
+    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, RootConfig, RootUpper, ShareBackend,
+    ShareConfig, VmConfig, VolumeConfig,
 };
 pub use error::{Error, Result};
 pub use vm::{CrashReport, StopReason, Vm, VmExit, VmHandle};

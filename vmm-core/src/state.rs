@@ -21,7 +21,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 use crate::config::{
-    ShareBackend, ShareConfig, VmConfig, VolumeConfig, MAX_NAME_LEN, MAX_TAG_LEN, MAX_VOLUME_MIB, MAX_VOLUME_NAME,
+    RootConfig, ShareBackend, ShareConfig, VmConfig, VolumeConfig, MAX_NAME_LEN, MAX_TAG_LEN, MAX_VOLUME_MIB,
+    MAX_VOLUME_NAME, ROOT_VOLUME,
 };
 use crate::{Error, Result};
 
@@ -85,8 +86,19 @@ pub(crate) fn validate(config: &VmConfig) -> Result<()> {
         }
     }
     let mut names = std::collections::HashSet::new();
+    if let Some(root) = &config.root {
+        check_root(config, root)?;
+        names.insert(ROOT_VOLUME);
+    }
     for volume in &config.volumes {
         check_volume(config, volume)?;
+        if volume.name == ROOT_VOLUME && config.root.is_some() {
+            return Err(value(
+                "volume.name",
+                format!("{:?}", volume.name),
+                "reserved: [root] keeps its writable layer in volume \"root\"; rename this volume",
+            ));
+        }
         if !names.insert(volume.name.as_str()) {
             return Err(value(
                 "volume.name",
@@ -227,6 +239,35 @@ fn check_share(config: &VmConfig, share: &ShareConfig) -> Result<()> {
     Ok(())
 }
 
+fn check_root(config: &VmConfig, root: &RootConfig) -> Result<()> {
+    crate::config::check_file("root.image", &root.image)?;
+    if !is_ext4(&root.image) {
+        return Err(path_error(
+            "root.image",
+            &root.image,
+            "not an ext4 image (no ext4 superblock); build one with `mvm image build`",
+        ));
+    }
+    if config.boot.initrd.is_none() {
+        return Err(value(
+            "boot.initrd",
+            "(none)",
+            "[root] needs an initrd whose init is mvm-agent (it mounts the image); set boot.initrd",
+        ));
+    }
+    if root.size_mib == 0 || root.size_mib > MAX_VOLUME_MIB {
+        return Err(value(
+            "root.size_mib",
+            root.size_mib,
+            format!("must be between 1 and {MAX_VOLUME_MIB}"),
+        ));
+    }
+    match root.volume() {
+        Some(volume) => check_volume(config, &volume),
+        None => Ok(()),
+    }
+}
+
 fn check_volume(config: &VmConfig, volume: &VolumeConfig) -> Result<()> {
     let name = &volume.name;
     if name.is_empty()
@@ -312,6 +353,13 @@ pub fn volume_image(config: &VmConfig, volume: &VolumeConfig) -> PathBuf {
 /// The disk serial a volume gets (the guest finds it by this).
 pub fn volume_serial(volume: &VolumeConfig) -> String {
     format!("vol-{}", volume.name)
+}
+
+impl StateDir {
+    /// The locked file's descriptor.
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        self._lock.as_raw_fd()
+    }
 }
 
 /// Create and lock the state directory when the VM needs one. Fails when
@@ -457,7 +505,7 @@ pub(crate) fn prepare_volume(config: &VmConfig, volume: &VolumeConfig) -> Result
 }
 
 /// A system tool on PATH or in the sbin directories a non-root PATH lacks.
-pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
+pub fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
@@ -466,9 +514,15 @@ pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
 }
 
 /// The kernel command line words that tell the guest's init what to mount:
+/// `mvm.root=volume|tmpfs` (the image is the disk with serial `mvm-root`),
 /// `mvm.share=<tag>:<mount>` and `mvm.volume=<name>:<mount>` (the volume's
 /// disk has serial `vol-<name>`).
 pub fn guest_mount_args(config: &VmConfig) -> Vec<String> {
+    // The root first: the agent switches to it before mounting the rest.
+    let root = config.root.as_ref().map(|r| match r.upper {
+        crate::config::RootUpper::Volume => "mvm.root=volume".to_string(),
+        crate::config::RootUpper::Tmpfs => "mvm.root=tmpfs".to_string(),
+    });
     let shares = config
         .shares
         .iter()
@@ -477,7 +531,7 @@ pub fn guest_mount_args(config: &VmConfig) -> Vec<String> {
         .volumes
         .iter()
         .filter_map(|v| v.mount.as_ref().map(|m| format!("mvm.volume={}:{m}", v.name)));
-    shares.chain(volumes).collect()
+    root.into_iter().chain(shares).chain(volumes).collect()
 }
 
 #[cfg(test)]
@@ -642,6 +696,57 @@ mod tests {
             e.starts_with("volume.name = ") && e.contains("not a volume image"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn root_image_with_volume_or_tmpfs_upper() {
+        let t = tmp("root");
+        // A real (small) ext4 image, made the way volumes are.
+        let c = config(&t.0, "[[volume]]\nname = \"img\"\nsize_mib = 4\n");
+        let image = prepare_volume(&c, &c.volumes[0]).unwrap();
+        std::fs::rename(&image, t.0.join("rootfs.ext4")).unwrap();
+        std::fs::remove_dir_all(t.0.join("state")).unwrap();
+        std::fs::write(t.0.join("i"), b"initrd").unwrap();
+
+        let c = config(&t.0, "initrd = \"i\"\n[root]\nimage = \"rootfs.ext4\"\n");
+        validate(&c).unwrap();
+        let root = c.root.as_ref().unwrap();
+        assert_eq!(root.size_mib, crate::config::DEFAULT_ROOT_MIB);
+        assert_eq!(root.volume().unwrap().name, ROOT_VOLUME);
+        assert!(c.needs_state_dir());
+        assert_eq!(guest_mount_args(&c), vec!["mvm.root=volume"]);
+
+        let c = config(
+            &t.0,
+            "initrd = \"i\"\n[root]\nimage = \"rootfs.ext4\"\nupper = \"tmpfs\"\n[[share]]\ntag = \"p\"\nsource = \"project\"\nmount = \"/p\"\n",
+        );
+        validate(&c).unwrap();
+        assert_eq!(c.root.as_ref().unwrap().volume(), None);
+        // The root goes first: the agent switches to it before the rest.
+        assert_eq!(guest_mount_args(&c), vec!["mvm.root=tmpfs", "mvm.share=p:/p"]);
+        nothing_created(&t.0);
+
+        let cases: &[(&str, &str)] = &[
+            ("initrd = \"i\"\n[root]\nimage = \"nope.ext4\"\n", "root.image = "),
+            ("initrd = \"i\"\n[root]\nimage = \"i\"\n", "not an ext4 image"),
+            ("[root]\nimage = \"rootfs.ext4\"\n", "boot.initrd = (none)"),
+            (
+                "initrd = \"i\"\n[root]\nimage = \"rootfs.ext4\"\nsize_mib = 0\n",
+                "root.size_mib = 0",
+            ),
+            (
+                "initrd = \"i\"\n[root]\nimage = \"rootfs.ext4\"\n[[volume]]\nname = \"root\"\nsize_mib = 1\n",
+                "reserved",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = err(&t.0, extra);
+            assert!(e.contains(want), "{extra}: {e}");
+            nothing_created(&t.0);
+        }
+        let text = "version = 1\n[boot]\nkernel = \"k\"\n[root]\nimage = \"r\"\nupper = \"disk\"\n";
+        let e = VmConfig::from_toml(text, "vm.toml", &t.0).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `disk`"), "{e}");
     }
 
     #[test]

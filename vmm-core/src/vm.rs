@@ -365,6 +365,13 @@ impl Vm {
     }
 
     /// The kernel command line as passed to the guest.
+    /// The descriptor that holds the state directory's lock, if the VM
+    /// has one: a process forked from this one must close its copy, or the
+    /// lock outlives this process (and the next start of the VM fails).
+    pub fn state_lock_fd(&self) -> Option<std::os::fd::RawFd> {
+        self._state.as_ref().map(state::StateDir::lock_fd)
+    }
+
     pub fn cmdline(&self) -> &str {
         &self.cmdline
     }

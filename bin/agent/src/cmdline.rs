@@ -2,6 +2,10 @@
 //!
 //! ```text
 //! mvm.hostname=<name>        the guest's host name (default "mvm")
+//! mvm.root=volume|tmpfs      switch to an overlayfs root: the ext4 image on
+//!                            the disk with serial "mvm-root" (read-only)
+//!                            under a writable layer on the disk with serial
+//!                            "vol-root" (ext4) or in tmpfs
 //! mvm.share=<tag>:<dir>      mount virtio-fs <tag> on <dir> (repeatable)
 //! mvm.volume=<name>:<dir>    mount the virtio-blk disk with serial
 //!                            "vol-<name>" (ext4) on <dir> (repeatable)
@@ -24,9 +28,18 @@ pub struct Volume {
     pub dir: String,
 }
 
+/// Where an image root's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootUpper {
+    Volume,
+    Tmpfs,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub hostname: String,
+    /// Boot from the root image, with this writable layer.
+    pub root: Option<RootUpper>,
     pub shares: Vec<Share>,
     pub volumes: Vec<Volume>,
 }
@@ -37,6 +50,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: DEFAULT_HOSTNAME.into(),
+            root: None,
             shares: Vec::new(),
             volumes: Vec::new(),
         }
@@ -55,6 +69,7 @@ impl Config {
             };
             let result = match key {
                 "mvm.hostname" => check_hostname(value).map(|h| config.hostname = h.into()),
+                "mvm.root" => parse_root(value).map(|r| config.root = Some(r)),
                 "mvm.share" => split_pair(value, "tag").map(|(tag, dir)| {
                     config.shares.push(Share {
                         tag: tag.into(),
@@ -113,6 +128,14 @@ pub fn check_dir(dir: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn parse_root(value: &str) -> Result<RootUpper, String> {
+    match value {
+        "volume" => Ok(RootUpper::Volume),
+        "tmpfs" => Ok(RootUpper::Tmpfs),
+        _ => Err("expected \"volume\" or \"tmpfs\"".into()),
+    }
+}
+
 fn check_hostname(name: &str) -> Result<&str, String> {
     let ok_chars = name
         .bytes()
@@ -130,6 +153,11 @@ fn check_volume_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The virtio-blk serial of the root image.
+pub const ROOT_SERIAL: &str = "mvm-root";
+/// The volume that holds an image root's writable layer.
+pub const ROOT_VOLUME: &str = "root";
+
 /// The virtio-blk serial the host gives volume `name` (the device holds at
 /// most 20 bytes of it).
 pub fn volume_serial(name: &str) -> String {
@@ -145,11 +173,13 @@ mod tests {
     #[test]
     fn parses_hostname_shares_and_volumes() {
         let (c, problems) = Config::parse(
-            "console=ttyS0 quiet mvm.hostname=myapp mvm.share=project:/project \
+            "console=ttyS0 quiet mvm.hostname=myapp mvm.root=tmpfs mvm.share=project:/project \
              mvm.share=cache:/var/cache/x mvm.volume=data:/var/lib/data rdinit=/sbin/mvm-agent\n",
         );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.hostname, "myapp");
+        assert_eq!(c.root, Some(RootUpper::Tmpfs));
+        assert_eq!(Config::parse("mvm.root=volume").0.root, Some(RootUpper::Volume));
         assert_eq!(
             c.shares,
             vec![
@@ -197,6 +227,8 @@ mod tests {
             "mvm.volume=data:data",
             "mvm.hostname=",
             "mvm.hostname=bad_name!",
+            "mvm.root=",
+            "mvm.root=disk",
             "mvm.frobnicate=1",
         ] {
             let (c, problems) = Config::parse(bad);

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::cmdline::{volume_serial, Config};
+use crate::cmdline::{volume_serial, Config, RootUpper, ROOT_SERIAL, ROOT_VOLUME};
 use crate::{mounts, say, sys};
 
 const NOSUID: libc::c_ulong = libc::MS_NOSUID;
@@ -85,6 +85,111 @@ fn console_stdio() {
         // It landed on a standard fd: keep it open.
         let _ = console.into_raw_fd();
     }
+}
+
+/// Where the image root is put together, in the initramfs.
+const STAGE: &str = "/.mvm-root";
+/// The file systems [`setup_system`] mounted, moved into the new root.
+const MOVED: [&str; 5] = ["/dev", "/proc", "/sys", "/run", "/tmp"];
+
+/// Leave the initramfs for an overlayfs root: the image (disk
+/// [`ROOT_SERIAL`], read-only ext4) under a writable layer (volume
+/// [`ROOT_VOLUME`] or tmpfs). Like `switch_root`: the new root is moved
+/// onto `/` and chrooted into, the initramfs files are deleted to give
+/// their memory back, and the agent goes on running from memory.
+pub fn switch_root(upper: RootUpper) -> Result<(), String> {
+    let sys_block = Path::new("/sys/block");
+    let lower = format!("{STAGE}/lower");
+    let rw = format!("{STAGE}/rw");
+    let new_root = format!("{STAGE}/root");
+    for dir in [&lower, &rw, &new_root] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    }
+    let mount = |source: &str, target: &str, fstype: &str, flags, data: Option<&str>| {
+        sys::mount(source, target, fstype, flags, data)
+            .map_err(|e| format!("cannot mount {source} ({fstype}) on {target}: {}", sys::error_text(&e)))
+    };
+    let image = find_disk(sys_block, ROOT_SERIAL).ok_or(format!("no disk with serial {ROOT_SERIAL}"))?;
+    mount(&format!("/dev/{image}"), &lower, "ext4", libc::MS_RDONLY, None)?;
+    match upper {
+        RootUpper::Volume => {
+            let serial = volume_serial(ROOT_VOLUME);
+            let dev = find_disk(sys_block, &serial).ok_or(format!("no disk with serial {serial}"))?;
+            mount(&format!("/dev/{dev}"), &rw, "ext4", 0, None)?;
+        }
+        RootUpper::Tmpfs => mount("rootfs-upper", &rw, "tmpfs", 0, Some("mode=0755"))?,
+    }
+    let (upper_dir, work_dir) = (format!("{rw}/upper"), format!("{rw}/work"));
+    for dir in [&upper_dir, &work_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        &new_root,
+        "overlay",
+        0,
+        Some(&format!("lowerdir={lower},upperdir={upper_dir},workdir={work_dir}")),
+    )?;
+    let mounted = mounts::current();
+    for dir in MOVED.iter().filter(|d| mounts::is_mounted(&mounted, d)) {
+        let target = format!("{new_root}{dir}");
+        std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {target}: {e}"))?;
+        mount(dir, &target, "", libc::MS_MOVE, None)?;
+    }
+    delete_initramfs();
+    std::env::set_current_dir(&new_root).map_err(|e| format!("cannot enter {new_root}: {e}"))?;
+    mount(".", "/", "", libc::MS_MOVE, None)?;
+    let dot = sys::cstring(".").map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated path.
+    sys::cvt(unsafe { libc::chroot(dot.as_ptr()) }).map_err(|e| format!("cannot chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("cannot enter the new root: {e}"))?;
+    Ok(())
+}
+
+/// Remove the initramfs's files (on the root file system itself, not on
+/// anything mounted below it, and not the staging directory).
+fn delete_initramfs() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = std::fs::symlink_metadata("/") else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/") else { return };
+    let stage = Path::new(STAGE);
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if path == stage || meta.dev() != root.dev() {
+            continue;
+        }
+        let removed = if meta.is_dir() {
+            remove_tree_on(&path, root.dev())
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = removed {
+            say!("cannot remove {} from the initramfs: {e}", path.display());
+        }
+    }
+}
+
+/// `rm -r` that does not descend into other file systems.
+fn remove_tree_on(dir: &Path, dev: u64) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree_on(&path, dev)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    std::fs::remove_dir(dir)
 }
 
 /// Read the kernel command line; log what it got wrong.
@@ -167,6 +272,26 @@ fn loopback_up() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removes_a_tree_on_one_file_system() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("mvm-agent-rmtree-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
+        std::fs::write(dir.join("a/b/c/file"), b"x").unwrap();
+        std::fs::write(dir.join("a/top"), b"y").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("a/link")).unwrap();
+        let dev = std::fs::metadata(&dir).unwrap().dev();
+        remove_tree_on(&dir.join("a"), dev).unwrap();
+        assert!(!dir.join("a").exists());
+        // The symlink's target is not followed.
+        assert!(Path::new("/etc").is_dir());
+        // Entries of another device are left alone (and so is their parent).
+        std::fs::create_dir_all(dir.join("d/e")).unwrap();
+        assert!(remove_tree_on(&dir.join("d"), dev.wrapping_add(1)).is_err());
+        assert!(dir.join("d/e").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn finds_the_disk_by_serial() {

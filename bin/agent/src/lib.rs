@@ -100,6 +100,14 @@ fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
     let config = if init {
         init::setup_system();
         let config = init::read_config();
+        if let Some(upper) = config.root {
+            if let Err(e) = init::switch_root(upper) {
+                // Running on from the initramfs would look like a working
+                // VM without the user's system: stop, and say why.
+                say!("cannot switch to the root file system: {e}; powering off");
+                power::shut_down(proto::PowerAction::Poweroff);
+            }
+        }
         init::apply(&config);
         power::watch_signals();
         config

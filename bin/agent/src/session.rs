@@ -135,6 +135,9 @@ pub fn environment(req: &ExecRequest, account: &RootAccount) -> Vec<(OsString, O
         ("USER".into(), "root".into()),
         ("LOGNAME".into(), "root".into()),
         ("SHELL".into(), account.shell.clone().into()),
+        // Built into glibc (no locales package needed): UTF-8 text in
+        // git, editors and compilers' messages.
+        ("LANG".into(), "C.UTF-8".into()),
     ];
     if let Some(tty) = &req.tty {
         env.push(("TERM".into(), tty.term.clone().into()));

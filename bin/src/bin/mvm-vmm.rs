@@ -89,7 +89,7 @@ fn forward_stop_signals(
 /// (15-25 ms, mostly the in-kernel irqchip) after our exit status is
 /// already with the caller. The child waits for our exit on a pipe, then
 /// exits itself, which closes the last references.
-fn detach_teardown(pid_fd: Option<libc::c_int>) {
+fn detach_teardown(lock_fds: &[libc::c_int]) {
     let mut pipe = [0; 2];
     // SAFETY: pipe(2) into a two-element array.
     if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
@@ -101,8 +101,10 @@ fn detach_teardown(pid_fd: Option<libc::c_int>) {
     match unsafe { libc::fork() } {
         0 => unsafe {
             libc::close(pipe[1]);
-            // The pid file's lock must end with the VMM, not the teardown.
-            if let Some(fd) = pid_fd {
+            // The pid file's and the state directory's locks must end with
+            // the VMM, not with the teardown: a start right after this
+            // exit would find the VM still "running".
+            for &fd in lock_fds {
                 libc::close(fd);
             }
             let mut byte = 0u8;
@@ -210,7 +212,13 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
             drop(vm);
             continue;
         }
-        detach_teardown(pid_file.as_ref().map(PidFile::raw_fd));
+        let lock_fds: Vec<libc::c_int> = pid_file
+            .as_ref()
+            .map(PidFile::raw_fd)
+            .into_iter()
+            .chain(vm.state_lock_fd())
+            .collect();
+        detach_teardown(&lock_fds);
         let (code, reason) = exit_code(result, &signal);
         record_exit(&mut pid_file, code, &reason);
         // Exit without dropping `vm`: the child finishes the teardown.

@@ -6,14 +6,19 @@ use std::path::{Path, PathBuf};
 use microvm_dev::VmConfig;
 
 use super::{
-    CreateOptions, Manager, CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_DIR, INITRD_ENV, KERNEL_ENV,
-    PROJECT_MOUNT, PROJECT_TAG, VSOCK_SOCK,
+    CreateOptions, Manager, RootChoice, CONSOLE_LOG, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_DIR, INITRD_ENV,
+    KERNEL_ENV, PROJECT_MOUNT, PROJECT_TAG, VSOCK_SOCK,
 };
 use crate::{Error, Result};
 
 impl Manager {
     /// The vm.toml text for `opts`.
-    pub(super) fn definition(&self, opts: &CreateOptions, project: Option<&Path>) -> Result<String> {
+    pub(super) fn definition(
+        &self,
+        opts: &CreateOptions,
+        project: Option<&Path>,
+        progress: &mut dyn FnMut(crate::image::Progress<'_>),
+    ) -> Result<String> {
         use toml::{Table, Value};
         let name = opts.name.as_str();
         let (mut doc, base_dir, origin) = match &opts.from {
@@ -93,6 +98,44 @@ impl Manager {
         } else if let Some(i) = &opts.initrd {
             boot.insert("initrd".into(), path_value(&checked_file("initrd", i)?));
         }
+        let mut root = section(&mut doc, "root")?;
+        absolutize(&mut root, "image");
+        let image = match &opts.root {
+            RootChoice::Initramfs => {
+                root.clear();
+                None
+            }
+            RootChoice::Image(reference) => Some(self.resolve_image(reference, progress)?),
+            RootChoice::DefaultImage if root.contains_key("image") => None,
+            RootChoice::DefaultImage => Some(self.resolve_image(crate::image::DEFAULT_IMAGE, progress)?),
+        };
+        if let Some(image) = image {
+            root.insert("image".into(), path_value(&image));
+        }
+        if root.is_empty() {
+            if opts.ephemeral || opts.root_size_mib.is_some() {
+                return Err(Error::Usage(
+                    "--ephemeral and --root-size apply to an image root, not to an initramfs-only VM".into(),
+                ));
+            }
+        } else {
+            if opts.ephemeral {
+                root.insert("upper".into(), "tmpfs".into());
+            }
+            if let Some(size) = opts.root_size_mib {
+                root.insert(
+                    "size_mib".into(),
+                    Value::Integer(i64::try_from(size).unwrap_or(i64::MAX)),
+                );
+            }
+            if !boot.contains_key("initrd") {
+                return Err(Error::NoKernel {
+                    what: "initrd",
+                    env: INITRD_ENV,
+                    default: self.root.join(GUEST_DIR).join("initramfs.cpio"),
+                });
+            }
+        }
         let cmdline = match boot.get("cmdline") {
             Some(Value::String(c)) => with_hostname(c, name),
             _ => default_cmdline(name),
@@ -168,7 +211,11 @@ impl Manager {
             ("boot", &boot, &["kernel", "initrd", "cmdline"][..]),
             ("console", &console, &["output", "file"][..]),
             ("vsock", &vsock, &["guest_cid", "uds_path"][..]),
+            ("root", &root, &["image", "upper", "size_mib"][..]),
         ] {
+            if table.is_empty() {
+                continue;
+            }
             sections.push_str(&format!("\n[{header}]\n{}", emit(table, order)));
         }
         for (key, items, order) in [
@@ -213,6 +260,26 @@ impl Manager {
             what: "kernel",
             env: KERNEL_ENV,
             default,
+        })
+    }
+
+    /// The image file `reference` names: a path, or an image in the store
+    /// (the default image is built when missing).
+    fn resolve_image(&self, reference: &str, progress: &mut dyn FnMut(crate::image::Progress<'_>)) -> Result<PathBuf> {
+        if reference.contains('/') || reference.ends_with(".ext4") {
+            return checked_file("image", Path::new(reference));
+        }
+        let store = self.images();
+        if let Some(image) = store.find(reference)? {
+            return Ok(image.path);
+        }
+        if reference == crate::image::DEFAULT_IMAGE {
+            let (image, _) = store.build(&crate::image::ImageSpec::default(), progress)?;
+            return Ok(image.path);
+        }
+        Err(Error::UnknownImage {
+            reference: reference.into(),
+            dir: store.dir().to_path_buf(),
         })
     }
 

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
+use mvm::image::{ImageSpec, Progress};
+use mvm::manager::RootChoice;
 use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
 use mvm::term;
-use mvm::{CreateOptions, Error, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
+use mvm::{CreateOptions, Error, ImageInfo, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
 
 const EXIT_HELP: &str = "\
 Exit status: 0 success; 2 usage or configuration error (bad name, unknown VM,
@@ -19,6 +21,7 @@ exit with the guest program's status (128+N if signal N killed it).
 
 Environment: MVM_STATE_DIR (state directory, default /var/lib/microvm-dev),
 MVM_KERNEL / MVM_INITRD (default guest kernel and initramfs for `create`),
+MVM_IMAGE_DIR (root file system images, default <state dir>/images),
 MVM_VMM (the mvm-vmm program), MVM_LOG (mvm-vmm's log level).";
 
 #[derive(Parser)]
@@ -65,10 +68,30 @@ enum Cmd {
         /// Guest kernel [default: $MVM_KERNEL, else <state dir>/guest/vmlinux].
         #[arg(long, value_name = "FILE")]
         kernel: Option<PathBuf>,
-        /// Initramfs [default: $MVM_INITRD, else <state dir>/guest/initramfs.cpio].
+        /// Initramfs whose init is mvm-agent [default: $MVM_INITRD, else
+        /// <state dir>/guest/initramfs.cpio].
         #[arg(long, value_name = "FILE")]
         initrd: Option<PathBuf>,
+        /// Root file system image: a name from `mvm image list`, <name>-<id>,
+        /// an id, or an ext4 file [default: the image "default", built
+        /// first if missing].
+        #[arg(long, value_name = "IMAGE", conflicts_with = "no_image")]
+        image: Option<String>,
+        /// No image: the initramfs alone is the guest's system.
+        #[arg(long)]
+        no_image: bool,
+        /// Keep the guest's changes to the root file system in memory only:
+        /// each start begins from the image.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Size in MiB of the volume that keeps the root's changes [default:
+        /// 8192; sparse].
+        #[arg(long, value_name = "MiB", conflicts_with = "ephemeral")]
+        root_size: Option<u64>,
     },
+    /// Root file system images: build, list, remove.
+    #[command(subcommand, after_help = EXIT_HELP)]
+    Image(ImageCmd),
     /// Start a VM and wait until its guest agent answers.
     #[command(after_help = EXIT_HELP)]
     Start {
@@ -148,6 +171,39 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build a Debian root file system image with mmdebstrap (needs root and
+    /// the Debian archive); an image with the same inputs is reused.
+    #[command(after_help = EXIT_HELP)]
+    Build {
+        /// Image name [default: default].
+        #[arg(long, value_name = "NAME", default_value = mvm::image::DEFAULT_IMAGE)]
+        name: String,
+        /// Debian suite or codename.
+        #[arg(long, value_name = "SUITE", default_value = mvm::image::DEFAULT_SUITE)]
+        suite: String,
+        /// Packages on top of minbase, comma-separated [default: the
+        /// default image's: bash, build-essential, ca-certificates,
+        /// coreutils, curl, git, iproute2, less, nano, procps, vim-tiny].
+        #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+        packages: Option<Vec<String>>,
+        /// Debian mirror [default: mmdebstrap's, deb.debian.org].
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+    },
+    /// List the images.
+    #[command(after_help = EXIT_HELP)]
+    List {
+        /// Print a JSON array (fields as in docs/images.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images: a name (all its builds), <name>-<id> or an id.
+    #[command(after_help = EXIT_HELP)]
+    Rm { image: String },
+}
+
 fn main() {
     let cli = Cli::parse();
     let manager = match &cli.state_dir {
@@ -177,22 +233,38 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             from,
             kernel,
             initrd,
+            image,
+            no_image,
+            ephemeral,
+            root_size,
         } => {
             let volumes = volume
                 .iter()
                 .map(|v| v.parse::<VolumeSpec>())
                 .collect::<mvm::Result<Vec<_>>>()?;
-            let info = m.create(&CreateOptions {
-                name,
-                project,
-                cpus,
-                memory_mib: memory,
-                persist,
-                volumes,
-                from,
-                kernel,
-                initrd,
-            })?;
+            let root = match (image, no_image) {
+                (_, true) => RootChoice::Initramfs,
+                (Some(i), false) => RootChoice::Image(i),
+                (None, false) => RootChoice::DefaultImage,
+            };
+            let mut progress = image_progress("default");
+            let info = m.create_with_progress(
+                &CreateOptions {
+                    name,
+                    project,
+                    cpus,
+                    memory_mib: memory,
+                    persist,
+                    volumes,
+                    from,
+                    kernel,
+                    initrd,
+                    root,
+                    ephemeral,
+                    root_size_mib: root_size,
+                },
+                &mut progress,
+            )?;
             println!(
                 "created VM {} ({}); start it with `mvm start {}`",
                 info.name,
@@ -201,6 +273,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Image(cmd) => image(m, cmd),
         Cmd::Start { name, timeout } => start(m, &name, timeout, false),
         Cmd::Restart { name, timeout } => start(m, &name, timeout, true),
         Cmd::Stop { name, timeout } => {
@@ -250,6 +323,122 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             clap_complete::generate(shell, &mut Cli::command(), "mvm", &mut std::io::stdout());
             Ok(0)
         }
+    }
+}
+
+fn image(m: &Manager, cmd: ImageCmd) -> mvm::Result<i32> {
+    match cmd {
+        ImageCmd::Build {
+            name,
+            suite,
+            packages,
+            mirror,
+        } => {
+            let spec = ImageSpec {
+                name,
+                suite,
+                packages: packages.unwrap_or_else(|| ImageSpec::default().packages),
+                mirror,
+            };
+            let mut progress = image_progress(&spec.name);
+            let (info, built) = m.images().build(&spec, &mut progress)?;
+            if built {
+                eprintln!(
+                    "built image {} in {:.0} s: {} ({} MiB, {} MiB on disk)",
+                    info.reference(),
+                    info.build_secs,
+                    info.path.display(),
+                    info.size_bytes >> 20,
+                    info.disk_bytes >> 20
+                );
+            } else {
+                eprintln!("image {} is up to date: {}", info.reference(), info.path.display());
+            }
+            println!("{}", info.reference());
+            Ok(0)
+        }
+        ImageCmd::List { json } => {
+            let images = m.images().list()?;
+            let roots = m.image_roots()?;
+            let used_by = |i: &ImageInfo| -> Vec<String> {
+                roots
+                    .iter()
+                    .filter(|(_, p)| *p == i.path)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
+            if json {
+                let rows: Vec<serde_json::Value> = images
+                    .iter()
+                    .map(|i| {
+                        let mut v = serde_json::to_value(i).unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("path".into(), i.path.to_string_lossy().into());
+                            o.insert("used_by".into(), used_by(i).into());
+                        }
+                        v
+                    })
+                    .collect();
+                println!("{}", to_json(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:<13} {:<10} {:>8} {:>8}  {:<11} USED BY",
+                    "NAME", "ID", "SUITE", "SIZE", "ON DISK", "CREATED"
+                );
+                for i in &images {
+                    let users = used_by(i);
+                    println!(
+                        "{:<24} {:<13} {:<10} {:>7}M {:>7}M  {:<11} {}",
+                        i.name,
+                        i.id,
+                        i.suite,
+                        i.size_bytes >> 20,
+                        i.disk_bytes >> 20,
+                        age(i.created),
+                        if users.is_empty() {
+                            "-".to_string()
+                        } else {
+                            users.join(",")
+                        }
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Rm { image } => {
+            for i in m.remove_image(&image)? {
+                println!("removed image {}", i.reference());
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// How long ago a Unix time was, briefly.
+fn age(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{} ago", uptime(now.saturating_sub(unix)))
+}
+
+/// Image build progress: each step on its own line; on a terminal, also
+/// mmdebstrap's lines, each replacing the last.
+fn image_progress(name: &str) -> impl FnMut(Progress<'_>) + '_ {
+    let on_tty = term::isatty(libc::STDERR_FILENO);
+    let started = std::time::Instant::now();
+    move |p| match p {
+        Progress::Step(step) => {
+            if on_tty {
+                eprint!("\r\x1b[2K");
+            }
+            eprintln!("image {name}: {step} ({:.0} s)", started.elapsed().as_secs_f64());
+        }
+        Progress::Detail(line) if on_tty => {
+            let line: String = line.chars().filter(|c| !c.is_control()).take(100).collect();
+            eprint!("\r\x1b[2K  {line}");
+        }
+        Progress::Detail(_) => {}
     }
 }
 

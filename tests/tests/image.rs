@@ -1,0 +1,252 @@
+//! End to end: Debian root file system images (`mvm image build`, built
+//! with mmdebstrap from the Debian archive, cached between runs by their
+//! inputs) and VMs booted from them.
+//!
+//! One scenario, four boots in two rounds of two: a VM whose root changes
+//! persist and an `--ephemeral` one, both from the default image over one
+//! git project; then both restarted. Plus the build's bad inputs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
+use mvm_tests::scratch_dir;
+
+const START_TIMEOUT_S: &str = "900";
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum: {}", describe(&out));
+    stdout(&out).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// A git repository with one commit, as a project.
+fn git_project(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("README"), "hello from the host\n").unwrap();
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &["add", "README"],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "commit",
+            "-q",
+            "-m",
+            "first",
+        ],
+    ] {
+        let out = Command::new("git").args(args).current_dir(dir).output().expect("git");
+        assert!(out.status.success(), "git {args:?}: {}", describe(&out));
+    }
+}
+
+/// Run `script` with bash in the guest; its stdout (and stderr on failure).
+fn guest_bash(mvm: &Mvm, vm: &str, script: &str) -> String {
+    let out = mvm.run(&["exec", vm, "--", "bash", "-c", script]);
+    assert!(out.status.success(), "{vm}: bash -c {script:?}: {}", describe(&out));
+    stdout(&out)
+}
+
+/// Two `mvm` commands at once (each boot is minutes of interpreted kernel
+/// on the development host; two overlap well on two cores).
+fn both(mvm: &Mvm, a: &[&str], b: &[&str]) {
+    std::thread::scope(|s| {
+        let first = s.spawn(|| mvm.run(a));
+        let second = mvm.run(b);
+        let first = first.join().expect("thread");
+        assert!(first.status.success(), "mvm {a:?}: {}", describe(&first));
+        assert!(second.status.success(), "mvm {b:?}: {}", describe(&second));
+    });
+}
+
+#[test]
+fn debian_root_persistent_and_ephemeral() {
+    let dir = scratch_dir("image");
+    let mvm = Mvm::new(dir.join("state"));
+    let project = dir.join("project");
+    git_project(&project);
+    let p = project.to_str().unwrap();
+
+    // Cached by its inputs: a second build is immediate.
+    let t = Instant::now();
+    let reference = mvm.ok(&["image", "build"]).trim().to_string();
+    eprintln!("image build: {:.1} s ({reference})", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let again = mvm.run(&["image", "build"]);
+    assert!(again.status.success(), "{}", describe(&again));
+    assert_eq!(stdout(&again).trim(), reference);
+    assert!(stderr(&again).contains("up to date"), "{}", stderr(&again));
+    assert!(t.elapsed().as_secs() < 10, "a cached build took {:?}", t.elapsed());
+    let images = mvm.json(&["image", "list", "--json"]);
+    let image = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| format!("{}-{}", i["name"].as_str().unwrap(), i["id"].as_str().unwrap()) == reference)
+        .unwrap_or_else(|| panic!("{reference} not in {images}"))
+        .clone();
+    let image_path = image["path"].as_str().unwrap().to_string();
+    let checksum = sha256(Path::new(&image_path));
+
+    mvm.ok(&["create", "dev", "--project", p, "--cpus", "1", "--memory", "256"]);
+    mvm.ok(&[
+        "create",
+        "eph",
+        "--project",
+        p,
+        "--cpus",
+        "1",
+        "--memory",
+        "256",
+        "--ephemeral",
+    ]);
+    let listed = mvm.json(&["image", "list", "--json"]);
+    let users = &listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["path"] == image_path.as_str())
+        .unwrap()["used_by"];
+    assert_eq!(users, &serde_json::json!(["dev", "eph"]), "{listed}");
+    // In use: not removable.
+    let rm = mvm.run(&["image", "rm", &reference]);
+    assert_eq!(rm.status.code(), Some(1), "{}", describe(&rm));
+    assert!(stderr(&rm).contains("dev, eph"), "{}", stderr(&rm));
+
+    let t = Instant::now();
+    both(
+        &mvm,
+        &["start", "dev", "--timeout", START_TIMEOUT_S],
+        &["start", "eph", "--timeout", START_TIMEOUT_S],
+    );
+    eprintln!("two Debian boots: {:.1} s", t.elapsed().as_secs_f64());
+
+    // The userland: bash, git in the project, apt's package lists. (One
+    // exec: each dynamically linked program costs seconds of interpreted
+    // page faults on the development hosts, apt tens of seconds.)
+    let out = guest_bash(
+        &mvm,
+        "dev",
+        "set -e; bash --version | head -1; git --version; cat /etc/debian_version; \
+         cd /project && git status --short --branch && git log --format=%s; \
+         apt-cache show hello | grep -c '^Package: hello$'; \
+         findmnt -n -o FSTYPE /; echo persisted > /root/keep; sync",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("GNU bash, version 5."), "{out}");
+    assert!(lines[1].starts_with("git version 2."), "{out}");
+    assert!(lines[2].starts_with("12."), "Debian 12 (bookworm): {out}");
+    assert_eq!(lines[3], "## main", "git status in /project: {out}");
+    assert_eq!(lines[4], "first", "{out}");
+    // apt reads the package lists (and the caches made from them) that
+    // came with the image.
+    assert_eq!(&lines[5..7], ["1", "overlay"], "{out}");
+    // The second VM: its own root, nothing of the first one's.
+    let out = guest_bash(
+        &mvm,
+        "eph",
+        "set -e; test ! -e /root/keep && echo clean; echo gone > /root/keep-eph; \
+         echo changed >> /etc/motd; cat /root/keep-eph",
+    );
+    assert_eq!(out, "clean\ngone\n");
+
+    let t = Instant::now();
+    both(
+        &mvm,
+        &["restart", "dev", "--timeout", START_TIMEOUT_S],
+        &["restart", "eph", "--timeout", START_TIMEOUT_S],
+    );
+    eprintln!("two Debian restarts: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(guest_bash(&mvm, "dev", "cat /root/keep"), "persisted\n");
+    assert_eq!(
+        guest_bash(
+            &mvm,
+            "eph",
+            "test ! -e /root/keep-eph && ! grep -q changed /etc/motd && echo fresh"
+        ),
+        "fresh\n"
+    );
+
+    both(&mvm, &["stop", "dev"], &["stop", "eph"]);
+    // The persistent layer is a sparse volume: what the guest wrote, not
+    // its size.
+    let volume = dir.join("state/dev/volumes/root.ext4");
+    let meta = std::fs::metadata(&volume).expect("dev's root volume");
+    let used = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    eprintln!(
+        "dev's root volume: {} MiB, {} MiB on disk",
+        meta.len() >> 20,
+        used >> 20
+    );
+    assert!(used < meta.len() / 4, "{used} of {}", meta.len());
+    assert!(!dir.join("state/eph/volumes/root.ext4").exists());
+    assert_eq!(sha256(Path::new(&image_path)), checksum, "the image changed");
+    mvm.ok(&["rm", "dev"]);
+    mvm.ok(&["rm", "eph"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn image_build_bad_input() {
+    let dir = scratch_dir("image-bad");
+    let mvm = Mvm::new(dir.join("state"));
+    let images = dir.join("images");
+    let build = |images: &Path, args: &[&str]| {
+        let mut cmd = mvm.command(&[&["image", "build"][..], args].concat());
+        cmd.env("MVM_IMAGE_DIR", images);
+        cmd.output().expect("mvm")
+    };
+    let fails = |out: &std::process::Output, code: i32, want: &str| {
+        assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+        assert!(stderr(out).contains(want), "want {want:?}: {}", describe(out));
+    };
+
+    // Refused before anything runs.
+    fails(&build(&images, &["--suite", "book worm"]), 2, "suite \"book worm\"");
+    fails(&build(&images, &["--packages", "git,-oops"]), 2, "package \"-oops\"");
+    fails(&build(&images, &["--name", "Bad"]), 2, "image name \"Bad\"");
+    // mmdebstrap's (apt's) own words reach the user.
+    fails(
+        &build(&images, &["--name", "x", "--suite", "nosuchsuite"]),
+        1,
+        "nosuchsuite Release' does not have a Release file",
+    );
+    fails(
+        &build(&images, &["--name", "x", "--packages", "bash,no-such-package-mvm"]),
+        1,
+        "Unable to locate package no-such-package-mvm",
+    );
+    // Nothing is left of failed builds.
+    let left: Vec<String> = std::fs::read_dir(&images)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".lock")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // No space: a 32 MiB file system for the image directory.
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "mvm-test-small"])
+        .arg(&small)
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    let out = build(&small, &["--name", "x", "--packages", "bash"]);
+    let _ = Command::new("umount").arg(&small).status();
+    fails(&out, 1, "no space left in");
+
+    // An image that is not there.
+    let mut cmd = mvm.command(&["create", "v", "--image", "nope"]);
+    cmd.env("MVM_IMAGE_DIR", &images);
+    fails(&cmd.output().unwrap(), 2, "no image \"nope\"");
+    let _ = std::fs::remove_dir_all(&dir);
+}
