@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use mvm::image::{ImageSpec, ImageStore};
 use mvm::manager::RootChoice;
 use mvm::{CreateOptions, Manager, StartOptions, StartOutcome};
-use mvm_benches::{report, Row, Stats};
+use mvm_benches::{cli_exec_true, report, Row, Stats};
 use mvm_tests::mvm_cli::image_cache_dir;
 use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
 
@@ -128,18 +128,7 @@ fn main() {
     }
 
     let mvm_bin = workspace_bin("mvm");
-    let mut exec_ms = Vec::new();
-    for _ in 0..execs {
-        let t = Instant::now();
-        let status = Command::new(&mvm_bin)
-            .args(["exec", "deb0", "--", "true"])
-            .env("MVM_STATE_DIR", manager.root())
-            .stdin(Stdio::null())
-            .status()
-            .expect("mvm exec");
-        exec_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        assert!(status.success());
-    }
+    let exec_ms = cli_exec_true(&mvm_bin, manager.root(), "deb0", execs);
     // Each VM runs once and writes a little (1 MiB under /root), as a
     // developer's first minutes would.
     let write = [

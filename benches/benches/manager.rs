@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use mvm::agent::{ExecRequest, ExitStatus, Tty};
 use mvm::{CreateOptions, Manager, StartOptions, StartOutcome};
 use mvm_agent::proto::{self, Message, AGENT_PORT};
-use mvm_benches::{report, Row, Stats};
+use mvm_benches::{cli_exec_true, report, Row, Stats};
 use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
 
 fn env_count(key: &str, default: usize) -> usize {
@@ -172,19 +172,7 @@ fn main() {
     }
 
     // exec true: the CLI, then the library.
-    let mvm_bin = workspace_bin("mvm");
-    let mut cli = Vec::new();
-    for _ in 0..execs {
-        let t = Instant::now();
-        let status = Command::new(&mvm_bin)
-            .args(["exec", "bench", "--", "true"])
-            .env("MVM_STATE_DIR", manager.root())
-            .stdin(Stdio::null())
-            .status()
-            .expect("mvm exec");
-        cli.push(ms(t.elapsed()));
-        assert!(status.success());
-    }
+    let cli = cli_exec_true(&workspace_bin("mvm"), manager.root(), "bench", execs);
     let client = manager.agent("bench").expect("agent client");
     let (lib_total, lib_guest) = exec_true(&client, execs);
     let lib_host: Vec<f64> = lib_total.iter().zip(&lib_guest).map(|(t, g)| t - g).collect();

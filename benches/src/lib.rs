@@ -2,7 +2,8 @@
 //! wall time, CPU time and peak RSS, statistics, and reporting as a table
 //! and as JSON (to stdout and `target/bench-results/<name>.json`).
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// One measured process run.
@@ -42,6 +43,24 @@ pub fn measure(cmd: &mut Command) -> std::io::Result<ProcessRun> {
         max_rss_kib: usage.ru_maxrss as u64,
         exit_code,
     })
+}
+
+/// `mvm exec <vm> -- true` through the `mvm` binary `runs` times, on the
+/// state root `state_root`: the wall time of each, in ms.
+pub fn cli_exec_true(mvm: &Path, state_root: &Path, vm: &str, runs: usize) -> Vec<f64> {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let status = Command::new(mvm)
+                .args(["exec", vm, "--", "true"])
+                .env("MVM_STATE_DIR", state_root)
+                .stdin(Stdio::null())
+                .status()
+                .expect("mvm exec");
+            assert!(status.success(), "mvm exec {vm} -- true: {status}");
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect()
 }
 
 /// Order statistics of a sample.
