@@ -87,6 +87,8 @@ fn console_stdio() {
     }
 }
 
+/// statfs type of ramfs (the kernel's initramfs without tmpfs); not in libc.
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
 /// Where the image root is put together, in the initramfs.
 const STAGE: &str = "/.mvm-root";
 /// The file systems [`setup_system`] mounted, moved into the new root.
@@ -150,6 +152,14 @@ pub fn switch_root(upper: RootUpper) -> Result<(), String> {
 /// anything mounted below it, and not the staging directory).
 fn delete_initramfs() {
     use std::os::unix::fs::MetadataExt;
+    // Only ever an initramfs (ramfs or tmpfs): never a disk the agent was
+    // started on by mistake.
+    // SAFETY: statfs fills the struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c"/".as_ptr(), &mut st) } != 0 || !matches!(st.f_type, RAMFS_MAGIC | libc::TMPFS_MAGIC) {
+        say!("the root file system is not an initramfs; leaving its files alone");
+        return;
+    }
     let Ok(root) = std::fs::symlink_metadata("/") else {
         return;
     };
