@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use mvm::image::{ImageSpec, ImageStore};
 use mvm::manager::RootChoice;
 use mvm::{CreateOptions, Manager, StartOptions, StartOutcome};
-use mvm_benches::{cli_exec_true, report, Row, Stats};
+use mvm_benches::{cli_exec_true, report, Row};
 use mvm_tests::mvm_cli::image_cache_dir;
 use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
 
@@ -165,13 +165,7 @@ fn main() {
     let total = image_mib + per_vm.iter().sum::<f64>();
     let full_copies = vms as f64 * image_mib;
 
-    let row = |metric: &str, unit: &str, v: &[f64]| Row {
-        metric: metric.into(),
-        unit: unit.into(),
-        ours: Stats::of(v),
-        target: None,
-        peer: None,
-    };
+    let row = Row::plain;
     let mut rows = Vec::new();
     if !cold_secs.is_empty() {
         rows.push(row("image build, cold (mmdebstrap + mkfs)", "s", &cold_secs));

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use mvm::agent::{ExecRequest, ExitStatus, Tty};
 use mvm::{CreateOptions, Manager, StartOptions, StartOutcome};
 use mvm_agent::proto::{self, Message, AGENT_PORT};
-use mvm_benches::{cli_exec_true, report, Row, Stats};
+use mvm_benches::{cli_exec_true, report, Row};
 use mvm_tests::{guest_file, mvm_vmm, scratch_dir, workspace_bin};
 
 fn env_count(key: &str, default: usize) -> usize {
@@ -198,13 +198,7 @@ fn main() {
     let _ = agent.kill();
     let _ = agent.wait();
 
-    let row = |metric: &str, unit: &str, v: &[f64]| Row {
-        metric: metric.into(),
-        unit: unit.into(),
-        ours: Stats::of(v),
-        target: None,
-        peer: None,
-    };
+    let row = Row::plain;
     report(
         "manager",
         "mvm start to agent-ready, exec round trip, PTY keystroke echo; 1 vCPU, 128 MiB test guest; PVM hosts interpret the guest kernel",

@@ -98,6 +98,19 @@ pub struct Row {
 }
 
 impl Row {
+    /// A row of our numbers alone: no target, no peer.
+    pub fn plain(metric: &str, unit: &str, values: &[f64]) -> Row {
+        Row {
+            metric: metric.into(),
+            unit: unit.into(),
+            ours: Stats::of(values),
+            target: None,
+            peer: None,
+        }
+    }
+}
+
+impl Row {
     fn meets_target(&self) -> Option<bool> {
         self.target.map(|t| self.ours.median <= t)
     }
