@@ -44,7 +44,7 @@ if [ -t 0 ] && [ -t 1 ]; then
 	"${mvm[@]}" shell example || true
 else
 	"${mvm[@]}" exec example -- uname -a
-	"${mvm[@]}" exec example -- bash -c 'echo "hello from $(hostname), Debian $(cat /etc/debian_version), in $(pwd)"; git --version; git log -1 --oneline; findmnt -n -o SOURCE,FSTYPE / /project'
+	"${mvm[@]}" exec example -- bash -c 'echo "hello from $(hostname), Debian $(cat /etc/debian_version), in $(pwd)"; git --version; git log -1 --oneline; df -hT / /project'
 fi
 "${mvm[@]}" list
 "${mvm[@]}" stop example
