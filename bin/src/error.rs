@@ -99,6 +99,12 @@ pub enum Error {
     /// Not enough disk space.
     #[error("no space left in {}: about {need_mib} MiB are needed, {free_mib} MiB are free; free some space or set MVM_IMAGE_DIR to a larger disk", dir.display())]
     NoSpace { dir: PathBuf, need_mib: u64, free_mib: u64 },
+    /// A managed network cannot be set up or changed.
+    #[error(transparent)]
+    Network(#[from] mvm_net::Error),
+    /// A port forward cannot be added, removed or applied.
+    #[error("VM {name:?}: {reason}")]
+    Forward { name: String, reason: String },
     /// A host file operation failed.
     #[error("{what}: {source}")]
     Io {

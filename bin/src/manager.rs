@@ -16,11 +16,13 @@ use microvm_dev::VmConfig;
 use serde::Serialize;
 
 mod definition;
+mod network;
 
 use definition::check_definition;
 pub use definition::default_cmdline;
 #[cfg(test)]
 use definition::with_hostname;
+pub use network::{parse_host_port, ForwardInfo, NetworkChoice, PortSpec};
 
 use crate::agent::{AgentClient, Info, PowerAction, AGENT_PORT};
 use crate::image::ImageStore;
@@ -162,6 +164,10 @@ pub struct CreateOptions {
     /// With an image root: size of the volume that keeps the changes;
     /// default [`microvm_dev::config::DEFAULT_ROOT_MIB`] (sparse).
     pub root_size_mib: Option<u64>,
+    /// The managed network the VM joins (DHCP address, name, NAT).
+    pub network: NetworkChoice,
+    /// Host ports forwarded to the guest, written to vm.toml.
+    pub forwards: Vec<PortSpec>,
 }
 
 /// What a new VM boots into.
@@ -217,6 +223,12 @@ pub struct VmInfo {
     pub project: Option<PathBuf>,
     /// The MAC address of the VM's first NIC.
     pub mac: String,
+    /// The managed network of its first NIC on one.
+    pub network: Option<String>,
+    /// Its address there (pinned at the first start).
+    pub ip: Option<String>,
+    /// Host ports forwarded to it (vm.toml's and `mvm port`'s).
+    pub forwards: Vec<ForwardInfo>,
     pub state_dir: PathBuf,
     /// Unix time of the start, while running.
     pub started_at: Option<u64>,
@@ -415,13 +427,17 @@ impl Manager {
     ) -> Result<VmInfo> {
         let name = opts.name.as_str();
         validate_name(name)?;
-        if name == GUEST_DIR || name == IMAGES_DIR {
+        if name == GUEST_DIR || name == IMAGES_DIR || name == mvm_net::host::network::NETWORKS_DIR {
             return Err(Error::InvalidName {
                 name: name.into(),
                 reason: format!(
                     "reserved: {}/{name} holds the default guest {}",
                     self.root.display(),
-                    if name == GUEST_DIR { "kernel" } else { "images" }
+                    match name {
+                        GUEST_DIR => "kernel",
+                        IMAGES_DIR => "images",
+                        _ => "networks",
+                    }
                 ),
             });
         }
@@ -540,6 +556,9 @@ impl Manager {
             memory_mib: 0,
             project: None,
             mac: format_mac(mvm_net::mac_for(name, 0)),
+            network: None,
+            ip: None,
+            forwards: Vec::new(),
             state_dir: dir.clone(),
             started_at: run.started_at,
             uptime_s: run.started_at.map(|s| pidfile::unix_now().saturating_sub(s)),
@@ -556,6 +575,9 @@ impl Manager {
                 if let Some(mac) = c.nets.first().and_then(|n| n.mac) {
                     info.mac = format_mac(mac);
                 }
+                info.network = Self::vm_network(&c).map(str::to_string);
+                info.ip = self.vm_ip(name, &c);
+                info.forwards = self.forwards(name).unwrap_or_default();
             }
             Err(e) => {
                 info.error = Some(e.to_string());
@@ -589,6 +611,7 @@ impl Manager {
             path: file.clone(),
             source,
         })?;
+        self.check_forwards_free(name, &config)?;
         let uds = config.vsock.as_ref().map(|v| v.uds_path.clone()).ok_or_else(|| {
             Error::Usage(format!(
                 "{}: [vsock] is missing; mvm talks to the guest through it (uds_path = \"{VSOCK_SOCK}\")",
@@ -785,6 +808,9 @@ impl Manager {
         let real = std::fs::canonicalize(&dir).map_err(Error::io(format!("cannot resolve {}", dir.display())))?;
         if let Some(mount) = mount_under(&real)? {
             return Err(Error::MountedUnder { dir: real, mount });
+        }
+        if let Ok(config) = VmConfig::from_file(dir.join(VM_TOML)) {
+            self.release_addresses(name, &config);
         }
         // Out of sight first, so a half-removed VM is never listed.
         let doomed = self

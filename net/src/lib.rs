@@ -2,9 +2,14 @@
 //! a virtio-net header, optionally attached to a bridge) and
 //! [`device::Net`], the virtio-net device that moves frames between the
 //! guest's queues and a [`device::FrameIo`] such as a TAP or
-//! [`socket::SocketFrames`].
+//! [`socket::SocketFrames`]. [`host`] is the host side of managed
+//! networks: bridge, dnsmasq, nftables, address pins;
+//! [`forward::Forwarder`] forwards host ports to a guest by a userspace
+//! proxy.
 
 pub mod device;
+pub mod forward;
+pub mod host;
 pub mod socket;
 pub mod tap;
 
@@ -25,6 +30,68 @@ pub enum Error {
     },
     #[error("interface name {0:?} is empty or longer than 15 bytes")]
     Name(String),
+    /// An rtnetlink request failed. `what` names the operation and the
+    /// interface; a refusal by the kernel keeps its errno in `source`
+    /// (`raw_os_error()`: EEXIST, ENODEV, EPERM, ...), a reply that could
+    /// not be decoded has kind `InvalidData`.
+    #[error("netlink: {what}: {source}")]
+    Netlink { what: String, source: std::io::Error },
+    #[error("{tool} not found: install Debian's {package} package")]
+    MissingTool { tool: &'static str, package: &'static str },
+    #[error("{what}: cannot run it: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} failed: {output}")]
+    Command { what: String, output: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: unreadable network state: {reason} (delete the file to start the network afresh)")]
+    State { path: std::path::PathBuf, reason: String },
+    #[error("network {network:?}: {reason}")]
+    BadSpec { network: String, reason: String },
+    #[error("no network named {name:?}: make it with `mvm network up --name {name} --subnet <cidr>`")]
+    UnknownNetwork { name: String },
+    #[error("network {network:?}: subnet {subnet} overlaps the host's route {route}; choose another with --subnet")]
+    SubnetInUse {
+        network: String,
+        subnet: String,
+        route: String,
+    },
+    #[error("network {network:?}: every address of {subnet} is pinned; remove VMs or use a larger subnet")]
+    Full { network: String, subnet: String },
+    #[error("network {network:?} is in use by {}: stop those VMs first", ports.join(", "))]
+    InUse { network: String, ports: Vec<String> },
+    #[error("interface {0:?} disappeared")]
+    Gone(String),
+    #[error("host port {}/{} is already in use on the host (stop what uses it, or forward another host port)", spec.host, spec.protocol)]
+    PortInUse { spec: forward::ForwardSpec },
+    #[error("host port {}/{}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE; forward a host port of 1024 or more)", spec.host, spec.protocol)]
+    PortDenied { spec: forward::ForwardSpec },
+    #[error("host address {} of forward {spec} is not an address of this host (use 127.0.0.1, 0.0.0.0 or one of `ip addr`)", spec.host.ip())]
+    HostAddress { spec: forward::ForwardSpec },
+    #[error("cannot forward {spec}: {source}")]
+    Forward {
+        spec: forward::ForwardSpec,
+        source: std::io::Error,
+    },
+    #[error("host port {}/{} is forwarded twice: to guest ports {} and {} (keep one)", spec.host, spec.protocol, other.guest_port, spec.guest_port)]
+    ForwardTwice {
+        spec: forward::ForwardSpec,
+        other: forward::ForwardSpec,
+    },
+    #[error("unknown protocol {0:?}: use tcp or udp")]
+    Protocol(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// A MAC address derived stably from `vm_name` and the interface index:

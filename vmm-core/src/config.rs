@@ -23,9 +23,22 @@
 //! host_cmdline = true # default true: add what this host's KVM needs
 //!
 //! [[net]]             # any number; eth0, eth1, ... in this order
-//! tap = "mvmtap0"     # required; created, or taken over if it exists
+//! network = "default" # a managed network (bridge, DHCP, DNS, NAT) under
+//!                     # <state_root>/networks/; the guest gets its pinned
+//!                     # address by DHCP (mvm.dhcp=ethN). Not with `bridge`.
+//! tap = "mvmtap0"     # required without `network` (default with it:
+//!                     # "mvm" + 10 hex digits of the MAC); created, or
+//!                     # taken over if it exists
 //! mac = "02:00:00:00:00:01"  # default: derived from the VM name
-//! bridge = "virbr-mvm"       # optional: attach the TAP to this bridge
+//! bridge = "br0"      # optional: attach the TAP to this existing bridge
+//!
+//! [[forward]]         # any number: host port -> guest port (needs a
+//!                     # [[net]] with `network`; runs in the VMM process)
+//! host_port = 8080    # required; 1-65535
+//! guest_port = 80     # required; 1-65535
+//! host_address = "127.0.0.1"  # default 127.0.0.1 (not reachable from the
+//!                     # LAN); "0.0.0.0" for every address
+//! protocol = "tcp"    # "tcp" (default) or "udp"
 //!
 //! [[disk]]            # any number; vda, vdb, ... in this order
 //! path = "disk.img"   # required; raw image, size a multiple of 512
@@ -128,6 +141,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, ...).
     pub nets: Vec<NetConfig>,
+    /// Host ports forwarded to the guest (needs a managed network).
+    pub forwards: Vec<ForwardConfig>,
     /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
     /// Host directories shared with the guest (virtio-fs), in tag order.
@@ -237,12 +252,107 @@ pub struct VsockConfig {
 /// A virtio-net interface on a host TAP device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// TAP device name: created, or taken over when it exists.
-    pub tap: String,
+    /// TAP device name: created, or taken over when it exists. Default
+    /// (only with `network`): [`default_tap_name`] of the MAC.
+    pub tap: Option<String>,
     /// Guest MAC; default derived from the VM name and the interface index.
     pub mac: Option<[u8; 6]>,
     /// Linux bridge to attach the TAP to.
     pub bridge: Option<String>,
+    /// A managed network (`mvm_net::host::network`) to join.
+    pub network: Option<String>,
+}
+
+/// A TAP name unique to a MAC: "mvm" and the last five bytes in hex.
+pub fn default_tap_name(mac: [u8; 6]) -> String {
+    let hex: String = mac[1..].iter().map(|b| format!("{b:02x}")).collect();
+    format!("mvm{hex}")
+}
+
+/// A host port forwarded to the guest's address on its managed network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    pub protocol: mvm_net::forward::Protocol,
+    /// Where the host listens; default 127.0.0.1.
+    pub host_address: std::net::IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl ForwardConfig {
+    /// The proxy's view of it.
+    pub fn spec(&self) -> mvm_net::forward::ForwardSpec {
+        mvm_net::forward::ForwardSpec {
+            protocol: self.protocol,
+            host: std::net::SocketAddr::new(self.host_address, self.host_port),
+            guest_port: self.guest_port,
+        }
+    }
+}
+
+/// Parse `[[forward]]` tables (vm.toml, or the run-time forwards file the
+/// manager writes), checking every value; `key` prefixes the key names in
+/// errors.
+pub fn parse_forwards(entries: Vec<FileForward>) -> Result<Vec<ForwardConfig>> {
+    let mut out: Vec<ForwardConfig> = Vec::new();
+    for f in entries {
+        let port = |key: &'static str, v: i64| -> Result<u16> {
+            u16::try_from(v)
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| Error::ConfigValue {
+                    key,
+                    value: v.to_string(),
+                    reason: "a port is 1 to 65535".into(),
+                })
+        };
+        let host_port = port("forward.host_port", f.host_port)?;
+        let guest_port = port("forward.guest_port", f.guest_port)?;
+        let host_address = match &f.host_address {
+            None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            Some(text) => text.parse().map_err(|_| Error::ConfigValue {
+                key: "forward.host_address",
+                value: format!("{text:?}"),
+                reason: "expected an IP address such as \"127.0.0.1\" or \"0.0.0.0\"".into(),
+            })?,
+        };
+        let protocol = match f.protocol.as_deref() {
+            None => mvm_net::forward::Protocol::Tcp,
+            Some(text) => text.parse().map_err(|_| Error::ConfigValue {
+                key: "forward.protocol",
+                value: format!("{text:?}"),
+                reason: "expected \"tcp\" or \"udp\"".into(),
+            })?,
+        };
+        let new = ForwardConfig {
+            protocol,
+            host_address,
+            host_port,
+            guest_port,
+        };
+        if let Some(old) = out.iter().find(|o| {
+            o.protocol == new.protocol
+                && o.host_port == new.host_port
+                && addresses_clash(o.host_address, new.host_address)
+        }) {
+            return Err(Error::ConfigValue {
+                key: "forward.host_port",
+                value: host_port.to_string(),
+                reason: format!(
+                    "{}:{}/{} is forwarded twice (to guest ports {} and {})",
+                    new.host_address, host_port, new.protocol, old.guest_port, new.guest_port
+                ),
+            });
+        }
+        out.push(new);
+    }
+    Ok(out)
+}
+
+/// Whether two listening addresses with the same port would collide: the
+/// same address, or one of them is the wildcard.
+pub fn addresses_clash(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
 }
 
 /// A virtio-blk disk backed by a raw image file.
@@ -347,6 +457,7 @@ impl VmConfig {
             },
             disks: Vec::new(),
             nets: Vec::new(),
+            forwards: Vec::new(),
             vsock: None,
             shares: Vec::new(),
             volumes: Vec::new(),
@@ -364,6 +475,7 @@ impl VmConfig {
     /// default upper layer, volumes).
     pub fn needs_state_dir(&self) -> bool {
         !self.volumes.is_empty()
+            || self.nets.iter().any(|n| n.network.is_some())
             || self.root.as_ref().is_some_and(|r| r.volume().is_some())
             || self
                 .shares
@@ -437,6 +549,38 @@ impl VmConfig {
         };
         let mut nets = Vec::new();
         for net in file.net {
+            let iface = |key: &'static str, name: &Option<String>| -> Result<()> {
+                match name {
+                    Some(n) => mvm_net::host::network::check_interface_name(n).map_err(|reason| Error::ConfigValue {
+                        key,
+                        value: format!("{n:?}"),
+                        reason,
+                    }),
+                    None => Ok(()),
+                }
+            };
+            iface("net.tap", &net.tap)?;
+            iface("net.bridge", &net.bridge)?;
+            if let Some(network) = &net.network {
+                mvm_net::host::network::check_network_name(network).map_err(|_| Error::ConfigValue {
+                    key: "net.network",
+                    value: format!("{network:?}"),
+                    reason: "a network name is 1-15 of a-z, 0-9, '-' and '_'".into(),
+                })?;
+                if net.bridge.is_some() {
+                    return Err(Error::ConfigValue {
+                        key: "net.bridge",
+                        value: format!("{:?}", net.bridge.as_deref().unwrap_or_default()),
+                        reason: "a managed network brings its own bridge: set `network` or `bridge`, not both".into(),
+                    });
+                }
+            } else if net.tap.is_none() {
+                return Err(Error::ConfigValue {
+                    key: "net.tap",
+                    value: "(missing)".into(),
+                    reason: "required unless `network` is set".into(),
+                });
+            }
             let mac = match &net.mac {
                 Some(text) => Some(parse_mac(text).ok_or_else(|| Error::ConfigValue {
                     key: "net.mac",
@@ -449,6 +593,16 @@ impl VmConfig {
                 tap: net.tap,
                 mac,
                 bridge: net.bridge,
+                network: net.network,
+            });
+        }
+        let forwards = parse_forwards(file.forward)?;
+        if !forwards.is_empty() && !nets.iter().any(|n| n.network.is_some()) {
+            return Err(Error::ConfigValue {
+                key: "forward",
+                value: format!("{} entries", forwards.len()),
+                reason: "forwards go to the guest's address on a managed network: add [[net]] network = \"default\""
+                    .into(),
             });
         }
         let vsock = file.vsock.map(|v| VsockConfig {
@@ -487,6 +641,7 @@ impl VmConfig {
             name: file.name.unwrap_or_default(),
             root,
             nets,
+            forwards,
             vsock,
             shares,
             volumes,
@@ -654,9 +809,22 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileNet {
-    tap: String,
+    tap: Option<String>,
     mac: Option<String>,
     bridge: Option<String>,
+    network: Option<String>,
+}
+
+/// One `[[forward]]` table as written.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileForward {
+    pub host_port: i64,
+    pub guest_port: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -666,6 +834,8 @@ struct FileConfig {
     name: Option<String>,
     #[serde(default)]
     net: Vec<FileNet>,
+    #[serde(default)]
+    forward: Vec<FileForward>,
     #[serde(default)]
     machine: FileMachine,
     boot: FileBoot,
@@ -899,7 +1069,8 @@ file = "log/console.txt"
         assert_eq!(
             c.nets[0],
             NetConfig {
-                tap: "t0".into(),
+                tap: Some("t0".into()),
+                network: None,
                 mac: None,
                 bridge: None
             }
@@ -918,6 +1089,50 @@ file = "log/console.txt"
             ));
             assert!(e.starts_with("net.mac = "), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn managed_networks_and_forwards() {
+        let base = "version = 1\nname = \"web\"\n[boot]\nkernel = \"k\"\n";
+        let c = parse(&format!(
+            "{base}[[net]]\nnetwork = \"default\"\n[[forward]]\nhost_port = 8080\nguest_port = 80\n[[forward]]\nhost_port = 5353\nguest_port = 53\nprotocol = \"udp\"\nhost_address = \"0.0.0.0\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.nets[0].network.as_deref(), Some("default"));
+        assert_eq!(c.nets[0].tap, None);
+        assert_eq!(default_tap_name([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]), "mvmaabbccdd0e");
+        assert_eq!(c.forwards.len(), 2);
+        assert_eq!(c.forwards[0].host_address.to_string(), "127.0.0.1");
+        assert_eq!(c.forwards[0].protocol, mvm_net::forward::Protocol::Tcp);
+        assert_eq!(c.forwards[1].protocol, mvm_net::forward::Protocol::Udp);
+        let net = "[[net]]\nnetwork = \"default\"\n";
+        for (extra, key) in [
+            ("[[net]]\ntap = \"a-tap-name-longer-than-ifnamsiz\"\n", "net.tap = "),
+            ("[[net]]\ntap = \"bad/name\"\n", "net.tap = "),
+            ("[[net]]\ntap = \"..\"\n", "net.tap = "),
+            ("[[net]]\ntap = \"t\"\nbridge = \"a b\"\n", "net.bridge = "),
+            ("[[net]]\nnetwork = \"Bad!\"\n", "net.network = "),
+            ("[[net]]\nnetwork = \"default\"\nbridge = \"br0\"\n", "net.bridge = "),
+            ("[[net]]\nmac = \"02:00:00:00:00:01\"\n", "net.tap = "),
+            ("[[forward]]\nhost_port = 1\nguest_port = 2\n", "forward = "),
+            (&format!("{net}[[forward]]\nhost_port = 0\nguest_port = 80\n"), "forward.host_port = 0"),
+            (&format!("{net}[[forward]]\nhost_port = 65536\nguest_port = 80\n"), "forward.host_port = 65536"),
+            (&format!("{net}[[forward]]\nhost_port = 80\nguest_port = -1\n"), "forward.guest_port = -1"),
+            (&format!("{net}[[forward]]\nhost_port = 80\nguest_port = 80\nprotocol = \"sctp\"\n"), "forward.protocol = "),
+            (&format!("{net}[[forward]]\nhost_port = 80\nguest_port = 80\nhost_address = \"localhost\"\n"), "forward.host_address = "),
+            (
+                &format!("{net}[[forward]]\nhost_port = 80\nguest_port = 80\n[[forward]]\nhost_port = 80\nguest_port = 81\nhost_address = \"0.0.0.0\"\n"),
+                "forward.host_port = 80",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert!(e.starts_with(key), "{extra}: {e}");
+        }
+        // The same port over both protocols is two forwards.
+        parse(&format!(
+            "{base}{net}[[forward]]\nhost_port = 53\nguest_port = 53\n[[forward]]\nhost_port = 53\nguest_port = 53\nprotocol = \"udp\"\n"
+        ))
+        .unwrap();
     }
 
     #[test]

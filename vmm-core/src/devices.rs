@@ -24,7 +24,9 @@ use vm_memory::GuestMemoryMmap;
 use mvm_storage::fs::device::VirtioFs;
 use mvm_storage::fs::overlay::{Overlay, OverlayOptions};
 
-use crate::config::{ConsoleOutput, ShareBackend, ShareConfig, VmConfig};
+use mvm_net::host::network::{Attachment, Network};
+
+use crate::config::{default_tap_name, ConsoleOutput, ShareBackend, ShareConfig, VmConfig};
 use crate::console::open_output;
 use crate::state;
 use crate::x86_64::{acpi, layout};
@@ -34,13 +36,14 @@ type Device = Box<dyn VirtioDevice>;
 
 /// The virtio devices of a VM, in the order the guest sees them: root
 /// image, disks, volumes (the root's writable layer first), network
-/// interfaces, shares, rng, vsock.
-pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Device>> {
+/// interfaces, shares, rng, vsock. NICs on managed networks are attached
+/// to them; their [`Attachment`]s go to `attachments`, in NIC order.
+pub(crate) fn virtio_devices(config: &VmConfig, attachments: &mut Vec<Attachment>) -> Result<Vec<Device>> {
     let mut devices: Vec<Device> = Vec::new();
     root_image(config, &mut devices)?;
     disks(config, &mut devices)?;
     volumes(config, &mut devices)?;
-    nets(config, &mut devices)?;
+    nets(config, &mut devices, attachments)?;
     shares(config, &mut devices)?;
     if config.machine.rng {
         devices.push(Box::new(Rng::new()));
@@ -112,13 +115,20 @@ fn volumes(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
     Ok(())
 }
 
-fn nets(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+/// TAPs first, then the network: a TAP that cannot be made leaves no
+/// network change behind.
+fn nets(config: &VmConfig, devices: &mut Vec<Device>, attachments: &mut Vec<Attachment>) -> Result<()> {
     for (i, net) in config.nets.iter().enumerate() {
-        let tap = mvm_net::tap::Tap::open(&net.tap)?;
+        let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
+        let tap_name = net.tap.clone().unwrap_or_else(|| default_tap_name(mac));
+        let tap = mvm_net::tap::Tap::open(&tap_name)?;
         if let Some(bridge) = &net.bridge {
             tap.attach_to_bridge(bridge)?;
         }
-        let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
+        if let Some(network) = &net.network {
+            let network = Network::open(&config.state_root, network)?;
+            attachments.push(network.attach(&config.name, mac, &tap_name)?);
+        }
         devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
     }
     Ok(())

@@ -48,6 +48,7 @@ mod devices;
 mod error;
 pub mod host;
 pub mod memory;
+pub mod network;
 pub mod state;
 mod vcpu;
 mod vm;

@@ -9,6 +9,8 @@
 //!   overlay/<tag>/       upper layer of share <tag> (default location)
 //!   overlay/<tag>.work/  overlayfs work dir (virtiofsd backend only)
 //!   volumes/<name>.ext4  raw ext4 image of volume <name>
+//!   forwards.toml        port forwards added at run time (crate::network)
+//!   control.sock         the running VMM's control socket (crate::network)
 //! ```
 //!
 //! Checking happens before anything is created, so a bad configuration
@@ -506,19 +508,14 @@ pub(crate) fn prepare_volume(config: &VmConfig, volume: &VolumeConfig) -> Result
 }
 
 /// A system tool on PATH or in the sbin directories a non-root PATH lacks.
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
+pub use mvm_net::host::find_tool;
 
-/// The kernel command line words that tell the guest's init what to mount:
-/// `mvm.root=volume|tmpfs` (the image is the disk with serial `mvm-root`),
-/// `mvm.share=<tag>:<mount>` and `mvm.volume=<name>:<mount>` (the volume's
-/// disk has serial `vol-<name>`).
-pub fn guest_mount_args(config: &VmConfig) -> Vec<String> {
+/// The kernel command line words that tell the guest's init what to mount
+/// and configure: `mvm.root=volume|tmpfs` (the image is the disk with
+/// serial `mvm-root`), `mvm.share=<tag>:<mount>`,
+/// `mvm.volume=<name>:<mount>` (the volume's disk has serial
+/// `vol-<name>`), `mvm.dhcp=ethN` for each NIC on a managed network.
+pub fn guest_init_args(config: &VmConfig) -> Vec<String> {
     // The root first: the agent switches to it before mounting the rest.
     let root = config.root.as_ref().map(|r| match r.upper {
         crate::config::RootUpper::Volume => "mvm.root=volume".to_string(),
@@ -532,7 +529,14 @@ pub fn guest_mount_args(config: &VmConfig) -> Vec<String> {
         .volumes
         .iter()
         .filter_map(|v| v.mount.as_ref().map(|m| format!("mvm.volume={}:{m}", v.name)));
-    root.into_iter().chain(shares).chain(volumes).collect()
+    // NICs on managed networks get their address by DHCP.
+    let dhcp = config
+        .nets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.network.is_some())
+        .map(|(i, _)| format!("mvm.dhcp=eth{i}"));
+    root.into_iter().chain(shares).chain(volumes).chain(dhcp).collect()
 }
 
 #[cfg(test)]
@@ -580,7 +584,7 @@ mod tests {
         validate(&c).unwrap();
         assert_eq!(c.state_dir(), t.0.join("state/vm1"));
         assert_eq!(
-            guest_mount_args(&c),
+            guest_init_args(&c),
             vec!["mvm.share=project:/project", "mvm.volume=data:/data"]
         );
         let state = open(&c).unwrap().unwrap();
@@ -715,7 +719,7 @@ mod tests {
         assert_eq!(root.size_mib, crate::config::DEFAULT_ROOT_MIB);
         assert_eq!(root.volume().unwrap().name, ROOT_VOLUME);
         assert!(c.needs_state_dir());
-        assert_eq!(guest_mount_args(&c), vec!["mvm.root=volume"]);
+        assert_eq!(guest_init_args(&c), vec!["mvm.root=volume"]);
 
         let c = config(
             &t.0,
@@ -724,7 +728,7 @@ mod tests {
         validate(&c).unwrap();
         assert_eq!(c.root.as_ref().unwrap().volume(), None);
         // The root goes first: the agent switches to it before the rest.
-        assert_eq!(guest_mount_args(&c), vec!["mvm.root=tmpfs", "mvm.share=p:/p"]);
+        assert_eq!(guest_init_args(&c), vec!["mvm.root=tmpfs", "mvm.share=p:/p"]);
         nothing_created(&t.0);
 
         let cases: &[(&str, &str)] = &[

@@ -19,7 +19,7 @@ use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{devices, state, vcpu, Error, Result};
+use crate::{devices, network, state, vcpu, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +139,9 @@ pub struct Vm {
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     console_input: ConsoleInput,
+    /// Forwards, control socket, dnsmasq watch: stopped before the state
+    /// directory is unlocked.
+    _networking: Option<network::Networking>,
     /// Locks the state directory while the VM exists.
     _state: Option<state::StateDir>,
     cmdline: String,
@@ -217,7 +220,12 @@ impl Vm {
         // directory, upper layers, volume images) and host processes
         // started.
         let state_dir = state::open(&config)?;
-        let virtio_devices = devices::virtio_devices(&config)?;
+        let mut attachments = Vec::new();
+        let virtio_devices = devices::virtio_devices(&config, &mut attachments)?;
+        let networking = match &state_dir {
+            Some(dir) => network::start(&config, &dir.path, &attachments)?,
+            None => None,
+        };
         vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -232,7 +240,7 @@ impl Vm {
         let tsc_khz = vcpu_fds[0].get_tsc_khz().ok();
         let virtio_slots = devices::virtio_slots(devices::virtio_count(&config));
         let mut cmdline = compose_cmdline(&config.boot.cmdline, host, config.boot.host_cmdline, tsc_khz);
-        for arg in state::guest_mount_args(&config) {
+        for arg in state::guest_init_args(&config) {
             cmdline.push(' ');
             cmdline.push_str(&arg);
         }
@@ -341,13 +349,17 @@ impl Vm {
             kernel.info.format,
             kernel.entry
         );
+        let shared = Arc::new(VmShared::new()?);
+        // Nothing can fail any more: the VMs' address pins stay.
+        attachments.iter_mut().for_each(|a| a.keep());
         Ok(Vm {
-            shared: Arc::new(VmShared::new()?),
+            shared,
             vcpus: vcpu_fds,
             bus: Arc::new(vcpu::Buses { pio: legacy.bus, mmio }),
             serial: legacy.serial,
             reset: legacy.reset,
             sleep: legacy.sleep,
+            _networking: networking,
             _state: state_dir,
             virtio,
             console_input: config.console.input,

@@ -187,6 +187,28 @@ impl Manager {
         for key in ["version", "name", "state_root"] {
             doc.remove(key);
         }
+        let mut nets = list(&mut doc, "net");
+        if let Some(network) = opts.network.name() {
+            if !nets.iter().any(|n| n.contains_key("network")) {
+                let mut t = Table::new();
+                t.insert("network".into(), network.into());
+                nets.insert(0, t);
+            }
+        }
+        let mut forwards = list(&mut doc, "forward");
+        for f in &opts.forwards {
+            let file = super::network::file_forward(&f.to_config());
+            let mut t = Table::new();
+            t.insert("host_port".into(), Value::Integer(file.host_port));
+            t.insert("guest_port".into(), Value::Integer(file.guest_port));
+            if let Some(a) = file.host_address {
+                t.insert("host_address".into(), a.into());
+            }
+            if let Some(p) = file.protocol {
+                t.insert("protocol".into(), p.into());
+            }
+            forwards.push(t);
+        }
 
         let quote = |s: &str| Value::String(s.into()).to_string();
         let mut out = String::new();
@@ -203,7 +225,6 @@ impl Manager {
         out.push_str(&format!("state_root = {}\n", quote(&self.root.to_string_lossy())));
         // Whatever else the base file had at the top level (unknown keys
         // are rejected by the final check anyway).
-        let net = list(&mut doc, "net");
         let mut rest = doc;
         let mut sections = String::new();
         for (header, table, order) in [
@@ -222,7 +243,12 @@ impl Manager {
             ("share", shares, &["tag", "source", "mount", "persist"][..]),
             ("volume", volumes, &["name", "size_mib", "mount"][..]),
             ("disk", disks, &["path"][..]),
-            ("net", net, &["tap", "mac", "bridge"][..]),
+            ("net", nets, &["network", "tap", "mac", "bridge"][..]),
+            (
+                "forward",
+                forwards,
+                &["host_port", "guest_port", "host_address", "protocol"][..],
+            ),
         ] {
             for item in items {
                 sections.push_str(&format!("\n[[{key}]]\n{}", emit(&item, order)));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
 use mvm::image::{ImageSpec, Progress};
-use mvm::manager::RootChoice;
+use mvm::manager::{parse_host_port, NetworkChoice, PortSpec, RootChoice};
 use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
 use mvm::term;
 use mvm::{CreateOptions, Error, ImageInfo, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
@@ -88,7 +88,39 @@ enum Cmd {
         /// 8192; sparse].
         #[arg(long, value_name = "MiB", conflicts_with = "ephemeral")]
         root_size: Option<u64>,
+        /// The managed network to join [default: "default": bridge
+        /// virbr-mvm, 10.213.0.0/24, DHCP, DNS, NAT].
+        #[arg(long, value_name = "NAME", conflicts_with = "no_network")]
+        network: Option<String>,
+        /// No managed network (no NIC unless a --from file has one).
+        #[arg(long)]
+        no_network: bool,
+        /// Forward a host port to the guest: [ADDRESS:]HOST:GUEST[/udp]
+        /// (ADDRESS defaults to 127.0.0.1); repeatable.
+        #[arg(long, value_name = "SPEC")]
+        forward: Vec<String>,
     },
+    /// Forward host ports to a VM at run time (kept across restarts):
+    /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
+    #[command(after_help = EXIT_HELP)]
+    Port {
+        name: String,
+        /// [ADDRESS:]HOST:GUEST[/udp]; ADDRESS defaults to 127.0.0.1.
+        #[arg(value_name = "SPEC", required_unless_present_any = ["rm", "list"], conflicts_with_all = ["rm", "list"])]
+        spec: Option<String>,
+        /// Remove the run-time forward of host port PORT[/udp].
+        #[arg(long, value_name = "PORT")]
+        rm: Option<String>,
+        /// List the VM's forwards.
+        #[arg(long, conflicts_with = "rm")]
+        list: bool,
+        /// With --list: print a JSON array.
+        #[arg(long, requires = "list")]
+        json: bool,
+    },
+    /// Managed networks: bridge, DHCP and DNS (dnsmasq), NAT (nftables).
+    #[command(subcommand, after_help = EXIT_HELP)]
+    Network(NetworkCmd),
     /// Root file system images: build, list, remove.
     #[command(subcommand, after_help = EXIT_HELP)]
     Image(ImageCmd),
@@ -172,6 +204,47 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum NetworkCmd {
+    /// Bring a network up (a VM's start does this too), defining it first
+    /// if it is new.
+    #[command(after_help = EXIT_HELP)]
+    Up {
+        #[arg(long, value_name = "NAME", default_value = mvm_net::host::network::DEFAULT_NETWORK)]
+        name: String,
+        /// Bridge name [default: virbr-mvm for "default", else mvm-<name>].
+        #[arg(long, value_name = "NAME")]
+        bridge: Option<String>,
+        /// IPv4 subnet; the host takes its first address [default:
+        /// 10.213.0.0/24 for "default"; required for others].
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// A shared segment: its VMs may reach each other (default: isolated).
+        #[arg(long)]
+        shared: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a network down: dnsmasq, its nftables table, the bridge.
+    /// Refused while VMs run on it; their addresses stay pinned.
+    #[command(after_help = EXIT_HELP)]
+    Down {
+        #[arg(long, value_name = "NAME", default_value = mvm_net::host::network::DEFAULT_NETWORK)]
+        name: String,
+    },
+    /// Show the networks (or one).
+    #[command(after_help = EXIT_HELP)]
+    Status {
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a network down and forget it (refused while VMs are defined on it).
+    #[command(after_help = EXIT_HELP)]
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
 enum ImageCmd {
     /// Build a Debian root file system image with mmdebstrap (needs root and
     /// the Debian archive); an image with the same inputs is reused.
@@ -237,7 +310,19 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             no_image,
             ephemeral,
             root_size,
+            network,
+            no_network,
+            forward,
         } => {
+            let network = match (network, no_network) {
+                (_, true) => NetworkChoice::None,
+                (Some(n), false) => NetworkChoice::Named(n),
+                (None, false) => NetworkChoice::Default,
+            };
+            let forwards = forward
+                .iter()
+                .map(|f| f.parse::<PortSpec>())
+                .collect::<mvm::Result<Vec<_>>>()?;
             let volumes = volume
                 .iter()
                 .map(|v| v.parse::<VolumeSpec>())
@@ -262,6 +347,8 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                     root,
                     ephemeral,
                     root_size_mib: root_size,
+                    network,
+                    forwards,
                 },
                 &mut progress,
             )?;
@@ -274,6 +361,14 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             Ok(0)
         }
         Cmd::Image(cmd) => image(m, cmd),
+        Cmd::Port {
+            name,
+            spec,
+            rm,
+            list,
+            json,
+        } => port(m, &name, spec, rm, list, json),
+        Cmd::Network(cmd) => network(m, cmd),
         Cmd::Start { name, timeout } => start(m, &name, timeout, false),
         Cmd::Restart { name, timeout } => start(m, &name, timeout, true),
         Cmd::Stop { name, timeout } => {
@@ -324,6 +419,146 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn port(m: &Manager, name: &str, spec: Option<String>, rm: Option<String>, list: bool, json: bool) -> mvm::Result<i32> {
+    if let Some(spec) = spec {
+        let added = m.add_forward(name, spec.parse()?)?;
+        let ip = m.status(name)?.ip;
+        println!(
+            "{name}: forwarding {added}{}",
+            ip.map_or(String::new(), |ip| format!(" (to {ip}:{})", added.guest_port))
+        );
+    } else if let Some(port) = rm {
+        let (port, protocol) = parse_host_port(&port)?;
+        for gone in m.remove_forward(name, port, protocol)? {
+            println!("{name}: removed {gone}");
+        }
+    } else if list {
+        let forwards = m.forwards(name)?;
+        if json {
+            println!("{}", to_json(&forwards)?);
+        } else {
+            println!("HOST                     GUEST  PROTO  FROM");
+            for f in forwards {
+                let host = format!("{}:{}", f.host_address, f.host_port);
+                println!("{host:<24} {:<6} {:<6} {}", f.guest_port, f.protocol, f.origin);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn network(m: &Manager, cmd: NetworkCmd) -> mvm::Result<i32> {
+    use mvm_net::host::network::{NetworkSpec, DEFAULT_NETWORK};
+    match cmd {
+        NetworkCmd::Up {
+            name,
+            bridge,
+            subnet,
+            shared,
+            json,
+        } => {
+            let spec = match m.network(&name) {
+                // Defined (or the default one): flags must agree with it.
+                Ok(n) => {
+                    let mut spec = n.spec()?;
+                    if name == DEFAULT_NETWORK && !n.dir().join("network.json").exists() {
+                        spec.bridge = bridge.unwrap_or(spec.bridge);
+                        if let Some(s) = subnet {
+                            spec.subnet = s.parse().map_err(|e| Error::Usage(format!("--subnet: {e}")))?;
+                        }
+                        spec.isolate = !shared;
+                    }
+                    spec
+                }
+                Err(_) => NetworkSpec {
+                    bridge: bridge.unwrap_or_else(|| format!("mvm-{name}")),
+                    subnet: subnet
+                        .ok_or_else(|| {
+                            Error::Usage(format!(
+                                "network {name:?} is new: give its --subnet, e.g. 10.214.0.0/24"
+                            ))
+                        })?
+                        .parse()
+                        .map_err(|e| Error::Usage(format!("--subnet: {e}")))?,
+                    isolate: !shared,
+                    name,
+                },
+            };
+            let status = m.network_up(&spec)?;
+            if json {
+                println!("{}", to_json(&status)?);
+            } else {
+                print_network(&status);
+            }
+        }
+        NetworkCmd::Down { name } => {
+            m.network(&name)?.down()?;
+            println!("network {name} is down");
+        }
+        NetworkCmd::Status { name, json } => {
+            let names = match name {
+                Some(n) => vec![n],
+                None => m.networks(),
+            };
+            let mut all = Vec::new();
+            for n in names {
+                all.push(m.network(&n)?.status()?);
+            }
+            if json {
+                println!("{}", to_json(&all)?);
+            } else {
+                for (i, s) in all.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_network(s);
+                }
+            }
+        }
+        NetworkCmd::Rm { name } => {
+            m.network_rm(&name)?;
+            println!("network {name} removed");
+        }
+    }
+    Ok(0)
+}
+
+fn print_network(s: &mvm_net::host::network::NetworkStatus) {
+    println!("network:   {} ({})", s.name, if s.up { "up" } else { "down" });
+    println!(
+        "bridge:    {} {}/{}",
+        s.bridge,
+        s.gateway,
+        s.subnet.split('/').nth(1).unwrap_or("?")
+    );
+    println!(
+        "subnet:    {}{}",
+        s.subnet,
+        if s.isolate {
+            " (VMs isolated)"
+        } else {
+            " (shared segment)"
+        }
+    );
+    println!(
+        "dnsmasq:   {}",
+        s.dnsmasq_pid.map_or("not running".into(), |p| format!("pid {p}"))
+    );
+    println!("nftables:  {}", if s.nft_table { "table present" } else { "no table" });
+    println!(
+        "ports:     {}",
+        if s.ports.is_empty() {
+            "-".into()
+        } else {
+            s.ports.join(", ")
+        }
+    );
+    for p in &s.pins {
+        println!("pin:       {} {} {}", p.ip, p.mac, p.vm);
+    }
+    println!("state:     {}", s.state_dir.display());
 }
 
 fn image(m: &Manager, cmd: ImageCmd) -> mvm::Result<i32> {
@@ -492,7 +727,7 @@ fn uptime(secs: u64) -> String {
 }
 
 fn print_table(vms: &[VmInfo]) {
-    let rows: Vec<[String; 7]> = vms
+    let rows: Vec<[String; 8]> = vms
         .iter()
         .map(|v| {
             [
@@ -501,12 +736,13 @@ fn print_table(vms: &[VmInfo]) {
                 v.pid.map_or("-".into(), |p| p.to_string()),
                 v.vcpus.to_string(),
                 format!("{}M", v.memory_mib),
+                v.ip.clone().unwrap_or_else(|| "-".into()),
                 v.uptime_s.map_or("-".into(), uptime),
                 v.project.as_ref().map_or("-".into(), |p| p.display().to_string()),
             ]
         })
         .collect();
-    let header = ["NAME", "STATE", "PID", "CPUS", "MEMORY", "UPTIME", "PROJECT"];
+    let header = ["NAME", "STATE", "PID", "CPUS", "MEMORY", "IP", "UPTIME", "PROJECT"];
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -546,6 +782,15 @@ fn print_status(v: &VmInfo) {
         v.project.as_ref().map_or("-".into(), |p| p.display().to_string())
     );
     println!("mac:       {}", v.mac);
+    if let Some(n) = &v.network {
+        println!(
+            "network:   {n}, address {}",
+            v.ip.as_deref().unwrap_or("(pinned at the first start)")
+        );
+    }
+    for f in &v.forwards {
+        println!("forward:   {f} ({})", f.origin);
+    }
     println!("state dir: {}", v.state_dir.display());
     if let Some(e) = &v.last_exit {
         println!("last exit: {e}");

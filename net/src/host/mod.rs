@@ -1,0 +1,52 @@
+//! The host side of a managed network: the bridge and bridge ports
+//! ([`netlink`]), dnsmasq ([`dnsmasq`]), nftables ([`nft`]), and the
+//! network itself with its state and address pins ([`network`]).
+
+pub mod dnsmasq;
+pub mod netlink;
+pub mod network;
+pub mod nft;
+pub mod subnet;
+
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// A program by name: on `PATH`, else in the sbin and bin directories
+/// (`PATH` of a non-root shell often lacks /usr/sbin).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Replace `path` with `bytes` in one step (a reader sees the old or the
+/// new file, never half of one). Mode 0644.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Run `body` on a thread in a new network namespace (root only), so
+    /// nothing touches the host's interfaces: unshare affects that thread,
+    /// and the programs it starts (nft, dnsmasq, ip) inherit it.
+    pub(crate) fn in_new_netns<F: FnOnce() + Send + 'static>(body: F) {
+        std::thread::spawn(move || {
+            // SAFETY: plain syscall; it changes only this thread's netns.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+            body();
+        })
+        .join()
+        .unwrap();
+    }
+}

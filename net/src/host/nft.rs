@@ -1,0 +1,278 @@
+//! The network's nftables rules, through Debian's `nft` tool: one table of
+//! our own per network (`ip mvm-<network>`: masquerade for the subnet's
+//! outbound traffic, and a drop of traffic routed from one guest to
+//! another), replaced atomically, deleted by `network down`.
+//!
+//! A host whose filter FORWARD policy is drop (Docker sets it through
+//! iptables-nft) would drop the guests' forwarded traffic whatever our
+//! table says: a drop in any base chain is final. There, and only there,
+//! two accept rules go into that `ip filter FORWARD` chain, each carrying
+//! our comment so that removal finds exactly them and nothing else.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::find_tool;
+use super::network::NetworkSpec;
+use crate::Error;
+
+/// The table of network `name`.
+pub fn table_name(network: &str) -> String {
+    format!("mvm-{network}")
+}
+
+/// The comment on the rules we add to a chain we do not own.
+fn compat_comment(network: &str) -> String {
+    format!("microvm-dev network {network}")
+}
+
+fn nft() -> Result<Command, Error> {
+    let path = find_tool("nft").ok_or(Error::MissingTool {
+        tool: "nft",
+        package: "nftables",
+    })?;
+    Ok(Command::new(path))
+}
+
+/// Run `nft` with `args` and `stdin` as its script; its stderr on failure.
+fn run(args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+    let what = match stdin {
+        Some(_) => format!("nft {} (ruleset of the network)", args.join(" ")),
+        None => format!("nft {}", args.join(" ")),
+    };
+    let mut cmd = nft()?;
+    cmd.args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    if let (Some(script), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(script.as_bytes()).map_err(|source| Error::Spawn {
+            what: what.clone(),
+            source,
+        })?;
+    }
+    let out = child.wait_with_output().map_err(|source| Error::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            what,
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The whole table of `spec`, as an `nft -f` script that replaces any
+/// older version in one transaction.
+pub fn ruleset(spec: &NetworkSpec) -> String {
+    let table = table_name(&spec.name);
+    let bridge = &spec.bridge;
+    let subnet = spec.subnet;
+    let isolation = if spec.isolate {
+        format!(
+            "\t\tiifname \"{bridge}\" oifname \"{bridge}\" counter drop comment \"no traffic between guests through the host\"\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "table ip {table}\n\
+         delete table ip {table}\n\
+         table ip {table} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {subnet} ip daddr != {{ {subnet}, 224.0.0.0/4, 255.255.255.255 }} oifname != \"{bridge}\" counter masquerade comment \"outbound NAT\"\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         {isolation}\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Create or replace the network's table, and make forwarding possible on
+/// a host whose filter FORWARD policy drops.
+pub fn apply(spec: &NetworkSpec) -> Result<(), Error> {
+    run(&["-f", "-"], Some(&ruleset(spec)))?;
+    allow_in_filter_forward(spec)
+}
+
+/// Whether the network's table exists.
+pub fn table_exists(network: &str) -> Result<bool, Error> {
+    let out = run(&["list", "tables", "ip"], None)?;
+    let name = table_name(network);
+    Ok(out.lines().any(|l| l.trim() == format!("table ip {name}")))
+}
+
+/// Delete the network's table and our rules in `ip filter FORWARD`; what
+/// is already gone is fine.
+pub fn remove(network: &str) -> Result<(), Error> {
+    if table_exists(network)? {
+        run(&["delete", "table", "ip", &table_name(network)], None)?;
+    }
+    for handle in compat_rule_handles(network)? {
+        run(
+            &[
+                "delete",
+                "rule",
+                "ip",
+                "filter",
+                "FORWARD",
+                "handle",
+                &handle.to_string(),
+            ],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Handles of the rules carrying our comment in `ip filter FORWARD`
+/// (none when that chain does not exist).
+fn compat_rule_handles(network: &str) -> Result<Vec<u64>, Error> {
+    let Some(listing) = filter_forward_listing()? else {
+        return Ok(Vec::new());
+    };
+    let comment = compat_comment(network);
+    Ok(rules_with_comment(&listing, &comment))
+}
+
+/// `nft -j -a list chain ip filter FORWARD`, or None without that chain.
+fn filter_forward_listing() -> Result<Option<serde_json::Value>, Error> {
+    let tables = run(&["list", "tables", "ip"], None)?;
+    if !tables.lines().any(|l| l.trim() == "table ip filter") {
+        return Ok(None);
+    }
+    let out = match run(&["-j", "-a", "list", "chain", "ip", "filter", "FORWARD"], None) {
+        Ok(out) => out,
+        // The table exists without that chain.
+        Err(Error::Command { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_str(&out).map(Some).map_err(|e| Error::Command {
+        what: "nft -j list chain ip filter FORWARD".into(),
+        output: format!("unreadable JSON: {e}"),
+    })
+}
+
+/// The handles of the rules in an `nft -j` listing whose comment is
+/// `comment`.
+fn rules_with_comment(listing: &serde_json::Value, comment: &str) -> Vec<u64> {
+    let items = listing.get("nftables").and_then(|v| v.as_array());
+    items
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("rule"))
+        .filter(|rule| rule.get("comment").and_then(|c| c.as_str()) == Some(comment))
+        .filter_map(|rule| rule.get("handle").and_then(|h| h.as_u64()))
+        .collect()
+}
+
+/// The policy of the chain in an `nft -j` listing ("accept" or "drop").
+fn chain_policy(listing: &serde_json::Value) -> Option<String> {
+    listing
+        .get("nftables")?
+        .as_array()?
+        .iter()
+        .filter_map(|item| item.get("chain"))
+        .find_map(|chain| chain.get("policy").and_then(|p| p.as_str()).map(str::to_string))
+}
+
+/// With a drop policy in `ip filter FORWARD` (iptables-nft, as Docker
+/// leaves it), accept the guests' outbound traffic and its replies there.
+fn allow_in_filter_forward(spec: &NetworkSpec) -> Result<(), Error> {
+    let Some(listing) = filter_forward_listing()? else {
+        return Ok(());
+    };
+    let comment = compat_comment(&spec.name);
+    let ours = rules_with_comment(&listing, &comment);
+    if chain_policy(&listing).as_deref() != Some("drop") {
+        // Accepting is the default there; leave the chain alone (and drop
+        // rules of ours from an earlier drop policy: they are not needed).
+        for handle in ours {
+            run(
+                &[
+                    "delete",
+                    "rule",
+                    "ip",
+                    "filter",
+                    "FORWARD",
+                    "handle",
+                    &handle.to_string(),
+                ],
+                None,
+            )?;
+        }
+        return Ok(());
+    }
+    if ours.len() == 2 {
+        return Ok(());
+    }
+    let bridge = &spec.bridge;
+    let script = format!(
+        "insert rule ip filter FORWARD iifname \"{bridge}\" oifname != \"{bridge}\" accept comment \"{comment}\"\n\
+         insert rule ip filter FORWARD oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept comment \"{comment}\"\n"
+    );
+    for handle in ours {
+        run(
+            &[
+                "delete",
+                "rule",
+                "ip",
+                "filter",
+                "FORWARD",
+                "handle",
+                &handle.to_string(),
+            ],
+            None,
+        )?;
+    }
+    run(&["-f", "-"], Some(&script))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(isolate: bool) -> NetworkSpec {
+        NetworkSpec {
+            name: "default".into(),
+            bridge: "virbr-mvm".into(),
+            subnet: "10.213.0.0/24".parse().unwrap(),
+            isolate,
+        }
+    }
+
+    #[test]
+    fn ruleset_replaces_the_table_and_isolates_on_request() {
+        let text = ruleset(&spec(true));
+        assert!(text.starts_with("table ip mvm-default\ndelete table ip mvm-default\n"));
+        assert!(text.contains("ip saddr 10.213.0.0/24"));
+        assert!(text.contains("masquerade"));
+        assert!(text.contains("iifname \"virbr-mvm\" oifname \"virbr-mvm\" counter drop"));
+        assert!(!ruleset(&spec(false)).contains("drop"));
+    }
+
+    #[test]
+    fn finds_our_rules_and_the_policy_in_a_listing() {
+        let listing: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+              {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "handle": 1, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}},
+              {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 7, "comment": "microvm-dev network default", "expr": []}},
+              {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 8, "expr": []}},
+              {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 9, "comment": "microvm-dev network lab", "expr": []}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(rules_with_comment(&listing, &compat_comment("default")), vec![7]);
+        assert_eq!(chain_policy(&listing).as_deref(), Some("drop"));
+        assert!(rules_with_comment(&serde_json::json!({}), "x").is_empty());
+    }
+}
