@@ -10,6 +10,9 @@
  *                              exit at the socket's EOF
  *   mvm-vsock tcp IPV4 PORT    the same as connect, over a TCP connection
  *                              to the dotted-quad IPV4 (e.g. 10.0.2.1)
+ *   mvm-vsock udp-echo PORT    bind UDP (0.0.0.0, PORT), print "listening",
+ *                              and send every datagram back to its sender,
+ *                              forever (busybox nc has no UDP)
  *
  * Every read and write is of up to 64 KiB.  That is what the tcp mode is
  * for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
@@ -151,7 +154,8 @@ static __attribute__((noreturn)) void usage(void)
 {
 	put(2, "usage: mvm-vsock echo PORT\n"
 	       "       mvm-vsock connect CID PORT\n"
-	       "       mvm-vsock tcp IPV4 PORT\n");
+	       "       mvm-vsock tcp IPV4 PORT\n"
+	       "       mvm-vsock udp-echo PORT\n");
 	sys_exit(2);
 }
 
@@ -417,6 +421,36 @@ static int run_tcp(const unsigned char ip[4], unsigned int port)
 	return relay((int)s);
 }
 
+static int run_udp_echo(unsigned int port)
+{
+	struct sockaddr_in sa, from;
+	unsigned char *p = (unsigned char *)&sa.sin_port;
+	long s = SYS3(__NR_socket, AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), ret;
+
+	if (s < 0)
+		fail("socket(AF_INET, SOCK_DGRAM)", s);
+	zero(&sa, sizeof(sa));
+	sa.sin_family = AF_INET;
+	p[0] = (unsigned char)(port >> 8);
+	p[1] = (unsigned char)port;
+	ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
+	if (ret < 0)
+		fail("bind", ret);
+	put(1, "listening\n");
+	for (;;) {
+		socklen_t len = sizeof(from);
+		ssize_t n = SYS6(__NR_recvfrom, s, buf_out, sizeof(buf_out), 0, &from, &len);
+
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			fail("recvfrom", n);
+		ret = SYS6(__NR_sendto, s, buf_out, n, 0, &from, len);
+		if (ret < 0 && ret != -EINTR)
+			fail("sendto", ret);
+	}
+}
+
 static int str_eq(const char *a, const char *b)
 {
 	while (*a && *a == *b)
@@ -430,6 +464,8 @@ static int run(int argc, char **argv)
 		return run_echo(parse_u32(argv[2]));
 	if (argc == 4 && str_eq(argv[1], "connect"))
 		return run_connect(parse_u32(argv[2]), parse_u32(argv[3]));
+	if (argc == 3 && str_eq(argv[1], "udp-echo"))
+		return run_udp_echo(parse_port(argv[2]));
 	if (argc == 4 && str_eq(argv[1], "tcp")) {
 		unsigned char ip[4];
 

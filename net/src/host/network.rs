@@ -154,7 +154,7 @@ pub struct Network {
 }
 
 /// What one `up` did, to undo on a later failure.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Undo {
     bridge: Option<u32>,
     table: bool,
@@ -409,16 +409,17 @@ impl Network {
             let port = nl.link_index(tap)?.ok_or_else(|| Error::Gone(tap.to_string()))?;
             nl.set_master(port, bridge)?;
             nl.set_port_isolated(port, state.spec.isolate)?;
-            Ok(Attachment {
+            Ok((ip, new_pin))
+        });
+        match result {
+            Ok((ip, new_pin)) => Ok(Attachment {
                 network: self.clone(),
                 vm: vm.to_string(),
                 ip,
                 new_pin,
+                brought_up: undo,
                 kept: false,
-            })
-        });
-        match result {
-            Ok(a) => Ok(a),
+            }),
             Err(e) => {
                 if state.pins != before {
                     state.pins = before;
@@ -452,20 +453,24 @@ impl Network {
         Ok(())
     }
 
-    /// Restart dnsmasq if it died while the network is up; true if it did.
-    /// Every VM process attached to the network calls this now and then.
+    /// Keep a network that is up whole: restart dnsmasq if it died (true
+    /// if it did), and put the nftables table and the FORWARD accept rules
+    /// back if something removed them (`nft flush ruleset`, a firewall
+    /// reload, Docker starting with its drop policy). Every VM process
+    /// attached to the network calls this now and then.
     pub fn supervise(&self) -> Result<bool, Error> {
+        let spec = self.spec()?;
+        if Netlink::open()?.link_index(&spec.bridge)?.is_none() {
+            // Brought down on purpose: nothing to keep.
+            return Ok(false);
+        }
+        nft::ensure(&spec)?;
         if dnsmasq::running(&self.dir).is_some() {
             return Ok(false);
         }
         let _lock = self.lock()?;
         let state = self.state()?;
         if dnsmasq::running(&self.dir).is_some() {
-            return Ok(false);
-        }
-        let mut nl = Netlink::open()?;
-        if nl.link_index(&state.spec.bridge)?.is_none() {
-            // Brought down on purpose: nothing to supervise.
             return Ok(false);
         }
         dnsmasq::write_host_files(&self.dir, &state.pins)?;
@@ -550,6 +555,8 @@ pub struct Attachment {
     vm: String,
     ip: Ipv4Addr,
     new_pin: bool,
+    /// What this attach brought up (the network was down before).
+    brought_up: Undo,
     kept: bool,
 }
 
@@ -570,8 +577,13 @@ impl Attachment {
 }
 
 impl Drop for Attachment {
+    /// Undo an attach whose start failed later: the pin it made, and the
+    /// network if this start brought it up and no other VM joined since.
     fn drop(&mut self) {
-        if self.new_pin && !self.kept {
+        if self.kept {
+            return;
+        }
+        if self.new_pin {
             if let Err(e) = self.network.release(&self.vm) {
                 log::warn!(
                     "network {}: cannot forget the pin of {}: {e}",
@@ -579,6 +591,21 @@ impl Drop for Attachment {
                     self.vm
                 );
             }
+        }
+        let undo = std::mem::take(&mut self.brought_up);
+        if undo.bridge.is_none() && !undo.table && !undo.dnsmasq {
+            return;
+        }
+        let Ok(_lock) = self.network.lock() else { return };
+        let Ok(state) = self.network.state() else { return };
+        let others = Netlink::open()
+            .and_then(|mut nl| match nl.link_index(&state.spec.bridge)? {
+                Some(index) => bridge_ports(&mut nl, index),
+                None => Ok(Vec::new()),
+            })
+            .map_or(true, |ports| !ports.is_empty());
+        if !others {
+            self.network.undo(&state.spec, undo);
         }
     }
 }
@@ -793,6 +820,20 @@ mod tests {
                 "{status:?}"
             );
             assert_eq!(status.pins.len(), 1, "pins outlive the network");
+
+            // An attach that brought the network up, for a start that then
+            // failed: nothing of it stays.
+            let tap3 = crate::tap::Tap::open("mvmt-net2").unwrap();
+            let d = net.attach("solo", [2, 1, 2, 3, 4, 7], "mvmt-net2").unwrap();
+            assert!(net.status().unwrap().up);
+            drop(tap3);
+            drop(d);
+            let status = net.status().unwrap();
+            assert!(
+                !status.up && !status.nft_table && status.dnsmasq_pid.is_none(),
+                "{status:?}"
+            );
+            assert!(net.pin("solo").unwrap().is_none());
 
             std::process::Command::new("ip")
                 .args(["link", "set", "lo", "up"])

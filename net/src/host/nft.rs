@@ -104,6 +104,16 @@ pub fn apply(spec: &NetworkSpec) -> Result<(), Error> {
     allow_in_filter_forward(spec)
 }
 
+/// [`apply`] if the table is missing, and the FORWARD accept rules if a
+/// drop policy appeared; cheap when all is in place (one `nft list`).
+pub fn ensure(spec: &NetworkSpec) -> Result<(), Error> {
+    if !table_exists(&spec.name)? {
+        log::warn!("network {}: its nftables table was removed; putting it back", spec.name);
+        run(&["-f", "-"], Some(&ruleset(spec)))?;
+    }
+    allow_in_filter_forward(spec)
+}
+
 /// Whether the network's table exists.
 pub fn table_exists(network: &str) -> Result<bool, Error> {
     let out = run(&["list", "tables", "ip"], None)?;
