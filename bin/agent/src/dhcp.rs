@@ -150,7 +150,10 @@ impl Outgoing<'_> {
         m[1] = HTYPE_ETHERNET;
         m[2] = 6;
         m[4..8].copy_from_slice(&self.xid.to_be_bytes());
-        m[10..12].copy_from_slice(&FLAG_BROADCAST.to_be_bytes());
+        // Until we have an address, replies can only reach us broadcast.
+        if self.ciaddr.is_unspecified() {
+            m[10..12].copy_from_slice(&FLAG_BROADCAST.to_be_bytes());
+        }
         m[12..16].copy_from_slice(&self.ciaddr.octets());
         m[28..34].copy_from_slice(&self.mac);
         m[236..240].copy_from_slice(&MAGIC_COOKIE);
@@ -352,8 +355,21 @@ enum State {
     Selecting,
     /// Requesting this offer.
     Requesting(Lease),
-    /// Requesting to keep our address (ciaddr set).
-    Renewing(Ipv4Addr),
+    /// Asking the server that gave us the address (unicast) to extend it.
+    Renewing { address: Ipv4Addr, server: Ipv4Addr },
+}
+
+/// Whether `reply` is what `state` waits for: an offer while selecting;
+/// an acknowledgement (while requesting: from the server whose offer we
+/// took) or a refusal after a request.
+fn answers(state: &State, reply: &Reply) -> bool {
+    match (state, reply) {
+        (State::Selecting, Reply::Offer(_)) => true,
+        (State::Requesting(offer), Reply::Ack(lease)) => lease.server_id == offer.server_id,
+        (State::Renewing { .. }, Reply::Ack(_)) => true,
+        (State::Requesting(_) | State::Renewing { .. }, Reply::Nak(_)) => true,
+        _ => false,
+    }
 }
 
 /// A socket on port 68 of one interface, which is up.
@@ -391,14 +407,15 @@ impl Client {
                     ignored,
                 });
             }
-            let (ciaddr, accept, kind) = match &state {
-                State::Selecting => (Ipv4Addr::UNSPECIFIED, None, MessageType::Discover),
+            let (ciaddr, accept, kind, to) = match &state {
+                State::Selecting => (Ipv4Addr::UNSPECIFIED, None, MessageType::Discover, Ipv4Addr::BROADCAST),
                 State::Requesting(offer) => (
                     Ipv4Addr::UNSPECIFIED,
                     Some((offer.address, offer.server_id)),
                     MessageType::Request,
+                    Ipv4Addr::BROADCAST,
                 ),
-                State::Renewing(address) => (*address, None, MessageType::Request),
+                State::Renewing { address, server } => (*address, None, MessageType::Request, *server),
             };
             let message = Outgoing {
                 kind,
@@ -410,21 +427,18 @@ impl Client {
             }
             .encode();
             self.sock
-                .send_to(&message, (Ipv4Addr::BROADCAST, SERVER_PORT))
+                .send_to(&message, (to, SERVER_PORT))
                 .map_err(|e| DhcpError::Io("cannot send", e))?;
             let until = deadline.min(now + attempt_wait(attempt));
             attempt += 1;
-            match (&state, self.receive(xid, until, &mut ignored)?) {
-                (State::Selecting, Some(Reply::Offer(offer))) => {
+            match self.receive(&state, xid, until, &mut ignored)? {
+                Some(Reply::Offer(offer)) => {
                     // The request keeps the offer's transaction id.
                     state = State::Requesting(offer);
                     attempt = 0;
                 }
-                (State::Requesting(offer), Some(Reply::Ack(lease))) if lease.server_id == offer.server_id => {
-                    return Ok(lease)
-                }
-                (State::Renewing(_), Some(Reply::Ack(lease))) => return Ok(lease),
-                (State::Requesting(_) | State::Renewing(_), Some(Reply::Nak(message))) => {
+                Some(Reply::Ack(lease)) => return Ok(lease),
+                Some(Reply::Nak(message)) => {
                     ignored = Some(DhcpError::Refused(message).to_string());
                     state = State::Selecting;
                     xid = random_xid(self.mac);
@@ -433,20 +447,26 @@ impl Client {
                     // have us spin.
                     std::thread::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
                 }
-                (State::Requesting(_) | State::Renewing(_), None) if attempt >= MAX_REQUESTS => {
+                None if attempt >= MAX_REQUESTS && !matches!(state, State::Selecting) => {
                     state = State::Selecting;
                     xid = random_xid(self.mac);
                     attempt = 0;
                 }
-                _ => {}
+                None => {}
             }
         }
     }
 
-    /// The first reply to `xid` that fits, or None at `until`. Replies for
-    /// others are skipped; why the last bad one was refused goes in
-    /// `ignored`.
-    fn receive(&self, xid: u32, until: Instant, ignored: &mut Option<String>) -> Result<Option<Reply>, DhcpError> {
+    /// The first reply to `xid` that answers `state`, or None at `until`.
+    /// Replies for others and late ones (an offer while requesting) are
+    /// skipped; why the last malformed one was refused goes in `ignored`.
+    fn receive(
+        &self,
+        state: &State,
+        xid: u32,
+        until: Instant,
+        ignored: &mut Option<String>,
+    ) -> Result<Option<Reply>, DhcpError> {
         let mut buf = [0u8; 1500];
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -463,8 +483,8 @@ impl Client {
                 Err(e) => return Err(DhcpError::Io("cannot receive", e)),
             };
             match parse_reply(buf.get(..n).unwrap_or_default(), xid, self.mac) {
-                Ok(reply) => return Ok(Some(reply)),
-                Err(DhcpError::NotOurs) => {}
+                Ok(reply) if answers(state, &reply) => return Ok(Some(reply)),
+                Ok(_) | Err(DhcpError::NotOurs) => {}
                 Err(e) => *ignored = Some(e.to_string()),
             }
         }
@@ -524,10 +544,14 @@ pub fn acquire(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease,
     Client::open(ifname)?.exchange(hostname, State::Selecting, timeout)
 }
 
-/// Extend `lease` (a request with our address, broadcast so that any
-/// server hears it); a refusal or silence falls back to a new discover.
+/// Extend `lease`, which `ifname` has: a request with its address to the
+/// server that gave it; a refusal or silence falls back to a new discover.
 pub fn renew(ifname: &str, hostname: &str, lease: &Lease, timeout: Duration) -> Result<Lease, DhcpError> {
-    Client::open(ifname)?.exchange(hostname, State::Renewing(lease.address), timeout)
+    let state = State::Renewing {
+        address: lease.address,
+        server: lease.server_id,
+    };
+    Client::open(ifname)?.exchange(hostname, state, timeout)
 }
 
 /// [`acquire`] a lease, apply it ([`netif::apply_lease`]), and renew a
@@ -707,7 +731,7 @@ mod tests {
             }
         }
         .encode();
-        assert_eq!(&renewing[12..16], &[10, 213, 0, 42]);
+        assert_eq!(&renewing[10..16], &[0, 0, 10, 213, 0, 42], "no BROADCAST flag, ciaddr");
         let options = parse_options(&renewing[240..]).unwrap();
         assert!(!options.contains_key(&OPT_REQUESTED_IP));
         assert!(!options.contains_key(&OPT_SERVER_ID));
@@ -995,6 +1019,31 @@ mod tests {
             buf.truncate(240 + next() as usize % (buf.len() - 239));
             let _ = parse(&buf);
         }
+    }
+
+    #[test]
+    fn waits_for_the_reply_that_fits() {
+        let offer = expected();
+        let other_server = Lease {
+            server_id: Ipv4Addr::new(10, 213, 0, 2),
+            ..expected()
+        };
+        let selecting = State::Selecting;
+        let requesting = State::Requesting(offer.clone());
+        let renewing = State::Renewing {
+            address: offer.address,
+            server: offer.server_id,
+        };
+        assert!(answers(&selecting, &Reply::Offer(offer.clone())));
+        assert!(!answers(&selecting, &Reply::Ack(offer.clone())));
+        assert!(!answers(&selecting, &Reply::Nak(None)));
+        assert!(answers(&requesting, &Reply::Ack(offer.clone())));
+        assert!(!answers(&requesting, &Reply::Ack(other_server.clone())));
+        assert!(!answers(&requesting, &Reply::Offer(offer.clone())));
+        assert!(answers(&requesting, &Reply::Nak(None)));
+        assert!(answers(&renewing, &Reply::Ack(other_server)));
+        assert!(answers(&renewing, &Reply::Nak(None)));
+        assert!(!answers(&renewing, &Reply::Offer(offer)));
     }
 
     #[test]

@@ -182,6 +182,14 @@ fn configures_an_interface_from_dnsmasq() {
             // Again: nothing changes, nothing fails (the route exists already).
             netif::apply_lease("eth0", &lease, &path).map_err(|e| DhcpError::Io("apply again", e))?;
             let renewed = dhcp::renew("eth0", "guest1", &lease, Duration::from_secs(30))?;
+            // Renewing an address the server does not give us: refused,
+            // and a new discover gets the right one.
+            let wrong = Lease {
+                address: Ipv4Addr::new(10, 213, 0, 99),
+                ..lease.clone()
+            };
+            let corrected = dhcp::renew("eth0", "guest1", &wrong, Duration::from_secs(30))?;
+            assert_eq!(corrected, lease);
             Ok::<_, DhcpError>((lease, renewed))
         })
         .unwrap_or_else(|e| panic!("{e}\ndnsmasq log:\n{}", lab.log()));
@@ -229,4 +237,5 @@ fn configures_an_interface_from_dnsmasq() {
         log.contains("DHCPACK(srv0) 10.213.0.42 02:00:00:00:00:42 guest1"),
         "{log}"
     );
+    assert!(log.contains("DHCPNAK(srv0) 10.213.0.99 02:00:00:00:00:42"), "{log}");
 }
