@@ -54,7 +54,7 @@ const PARAMS: [u8; 7] = [1, 3, 6, 15, 51, 54, 28];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
-    #[error("{0}: {1}")]
+    #[error("{}: {}", .0, sys::error_text(.1))]
     Io(&'static str, #[source] io::Error),
     #[error("no DHCP {waiting_for} in {} s{}", .waited.as_secs(), .ignored.as_ref().map(|i| format!(" (ignored a reply: {i})")).unwrap_or_default())]
     Timeout {
@@ -426,9 +426,15 @@ impl Client {
                 hostname,
             }
             .encode();
-            self.sock
-                .send_to(&message, (to, SERVER_PORT))
-                .map_err(|e| DhcpError::Io("cannot send", e))?;
+            if let Err(e) = self.sock.send_to(&message, (to, SERVER_PORT)) {
+                // The lease's server may be out of reach (no route): ask
+                // everyone instead.
+                if !matches!(state, State::Renewing { .. }) {
+                    return Err(DhcpError::Io("cannot send", e));
+                }
+                state = State::Selecting;
+                continue;
+            }
             let until = deadline.min(now + attempt_wait(attempt));
             attempt += 1;
             match self.receive(&state, xid, until, &mut ignored)? {

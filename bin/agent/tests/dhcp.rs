@@ -177,8 +177,8 @@ fn configures_an_interface_from_dnsmasq() {
     let path = resolv_conf.clone();
     let (lease, renewed) = lab
         .in_client(move || {
-            let lease = dhcp::acquire("eth0", "guest1", Duration::from_secs(30))?;
-            netif::apply_lease("eth0", &lease, &path).map_err(|e| DhcpError::Io("apply", e))?;
+            // What the agent runs at boot: acquire and apply.
+            let lease = dhcp::configure("eth0", "guest1", &path, dhcp::DEFAULT_TIMEOUT)?;
             // Again: nothing changes, nothing fails (the route exists already).
             netif::apply_lease("eth0", &lease, &path).map_err(|e| DhcpError::Io("apply again", e))?;
             let renewed = dhcp::renew("eth0", "guest1", &lease, Duration::from_secs(30))?;
