@@ -9,6 +9,9 @@
 //! mvm.share=<tag>:<dir>      mount virtio-fs <tag> on <dir> (repeatable)
 //! mvm.volume=<name>:<dir>    mount the virtio-blk disk with serial
 //!                            "vol-<name>" (ext4) on <dir> (repeatable)
+//! mvm.dhcp=<ifname>          configure network interface <ifname> by
+//!                            DHCPv4 (address, default route, DNS;
+//!                            repeatable)
 //! ```
 //!
 //! The host writes these, but a bad value must not take the guest down: it
@@ -42,6 +45,8 @@ pub struct Config {
     pub root: Option<RootUpper>,
     pub shares: Vec<Share>,
     pub volumes: Vec<Volume>,
+    /// Network interfaces to configure by DHCP, in order.
+    pub dhcp: Vec<String>,
 }
 
 pub const DEFAULT_HOSTNAME: &str = "mvm";
@@ -53,6 +58,7 @@ impl Default for Config {
             root: None,
             shares: Vec::new(),
             volumes: Vec::new(),
+            dhcp: Vec::new(),
         }
     }
 }
@@ -84,6 +90,7 @@ impl Config {
                             dir: dir.into(),
                         })
                     }),
+                "mvm.dhcp" => check_ifname(value).map(|name| config.dhcp.push(name.into())),
                 k if k.starts_with("mvm.") => Err("unknown setting".into()),
                 _ => Ok(()),
             };
@@ -146,6 +153,18 @@ fn check_hostname(name: &str) -> Result<&str, String> {
     Ok(name)
 }
 
+/// A network interface name as Linux accepts it (`dev_valid_name`; the
+/// kernel's isspace() also counts \v and 0xa0).
+pub fn check_ifname(name: &str) -> Result<&str, String> {
+    let bad_char = name
+        .bytes()
+        .any(|b| matches!(b, b'/' | b':' | 0 | 0x0b | 0xa0) || b.is_ascii_whitespace());
+    if name.is_empty() || name.len() > 15 || name == "." || name == ".." || bad_char {
+        return Err("an interface name is 1 to 15 bytes, not \".\" or \"..\", without '/', ':' or spaces".into());
+    }
+    Ok(name)
+}
+
 fn check_volume_name(name: &str) -> Result<(), String> {
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err("a volume name is letters, digits, '-', '_' or '.'".into());
@@ -174,7 +193,8 @@ mod tests {
     fn parses_hostname_shares_and_volumes() {
         let (c, problems) = Config::parse(
             "console=ttyS0 quiet mvm.hostname=myapp mvm.root=tmpfs mvm.share=project:/project \
-             mvm.share=cache:/var/cache/x mvm.volume=data:/var/lib/data rdinit=/sbin/mvm-agent\n",
+             mvm.share=cache:/var/cache/x mvm.volume=data:/var/lib/data mvm.dhcp=eth0 mvm.dhcp=enp0s1.100 \
+             rdinit=/sbin/mvm-agent\n",
         );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.hostname, "myapp");
@@ -201,6 +221,7 @@ mod tests {
             }]
         );
         assert_eq!(c.project_dir(), Some("/project"));
+        assert_eq!(c.dhcp, ["eth0", "enp0s1.100"]);
     }
 
     #[test]
@@ -230,6 +251,12 @@ mod tests {
             "mvm.root=",
             "mvm.root=disk",
             "mvm.frobnicate=1",
+            "mvm.dhcp=",
+            "mvm.dhcp=.",
+            "mvm.dhcp=..",
+            "mvm.dhcp=eth0:1",
+            "mvm.dhcp=a/b",
+            "mvm.dhcp=sixteen-bytes-xx",
         ] {
             let (c, problems) = Config::parse(bad);
             assert_eq!(c, Config::default(), "{bad}");
@@ -241,6 +268,28 @@ mod tests {
         let (c, problems) = Config::parse("mvm.share=x:y mvm.share=p:/p");
         assert_eq!(problems.len(), 1);
         assert_eq!(c.project_dir(), Some("/p"));
+    }
+
+    #[test]
+    fn checks_interface_names() {
+        for good in ["eth0", "a", "...", "fifteen-bytes-x", "br-0.1_x", "é"] {
+            assert_eq!(check_ifname(good), Ok(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "sixteen-bytes-xx",
+            "a:b",
+            "a/b",
+            "a\tb",
+            "a\nb",
+            "a\x0bb",
+            "a\0",
+            "\u{e0}",
+        ] {
+            assert!(check_ifname(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! PID 1 duties: the file systems every program expects, the console,
-//! host name, loopback, and the host's shares and volumes.
+//! host name, loopback, the host's shares and volumes, and DHCP.
 //!
 //! Nothing here is fatal: a failure is logged and the agent goes on (a
 //! guest without /dev/shm is still better than a kernel panic).
@@ -9,9 +9,10 @@ use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::cmdline::{volume_serial, Config, RootUpper, ROOT_SERIAL, ROOT_VOLUME};
-use crate::{mounts, say, sys};
+use crate::{dhcp, mounts, netif, say, sys};
 
 const NOSUID: libc::c_ulong = libc::MS_NOSUID;
 const NODEV: libc::c_ulong = libc::MS_NODEV;
@@ -217,7 +218,7 @@ pub fn apply(config: &Config) {
     if let Err(e) = set_hostname(&config.hostname) {
         say!("cannot set the host name to {}: {e}", config.hostname);
     }
-    if let Err(e) = loopback_up() {
+    if let Err(e) = netif::set_up("lo") {
         say!("cannot bring up lo: {e}");
     }
     for share in &config.shares {
@@ -235,6 +236,32 @@ pub fn apply(config: &Config) {
     std::env::set_var("PATH", crate::session::DEFAULT_PATH);
     std::env::set_var("HOME", "/root");
     let _ = std::env::set_current_dir("/");
+    // Last: a finite lease starts a renewal thread, and the environment
+    // above is set while the agent is still single-threaded. The host
+    // waits for the agent anyway, so the network is ready when it serves.
+    for ifname in &config.dhcp {
+        configure_interface(ifname, &config.hostname);
+    }
+}
+
+/// How long an interface may take to appear after the agent starts.
+const INTERFACE_WAIT: Duration = Duration::from_secs(5);
+
+/// DHCP on `ifname`, one log line either way; failure is not fatal.
+fn configure_interface(ifname: &str, hostname: &str) {
+    let sys_dir = Path::new("/sys/class/net").join(ifname);
+    let deadline = Instant::now() + INTERFACE_WAIT;
+    while !sys_dir.exists() {
+        if Instant::now() >= deadline {
+            say!("{ifname}: no such network interface; not configured");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match dhcp::configure(ifname, hostname, Path::new("/etc/resolv.conf"), dhcp::DEFAULT_TIMEOUT) {
+        Ok(lease) => say!("{ifname}: {lease}"),
+        Err(e) => say!("{ifname}: DHCP failed, the interface is not configured: {e}"),
+    }
 }
 
 fn set_hostname(name: &str) -> io::Result<()> {
@@ -256,27 +283,6 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Option<String> {
         std::fs::read_to_string(sys_block.join(n).join("serial"))
             .is_ok_and(|s| s.trim_end_matches(['\n', '\0']).trim() == serial)
     })
-}
-
-/// `ip link set lo up`.
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket call.
-    let fd = sys::cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: a fresh fd only we own.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: valid ifreq pointer for both ioctls; the flags member is the
-    // one SIOC[GS]IFFLAGS use.
-    unsafe {
-        sys::cvt(libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr))?;
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        sys::cvt(libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

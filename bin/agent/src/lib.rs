@@ -6,7 +6,8 @@
 //! connects to it over vsock port [`proto::AGENT_PORT`].
 //!
 //! As PID 1 it mounts the usual file systems ([`init`]), applies the
-//! `mvm.*` kernel command line settings ([`cmdline`]), reaps every orphan
+//! `mvm.*` kernel command line settings ([`cmdline`]; network interfaces
+//! by DHCP: [`dhcp`], [`netif`]), reaps every orphan
 //! ([`reaper`]), and serves one request per connection ([`server`],
 //! [`session`]). Flags: `--listen vsock:<port>` (default port 1024),
 //! `--listen unix:<path>` (host tests: no init duties, no power off).
@@ -26,8 +27,10 @@
 //! (`--target` keeps RUSTFLAGS away from build scripts and proc macros.)
 
 pub mod cmdline;
+pub mod dhcp;
 pub mod init;
 pub mod mounts;
+pub mod netif;
 pub mod passwd;
 pub mod power;
 pub mod proto;
