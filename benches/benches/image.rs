@@ -107,6 +107,7 @@ fn main() {
                 kernel: Some(guest_file("vmlinux")),
                 initrd: Some(guest_file("initramfs.cpio")),
                 root,
+                network: mvm::manager::NetworkChoice::None,
                 ..Default::default()
             })
             .expect("create")

@@ -145,6 +145,7 @@ fn main() {
             kernel: Some(guest_file("vmlinux")),
             initrd: Some(guest_file("initramfs.cpio")),
             root: mvm::manager::RootChoice::Initramfs,
+            network: mvm::manager::NetworkChoice::None,
             ..Default::default()
         })
         .expect("create");

@@ -211,6 +211,7 @@ fn cli_exec_and_shell() {
         &[
             "create",
             "--no-image",
+            "--no-network",
             "vm1",
             "--project",
             dir.join("proj").to_str().unwrap(),

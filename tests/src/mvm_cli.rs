@@ -22,10 +22,12 @@ pub fn image_cache_dir() -> PathBuf {
     cache.join("microvm-dev/images")
 }
 
-/// The `mvm` CLI on a private state root.
+/// The `mvm` CLI on a private state root, optionally run inside a network
+/// namespace (`ip netns exec`), where its VMs' networks then live.
 pub struct Mvm {
     pub root: PathBuf,
     pub bin: PathBuf,
+    pub netns: Option<String>,
 }
 
 impl Mvm {
@@ -33,6 +35,16 @@ impl Mvm {
         Mvm {
             root,
             bin: workspace_bin("mvm"),
+            netns: None,
+        }
+    }
+
+    /// The same, every command run in network namespace `ns`.
+    pub fn in_netns(root: PathBuf, ns: &str) -> Self {
+        Mvm {
+            root,
+            bin: workspace_bin("mvm"),
+            netns: Some(ns.to_string()),
         }
     }
 
@@ -48,7 +60,14 @@ impl Mvm {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(args).envs(self.env()).stdin(Stdio::null());
         cmd
     }
@@ -93,10 +112,24 @@ impl Mvm {
     }
 }
 
-/// A failed test must not leave VMMs behind: kill whatever the pid files
-/// name.
+/// A failed test must not leave VMMs or dnsmasq behind: kill whatever the
+/// pid files name.
 impl Drop for Mvm {
     fn drop(&mut self) {
+        for entry in std::fs::read_dir(self.root.join("networks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(pid) = std::fs::read_to_string(entry.path().join("dnsmasq.pid"))
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+                .filter(|&p| p > 1)
+            {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };

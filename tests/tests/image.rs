@@ -92,10 +92,21 @@ fn debian_root_persistent_and_ephemeral() {
     let image_path = image["path"].as_str().unwrap().to_string();
     let checksum = sha256(Path::new(&image_path));
 
-    mvm.ok(&["create", "dev", "--project", p, "--cpus", "1", "--memory", "256"]);
+    mvm.ok(&[
+        "create",
+        "dev",
+        "--no-network",
+        "--project",
+        p,
+        "--cpus",
+        "1",
+        "--memory",
+        "256",
+    ]);
     mvm.ok(&[
         "create",
         "eph",
+        "--no-network",
         "--project",
         p,
         "--cpus",

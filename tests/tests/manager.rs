@@ -109,6 +109,7 @@ fn manager_runs_vms_from_create_to_rm() {
     mvm.ok(&[
         "create",
         "--no-image",
+        "--no-network",
         "alpha",
         "--project",
         p,
@@ -120,6 +121,7 @@ fn manager_runs_vms_from_create_to_rm() {
     mvm.ok(&[
         "create",
         "--no-image",
+        "--no-network",
         "beta",
         "--project",
         p,

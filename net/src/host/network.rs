@@ -459,17 +459,14 @@ impl Network {
     /// reload, Docker starting with its drop policy). Every VM process
     /// attached to the network calls this now and then.
     pub fn supervise(&self) -> Result<bool, Error> {
-        let spec = self.spec()?;
-        if Netlink::open()?.link_index(&spec.bridge)?.is_none() {
+        // One VM process at a time: two would both add the FORWARD rules.
+        let _lock = self.lock()?;
+        let state = self.state()?;
+        if Netlink::open()?.link_index(&state.spec.bridge)?.is_none() {
             // Brought down on purpose: nothing to keep.
             return Ok(false);
         }
-        nft::ensure(&spec)?;
-        if dnsmasq::running(&self.dir).is_some() {
-            return Ok(false);
-        }
-        let _lock = self.lock()?;
-        let state = self.state()?;
+        nft::ensure(&state.spec)?;
         if dnsmasq::running(&self.dir).is_some() {
             return Ok(false);
         }
