@@ -5,9 +5,10 @@
 //!
 //! A host whose filter FORWARD policy is drop (Docker sets it through
 //! iptables-nft) would drop the guests' forwarded traffic whatever our
-//! table says: a drop in any base chain is final. There, and only there,
-//! two accept rules go into that `ip filter FORWARD` chain, each carrying
-//! our comment so that removal finds exactly them and nothing else.
+//! table says: a drop in any base chain is final; an INPUT policy of drop
+//! (ufw) would drop their DHCP and DNS. There, and only there, two accept
+//! rules go into that `ip filter` chain, each carrying our comment so that
+//! removal finds exactly them and nothing else.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -101,7 +102,7 @@ pub fn ruleset(spec: &NetworkSpec) -> String {
 /// a host whose filter FORWARD policy drops.
 pub fn apply(spec: &NetworkSpec) -> Result<(), Error> {
     run(&["-f", "-"], Some(&ruleset(spec)))?;
-    allow_in_filter_forward(spec)
+    allow_in_filter_table(spec)
 }
 
 /// [`apply`] if the table is missing, and the FORWARD accept rules if a
@@ -111,7 +112,7 @@ pub fn ensure(spec: &NetworkSpec) -> Result<(), Error> {
         log::warn!("network {}: its nftables table was removed; putting it back", spec.name);
         run(&["-f", "-"], Some(&ruleset(spec)))?;
     }
-    allow_in_filter_forward(spec)
+    allow_in_filter_table(spec)
 }
 
 /// Whether the network's table exists.
@@ -127,49 +128,65 @@ pub fn remove(network: &str) -> Result<(), Error> {
     if table_exists(network)? {
         run(&["delete", "table", "ip", &table_name(network)], None)?;
     }
-    for handle in compat_rule_handles(network)? {
-        run(
-            &[
-                "delete",
-                "rule",
-                "ip",
-                "filter",
-                "FORWARD",
-                "handle",
-                &handle.to_string(),
-            ],
-            None,
-        )?;
+    remove_compat_rules(network)
+}
+
+/// Chains of the iptables-nft filter table (what Docker and ufw use) that
+/// may drop the guests' traffic, with the accept rules we put there when
+/// their policy is drop: FORWARD for NAT, INPUT for DHCP and DNS to the
+/// bridge.
+const COMPAT_CHAINS: [&str; 2] = ["FORWARD", "INPUT"];
+
+fn compat_rules(chain: &str, bridge: &str) -> Vec<String> {
+    match chain {
+        "FORWARD" => vec![
+            format!("iifname \"{bridge}\" oifname != \"{bridge}\" accept"),
+            format!("oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept"),
+        ],
+        _ => vec![
+            format!("iifname \"{bridge}\" udp dport {{ 53, 67 }} accept"),
+            format!("iifname \"{bridge}\" tcp dport 53 accept"),
+        ],
     }
-    Ok(())
 }
 
-/// Handles of the rules carrying our comment in `ip filter FORWARD`
-/// (none when that chain does not exist).
-fn compat_rule_handles(network: &str) -> Result<Vec<u64>, Error> {
-    let Some(listing) = filter_forward_listing()? else {
-        return Ok(Vec::new());
-    };
-    let comment = compat_comment(network);
-    Ok(rules_with_comment(&listing, &comment))
-}
-
-/// `nft -j -a list chain ip filter FORWARD`, or None without that chain.
-fn filter_forward_listing() -> Result<Option<serde_json::Value>, Error> {
+/// `nft -j -a list chain ip filter <chain>`, or None without that chain.
+fn filter_listing(chain: &str) -> Result<Option<serde_json::Value>, Error> {
     let tables = run(&["list", "tables", "ip"], None)?;
     if !tables.lines().any(|l| l.trim() == "table ip filter") {
         return Ok(None);
     }
-    let out = match run(&["-j", "-a", "list", "chain", "ip", "filter", "FORWARD"], None) {
+    let out = match run(&["-j", "-a", "list", "chain", "ip", "filter", chain], None) {
         Ok(out) => out,
         // The table exists without that chain.
         Err(Error::Command { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
     serde_json::from_str(&out).map(Some).map_err(|e| Error::Command {
-        what: "nft -j list chain ip filter FORWARD".into(),
+        what: format!("nft -j list chain ip filter {chain}"),
         output: format!("unreadable JSON: {e}"),
     })
+}
+
+/// Delete the rules of `network` from the filter table's chains.
+fn remove_compat_rules(network: &str) -> Result<(), Error> {
+    let comment = compat_comment(network);
+    for chain in COMPAT_CHAINS {
+        if let Some(listing) = filter_listing(chain)? {
+            delete_rules(chain, &rules_with_comment(&listing, &comment))?;
+        }
+    }
+    Ok(())
+}
+
+fn delete_rules(chain: &str, handles: &[u64]) -> Result<(), Error> {
+    for handle in handles {
+        run(
+            &["delete", "rule", "ip", "filter", chain, "handle", &handle.to_string()],
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// The handles of the rules in an `nft -j` listing whose comment is
@@ -195,56 +212,31 @@ fn chain_policy(listing: &serde_json::Value) -> Option<String> {
         .find_map(|chain| chain.get("policy").and_then(|p| p.as_str()).map(str::to_string))
 }
 
-/// With a drop policy in `ip filter FORWARD` (iptables-nft, as Docker
-/// leaves it), accept the guests' outbound traffic and its replies there.
-fn allow_in_filter_forward(spec: &NetworkSpec) -> Result<(), Error> {
-    let Some(listing) = filter_forward_listing()? else {
-        return Ok(());
-    };
+/// Where the filter table's FORWARD or INPUT policy is drop (iptables-nft,
+/// as Docker or ufw leave it), accept the guests' traffic there: a drop
+/// in any base chain is final, whatever our own table says. Where the
+/// policy accepts, rules of ours from an earlier drop policy go.
+fn allow_in_filter_table(spec: &NetworkSpec) -> Result<(), Error> {
     let comment = compat_comment(&spec.name);
-    let ours = rules_with_comment(&listing, &comment);
-    if chain_policy(&listing).as_deref() != Some("drop") {
-        // Accepting is the default there; leave the chain alone (and drop
-        // rules of ours from an earlier drop policy: they are not needed).
-        for handle in ours {
-            run(
-                &[
-                    "delete",
-                    "rule",
-                    "ip",
-                    "filter",
-                    "FORWARD",
-                    "handle",
-                    &handle.to_string(),
-                ],
-                None,
-            )?;
+    for chain in COMPAT_CHAINS {
+        let Some(listing) = filter_listing(chain)? else {
+            continue;
+        };
+        let ours = rules_with_comment(&listing, &comment);
+        let rules = compat_rules(chain, &spec.bridge);
+        let wanted = chain_policy(&listing).as_deref() == Some("drop");
+        if (wanted && ours.len() == rules.len()) || (!wanted && ours.is_empty()) {
+            continue;
         }
-        return Ok(());
+        delete_rules(chain, &ours)?;
+        if wanted {
+            let script: String = rules
+                .iter()
+                .map(|r| format!("insert rule ip filter {chain} {r} comment \"{comment}\"\n"))
+                .collect();
+            run(&["-f", "-"], Some(&script))?;
+        }
     }
-    if ours.len() == 2 {
-        return Ok(());
-    }
-    let bridge = &spec.bridge;
-    let script = format!(
-        "insert rule ip filter FORWARD iifname \"{bridge}\" oifname != \"{bridge}\" accept comment \"{comment}\"\n\
-         insert rule ip filter FORWARD oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept comment \"{comment}\"\n"
-    );
-    for handle in ours {
-        run(
-            &[
-                "delete",
-                "rule",
-                "ip",
-                "filter",
-                "FORWARD",
-                "handle",
-                &handle.to_string(),
-            ],
-            None,
-        )?;
-    }
-    run(&["-f", "-"], Some(&script))?;
     Ok(())
 }
 
