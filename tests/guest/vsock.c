@@ -13,9 +13,13 @@
  *   mvm-vsock udp-echo PORT    bind UDP (0.0.0.0, PORT), print "listening",
  *                              and send every datagram back to its sender,
  *                              forever (busybox nc has no UDP)
+ *   mvm-vsock tcp-sink PORT    listen on TCP (0.0.0.0, PORT), print
+ *                              "listening", then forever accept connections
+ *                              one after another, read each to its EOF and
+ *                              close it (a host's upload target)
  *
- * Every read and write is of up to 64 KiB.  That is what the tcp mode is
- * for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
+ * Every read and write is of up to 64 KiB.  That is what the tcp and
+ * tcp-sink modes are for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
  * transfers measure the interpreted syscall path, not the guest's TCP.
  *
  * Exit status 0 on success, 1 with a message on stderr on any error, 2 on
@@ -155,7 +159,8 @@ static __attribute__((noreturn)) void usage(void)
 	put(2, "usage: mvm-vsock echo PORT\n"
 	       "       mvm-vsock connect CID PORT\n"
 	       "       mvm-vsock tcp IPV4 PORT\n"
-	       "       mvm-vsock udp-echo PORT\n");
+	       "       mvm-vsock udp-echo PORT\n"
+	       "       mvm-vsock tcp-sink PORT\n");
 	sys_exit(2);
 }
 
@@ -451,6 +456,52 @@ static int run_udp_echo(unsigned int port)
 	}
 }
 
+/*
+ * The host times an upload from its connect to our close, so the close
+ * comes right after the EOF; a failed connection is closed and the next
+ * one accepted, as a server would.
+ */
+static int run_tcp_sink(unsigned int port)
+{
+	struct sockaddr_in sa;
+	unsigned char *p = (unsigned char *)&sa.sin_port;
+	long s = SYS3(__NR_socket, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), ret;
+	int one = 1;
+
+	if (s < 0)
+		fail("socket(AF_INET)", s);
+	/* A restarted sink rebinds over the last run's TIME_WAIT connections. */
+	SYS6(__NR_setsockopt, s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one), 0);
+	zero(&sa, sizeof(sa));
+	sa.sin_family = AF_INET;
+	p[0] = (unsigned char)(port >> 8);
+	p[1] = (unsigned char)port;
+	ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
+	if (ret < 0)
+		fail("bind", ret);
+	ret = SYS3(__NR_listen, s, 8, 0);
+	if (ret < 0)
+		fail("listen", ret);
+	put(1, "listening\n");
+	for (;;) {
+		long c = SYS3(__NR_accept4, s, 0, SOCK_CLOEXEC);
+
+		if (c == -EINTR || c == -ECONNABORTED)
+			continue;
+		if (c < 0)
+			fail("accept", c);
+		for (;;) {
+			ssize_t n = sys_recv((int)c, buf_out, sizeof(buf_out), 0);
+
+			if (n == -EINTR)
+				continue;
+			if (n <= 0)
+				break;
+		}
+		SYS3(__NR_close, c, 0, 0);
+	}
+}
+
 static int str_eq(const char *a, const char *b)
 {
 	while (*a && *a == *b)
@@ -466,6 +517,8 @@ static int run(int argc, char **argv)
 		return run_connect(parse_u32(argv[2]), parse_u32(argv[3]));
 	if (argc == 3 && str_eq(argv[1], "udp-echo"))
 		return run_udp_echo(parse_port(argv[2]));
+	if (argc == 3 && str_eq(argv[1], "tcp-sink"))
+		return run_tcp_sink(parse_port(argv[2]));
 	if (argc == 4 && str_eq(argv[1], "tcp")) {
 		unsigned char ip[4];
 
