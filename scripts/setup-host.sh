@@ -29,6 +29,11 @@ packages=(
 	# Debian root file system images (`mvm image build`)
 	mmdebstrap
 	git                # the image test's project is a git repository
+	# managed networks (`mvm network`; the network test and bench)
+	dnsmasq-base       # DHCP and DNS per network
+	nftables           # nft: NAT and isolation
+	iptables           # the network test sets a Docker-like FORWARD policy
+	python3            # the network test's stand-in internet and clients
 	# virtiofsd (built by cargo install below)
 	libseccomp-dev
 	libcap-ng-dev

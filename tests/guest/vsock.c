@@ -403,42 +403,45 @@ static int run_connect(unsigned int cid, unsigned int port)
 	return relay(s);
 }
 
-static int run_tcp(const unsigned char ip[4], unsigned int port)
+/*
+ * A new AF_INET socket of `type`, and `sa` set to ip:port (ip NULL: any
+ * address), port and address in network byte order whatever the host's.
+ */
+static int inet_socket(int type, struct sockaddr_in *sa, const unsigned char *ip, unsigned int port)
 {
-	struct sockaddr_in sa;
-	unsigned char *p = (unsigned char *)&sa.sin_port;
-	long s = SYS3(__NR_socket, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), ret;
+	unsigned char *p = (unsigned char *)&sa->sin_port;
+	long s = SYS3(__NR_socket, AF_INET, type | SOCK_CLOEXEC, 0);
 	int i;
 
 	if (s < 0)
 		fail("socket(AF_INET)", s);
-	zero(&sa, sizeof(sa));
-	sa.sin_family = AF_INET;
-	/* Network byte order whatever the host's. */
+	zero(sa, sizeof(*sa));
+	sa->sin_family = AF_INET;
 	p[0] = (unsigned char)(port >> 8);
 	p[1] = (unsigned char)port;
-	p = (unsigned char *)&sa.sin_addr;
-	for (i = 0; i < 4; i++)
+	p = (unsigned char *)&sa->sin_addr;
+	for (i = 0; ip && i < 4; i++)
 		p[i] = ip[i];
-	ret = SYS3(__NR_connect, s, &sa, sizeof(sa));
+	return (int)s;
+}
+
+static int run_tcp(const unsigned char ip[4], unsigned int port)
+{
+	struct sockaddr_in sa;
+	int s = inet_socket(SOCK_STREAM, &sa, ip, port);
+	long ret = SYS3(__NR_connect, s, &sa, sizeof(sa));
+
 	if (ret < 0)
 		fail("connect", ret);
-	return relay((int)s);
+	return relay(s);
 }
 
 static int run_udp_echo(unsigned int port)
 {
 	struct sockaddr_in sa, from;
-	unsigned char *p = (unsigned char *)&sa.sin_port;
-	long s = SYS3(__NR_socket, AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), ret;
+	int s = inet_socket(SOCK_DGRAM, &sa, 0, port);
+	long ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
 
-	if (s < 0)
-		fail("socket(AF_INET, SOCK_DGRAM)", s);
-	zero(&sa, sizeof(sa));
-	sa.sin_family = AF_INET;
-	p[0] = (unsigned char)(port >> 8);
-	p[1] = (unsigned char)port;
-	ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
 	if (ret < 0)
 		fail("bind", ret);
 	put(1, "listening\n");
@@ -464,18 +467,12 @@ static int run_udp_echo(unsigned int port)
 static int run_tcp_sink(unsigned int port)
 {
 	struct sockaddr_in sa;
-	unsigned char *p = (unsigned char *)&sa.sin_port;
-	long s = SYS3(__NR_socket, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), ret;
+	int s = inet_socket(SOCK_STREAM, &sa, 0, port);
 	int one = 1;
+	long ret;
 
-	if (s < 0)
-		fail("socket(AF_INET)", s);
 	/* A restarted sink rebinds over the last run's TIME_WAIT connections. */
 	SYS6(__NR_setsockopt, s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one), 0);
-	zero(&sa, sizeof(sa));
-	sa.sin_family = AF_INET;
-	p[0] = (unsigned char)(port >> 8);
-	p[1] = (unsigned char)port;
 	ret = SYS3(__NR_bind, s, &sa, sizeof(sa));
 	if (ret < 0)
 		fail("bind", ret);

@@ -208,7 +208,8 @@ fn nc_get(host: &str, port: u16, path: &str) -> String {
 /// An HTTP GET from namespace `ns` (python3: busybox wget's `-T` crashes
 /// it); the body, or None.
 fn http_get(ns: &str, url: &str) -> Option<String> {
-    let script = "import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())";
+    let script =
+        "import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())";
     let out = in_ns(ns, &["python3", "-c", script, url]);
     out.status.success().then(|| stdout(&out))
 }

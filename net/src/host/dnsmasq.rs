@@ -10,11 +10,11 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::network::{NetworkSpec, Pin, DOMAIN};
-use super::{find_tool, write_atomic};
+use super::{find_tool, run_tool, write_atomic};
 use crate::Error;
 
 pub const CONF: &str = "dnsmasq.conf";
@@ -104,22 +104,7 @@ pub fn start(spec: &NetworkSpec, dir: &Path) -> Result<i32, Error> {
         }
     }
     let what = format!("starting dnsmasq for network {}", spec.name);
-    let out = Command::new(&binary)
-        .arg(conf_arg(dir))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| Error::Spawn {
-            what: what.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what,
-            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    run_tool(Command::new(&binary).arg(conf_arg(dir)), what.clone(), None)?;
     // The pid file appears as the daemon settles.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

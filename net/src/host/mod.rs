@@ -8,7 +8,9 @@ pub mod network;
 pub mod nft;
 pub mod subnet;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use crate::Error;
 
@@ -20,6 +22,30 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+}
+
+/// Run a host tool to its end, `stdin` written to it: its stdout, or an
+/// error with `what` and its stderr (which says what went wrong).
+pub(crate) fn run_tool(cmd: &mut Command, what: String, stdin: Option<&str>) -> Result<String, Error> {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_error = |source| Error::Spawn {
+        what: what.clone(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn_error)?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(text.as_bytes()).map_err(spawn_error)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_error)?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            what,
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Replace `path` with `bytes` in one step (a reader sees the old or the

@@ -10,11 +10,10 @@
 //! rules go into that `ip filter` chain, each carrying our comment so that
 //! removal finds exactly them and nothing else.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use super::find_tool;
 use super::network::NetworkSpec;
+use super::{find_tool, run_tool};
 use crate::Error;
 
 /// The table of network `name`.
@@ -41,32 +40,7 @@ fn run(args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
         Some(_) => format!("nft {} (ruleset of the network)", args.join(" ")),
         None => format!("nft {}", args.join(" ")),
     };
-    let mut cmd = nft()?;
-    cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-        what: what.clone(),
-        source,
-    })?;
-    if let (Some(script), Some(mut input)) = (stdin, child.stdin.take()) {
-        input.write_all(script.as_bytes()).map_err(|source| Error::Spawn {
-            what: what.clone(),
-            source,
-        })?;
-    }
-    let out = child.wait_with_output().map_err(|source| Error::Spawn {
-        what: what.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what,
-            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool(nft()?.args(args), what, stdin)
 }
 
 /// The whole table of `spec`, as an `nft -f` script that replaces any
