@@ -451,6 +451,11 @@ fn managed_network_end_to_end() {
     assert_eq!(status["nft_table"], false, "{status}");
     assert!(status["dnsmasq_pid"].is_null(), "{status}");
     assert_eq!(status["pins"].as_array().map(Vec::len), Some(2), "pins stay: {status}");
+    // Removing a VM forgets its address.
+    mvm.ok(&["rm", "b"]);
+    let pins = &mvm.json(&["network", "status", "--json"])[0]["pins"];
+    assert_eq!(pins.as_array().map(Vec::len), Some(1), "{pins}");
+    assert_eq!(pins[0]["vm"], "a", "{pins}");
     let tables = stdout(&in_ns(&h, &["nft", "list", "ruleset"]));
     assert!(
         !tables.contains("mvm-default") && !tables.contains("microvm-dev"),

@@ -779,6 +779,15 @@ mod tests {
         crate::host::testing::in_new_netns(|| {
             let root = std::env::temp_dir().join(format!("mvm-network-test-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&root);
+            /// A failed assertion must not leave dnsmasq running.
+            struct Cleanup(PathBuf);
+            impl Drop for Cleanup {
+                fn drop(&mut self) {
+                    dnsmasq::stop(&network_dir(&self.0, DEFAULT_NETWORK));
+                    let _ = std::fs::remove_dir_all(&self.0);
+                }
+            }
+            let _cleanup = Cleanup(root.clone());
             let net = Network::open(&root, DEFAULT_NETWORK).unwrap();
             net.up().unwrap();
             let status = net.status().unwrap();
@@ -844,6 +853,42 @@ mod tests {
             let e = net.up().unwrap_err().to_string();
             assert!(e.contains("overlaps the host's route 10.213.0.0/16 dev lo"), "{e}");
             assert!(!net.status().unwrap().nft_table, "a failed up leaves nothing");
+        });
+    }
+
+    /// A network made as a shared segment: its ports are not isolated, and
+    /// its table has no drop between guests.
+    #[test]
+    fn shared_segments_do_not_isolate() {
+        crate::host::testing::in_new_netns(|| {
+            let root = std::env::temp_dir().join(format!("mvm-network-shared-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let spec = NetworkSpec {
+                name: "lab".into(),
+                bridge: "mvm-lab".into(),
+                subnet: "10.214.0.0/24".parse().unwrap(),
+                isolate: false,
+            };
+            let net = Network::define(&root, &spec).unwrap();
+            assert!(matches!(
+                Network::open(&root, "nosuch"),
+                Err(Error::UnknownNetwork { .. })
+            ));
+            let other = NetworkSpec {
+                name: "lab2".into(),
+                ..spec.clone()
+            };
+            assert!(Network::define(&root, &other).is_err(), "same bridge and subnet as lab");
+            let tap = crate::tap::Tap::open("mvmt-lab0").unwrap();
+            let mut a = net.attach("x", [2, 9, 9, 9, 9, 9], "mvmt-lab0").unwrap();
+            a.keep();
+            assert_eq!(a.ip(), Ipv4Addr::new(10, 214, 0, 2));
+            let mut nl = Netlink::open().unwrap();
+            let port = nl.link_index("mvmt-lab0").unwrap().unwrap();
+            assert_eq!(nl.port_isolated(port).unwrap(), Some(false));
+            drop(tap);
+            net.remove().unwrap();
+            assert!(!network_dir(&root, "lab").exists());
             let _ = std::fs::remove_dir_all(&root);
         });
     }

@@ -230,6 +230,9 @@ enum NetworkCmd {
     Down {
         #[arg(long, value_name = "NAME", default_value = mvm_net::host::network::DEFAULT_NETWORK)]
         name: String,
+        /// Print the network's status afterwards as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the networks (or one).
     #[command(after_help = EXIT_HELP)]
@@ -450,7 +453,7 @@ fn port(m: &Manager, name: &str, spec: Option<String>, rm: Option<String>, list:
 }
 
 fn network(m: &Manager, cmd: NetworkCmd) -> mvm::Result<i32> {
-    use mvm_net::host::network::{NetworkSpec, DEFAULT_NETWORK};
+    use mvm_net::host::network::NetworkSpec;
     match cmd {
         NetworkCmd::Up {
             name,
@@ -459,29 +462,30 @@ fn network(m: &Manager, cmd: NetworkCmd) -> mvm::Result<i32> {
             shared,
             json,
         } => {
+            let parse_subnet = |s: String| s.parse().map_err(|e| Error::Usage(format!("--subnet: {e}")));
+            // Flags change what they name; a defined network refuses a
+            // change (Manager::network_up says how to make it anew).
             let spec = match m.network(&name) {
-                // Defined (or the default one): flags must agree with it.
                 Ok(n) => {
                     let mut spec = n.spec()?;
-                    if name == DEFAULT_NETWORK && !n.dir().join("network.json").exists() {
-                        spec.bridge = bridge.unwrap_or(spec.bridge);
-                        if let Some(s) = subnet {
-                            spec.subnet = s.parse().map_err(|e| Error::Usage(format!("--subnet: {e}")))?;
-                        }
-                        spec.isolate = !shared;
+                    if let Some(b) = bridge {
+                        spec.bridge = b;
+                    }
+                    if let Some(s) = subnet {
+                        spec.subnet = parse_subnet(s)?;
+                    }
+                    if shared {
+                        spec.isolate = false;
                     }
                     spec
                 }
                 Err(_) => NetworkSpec {
                     bridge: bridge.unwrap_or_else(|| format!("mvm-{name}")),
-                    subnet: subnet
-                        .ok_or_else(|| {
-                            Error::Usage(format!(
-                                "network {name:?} is new: give its --subnet, e.g. 10.214.0.0/24"
-                            ))
-                        })?
-                        .parse()
-                        .map_err(|e| Error::Usage(format!("--subnet: {e}")))?,
+                    subnet: parse_subnet(subnet.ok_or_else(|| {
+                        Error::Usage(format!(
+                            "network {name:?} is new: give its --subnet, e.g. 10.214.0.0/24"
+                        ))
+                    })?)?,
                     isolate: !shared,
                     name,
                 },
@@ -493,9 +497,14 @@ fn network(m: &Manager, cmd: NetworkCmd) -> mvm::Result<i32> {
                 print_network(&status);
             }
         }
-        NetworkCmd::Down { name } => {
-            m.network(&name)?.down()?;
-            println!("network {name} is down");
+        NetworkCmd::Down { name, json } => {
+            let network = m.network(&name)?;
+            network.down()?;
+            if json {
+                println!("{}", to_json(&network.status()?)?);
+            } else {
+                println!("network {name} is down");
+            }
         }
         NetworkCmd::Status { name, json } => {
             let names = match name {
