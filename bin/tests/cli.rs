@@ -157,11 +157,12 @@ fn create_twice_and_list() {
         lines
             .next()
             .unwrap()
-            .starts_with("NAME  STATE    PID  CPUS  MEMORY  UPTIME  PROJECT"),
+            .starts_with("NAME  STATE    PID  CPUS  MEMORY  IP  UPTIME  PROJECT"),
         "{text}"
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(&row[..6], ["web", "stopped", "-", "3", "300M", "-"]);
+    // No address before the first start.
+    assert_eq!(&row[..7], ["web", "stopped", "-", "3", "300M", "-", "-"]);
 
     let o = e.mvm(&["list", "--json"]);
     let json = String::from_utf8(o.stdout).unwrap();
