@@ -437,6 +437,10 @@ impl Network {
 
     /// Forget `vm`'s pin (when the VM is deleted).
     pub fn release(&self, vm: &str) -> Result<(), Error> {
+        if !self.dir.join(STATE_FILE).exists() {
+            // Never used: nothing to forget (and nothing to create).
+            return Ok(());
+        }
         let _lock = self.lock()?;
         let Some(mut state) = self.read_state()? else {
             return Ok(());
