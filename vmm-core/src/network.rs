@@ -99,8 +99,9 @@ pub(crate) fn start(config: &VmConfig, state_dir: &Path, attachments: &[Attachme
         return Ok(None);
     };
     let mut forwarder = Forwarder::new(IpAddr::V4(first.ip()));
-    for spec in wanted(&config.forwards, state_dir)? {
-        forwarder.add(spec)?;
+    // set(), not add(): it refuses one host port forwarded twice.
+    if let Some((_, e)) = forwarder.set(&wanted(&config.forwards, state_dir)?).into_iter().next() {
+        return Err(e.into());
     }
     let forwarder = Arc::new(Mutex::new(forwarder));
     let stop = Arc::new(AtomicBool::new(false));

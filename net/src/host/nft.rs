@@ -76,24 +76,34 @@ pub fn ruleset(spec: &NetworkSpec) -> String {
 /// a host whose filter FORWARD policy drops.
 pub fn apply(spec: &NetworkSpec) -> Result<(), Error> {
     run(&["-f", "-"], Some(&ruleset(spec)))?;
-    allow_in_filter_table(spec)
+    allow_in_filter_table(spec, &ip_tables()?)
 }
 
 /// [`apply`] if the table is missing, and the FORWARD accept rules if a
 /// drop policy appeared; cheap when all is in place (one `nft list`).
 pub fn ensure(spec: &NetworkSpec) -> Result<(), Error> {
-    if !table_exists(&spec.name)? {
+    let tables = ip_tables()?;
+    if !has_table(&tables, &table_name(&spec.name)) {
         log::warn!("network {}: its nftables table was removed; putting it back", spec.name);
         run(&["-f", "-"], Some(&ruleset(spec)))?;
     }
-    allow_in_filter_table(spec)
+    allow_in_filter_table(spec, &tables)
 }
 
 /// Whether the network's table exists.
 pub fn table_exists(network: &str) -> Result<bool, Error> {
-    let out = run(&["list", "tables", "ip"], None)?;
-    let name = table_name(network);
-    Ok(out.lines().any(|l| l.trim() == format!("table ip {name}")))
+    Ok(has_table(&ip_tables()?, &table_name(network)))
+}
+
+/// `nft list tables ip`: one `table ip <name>` line each.
+fn ip_tables() -> Result<String, Error> {
+    run(&["list", "tables", "ip"], None)
+}
+
+fn has_table(listing: &str, name: &str) -> bool {
+    listing
+        .lines()
+        .any(|l| l.trim().strip_prefix("table ip ") == Some(name))
 }
 
 /// Delete the network's table and our rules in `ip filter FORWARD`; what
@@ -124,10 +134,10 @@ fn compat_rules(chain: &str, bridge: &str) -> Vec<String> {
     }
 }
 
-/// `nft -j -a list chain ip filter <chain>`, or None without that chain.
-fn filter_listing(chain: &str) -> Result<Option<serde_json::Value>, Error> {
-    let tables = run(&["list", "tables", "ip"], None)?;
-    if !tables.lines().any(|l| l.trim() == "table ip filter") {
+/// `nft -j -a list chain ip filter <chain>`, or None without that chain
+/// (`tables`: [`ip_tables`]).
+fn filter_listing(tables: &str, chain: &str) -> Result<Option<serde_json::Value>, Error> {
+    if !has_table(tables, "filter") {
         return Ok(None);
     }
     let out = match run(&["-j", "-a", "list", "chain", "ip", "filter", chain], None) {
@@ -145,8 +155,9 @@ fn filter_listing(chain: &str) -> Result<Option<serde_json::Value>, Error> {
 /// Delete the rules of `network` from the filter table's chains.
 fn remove_compat_rules(network: &str) -> Result<(), Error> {
     let comment = compat_comment(network);
+    let tables = ip_tables()?;
     for chain in COMPAT_CHAINS {
-        if let Some(listing) = filter_listing(chain)? {
+        if let Some(listing) = filter_listing(&tables, chain)? {
             delete_rules(chain, &rules_with_comment(&listing, &comment))?;
         }
     }
@@ -190,10 +201,10 @@ fn chain_policy(listing: &serde_json::Value) -> Option<String> {
 /// as Docker or ufw leave it), accept the guests' traffic there: a drop
 /// in any base chain is final, whatever our own table says. Where the
 /// policy accepts, rules of ours from an earlier drop policy go.
-fn allow_in_filter_table(spec: &NetworkSpec) -> Result<(), Error> {
+fn allow_in_filter_table(spec: &NetworkSpec, tables: &str) -> Result<(), Error> {
     let comment = compat_comment(&spec.name);
     for chain in COMPAT_CHAINS {
-        let Some(listing) = filter_listing(chain)? else {
+        let Some(listing) = filter_listing(tables, chain)? else {
             continue;
         };
         let ours = rules_with_comment(&listing, &comment);
@@ -235,6 +246,13 @@ mod tests {
         assert!(text.contains("masquerade"));
         assert!(text.contains("iifname \"virbr-mvm\" oifname \"virbr-mvm\" counter drop"));
         assert!(!ruleset(&spec(false)).contains("drop"));
+    }
+
+    #[test]
+    fn table_listing() {
+        let listing = "table ip filter\ntable ip mvm-default\ntable ip nat\n";
+        assert!(has_table(listing, "mvm-default") && has_table(listing, "filter"));
+        assert!(!has_table(listing, "mvm-def") && !has_table(listing, "mvm-lab"));
     }
 
     #[test]
