@@ -27,7 +27,7 @@ pub const DEFAULT_BRIDGE: &str = "virbr-mvm";
 /// The default network's subnet: away from the ranges homes, offices,
 /// Docker (172.17-31), libvirt (192.168.122), slirp (10.0.2) and
 /// Kubernetes (10.96, 10.244) use.
-pub const DEFAULT_SUBNET: &str = "10.213.0.0/24";
+pub const DEFAULT_SUBNET: Subnet = Subnet::DEFAULT_NETWORK;
 /// The DNS domain of the guests' names.
 pub const DOMAIN: &str = "mvm";
 /// Where networks live, under the state root.
@@ -57,9 +57,7 @@ impl NetworkSpec {
         NetworkSpec {
             name: DEFAULT_NETWORK.into(),
             bridge: DEFAULT_BRIDGE.into(),
-            subnet: DEFAULT_SUBNET
-                .parse()
-                .unwrap_or_else(|_| unreachable!("constant subnet")),
+            subnet: DEFAULT_SUBNET,
             isolate: true,
         }
     }

@@ -17,6 +17,12 @@ pub struct Subnet {
 pub const PREFIX_RANGE: std::ops::RangeInclusive<u8> = 16..=29;
 
 impl Subnet {
+    /// 10.213.0.0/24: the default network's.
+    pub const DEFAULT_NETWORK: Subnet = Subnet {
+        addr: Ipv4Addr::new(10, 213, 0, 0),
+        prefix: 24,
+    };
+
     /// `addr/prefix`, refused unless the host bits of `addr` are zero and
     /// the prefix is in [`PREFIX_RANGE`].
     pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Subnet, String> {
@@ -120,6 +126,12 @@ impl<'de> serde::Deserialize<'de> for Subnet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_is_valid() {
+        let d = Subnet::DEFAULT_NETWORK;
+        assert_eq!(Subnet::new(d.addr(), d.prefix()), Ok(d));
+    }
 
     #[test]
     fn parses_and_derives_addresses() {
