@@ -389,11 +389,7 @@ fn write_forwards(dir: &Path, forwards: &[ForwardConfig]) -> Result<()> {
     };
     let text = toml::to_string(&file).map_err(|e| Error::Usage(format!("cannot write the forwards: {e}")))?;
     let text = format!("# Port forwards added with `mvm port`; applied at every start.\n{text}");
-    let path = dir.join(FORWARDS_FILE);
-    let tmp = dir.join(format!(".{FORWARDS_FILE}.tmp"));
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(Error::io(format!("cannot write {}", path.display())))
+    Ok(mvm_net::host::write_atomic(&dir.join(FORWARDS_FILE), text.as_bytes())?)
 }
 
 #[cfg(test)]

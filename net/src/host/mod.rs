@@ -48,16 +48,26 @@ pub(crate) fn run_tool(cmd: &mut Command, what: String, stdin: Option<&str>) -> 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Replace `path` with `bytes` in one step (a reader sees the old or the
-/// new file, never half of one). Mode 0644.
+/// Replace `path` with `bytes` in one step (a reader, or a restart after
+/// a crash, sees the old or the new file, never half of one): written to a
+/// temporary file, fsynced, renamed over `path`, the directory fsynced.
+/// Mode 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 #[cfg(test)]
