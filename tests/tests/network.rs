@@ -5,8 +5,8 @@
 //! back to the guests (only NAT gets replies home); a "lan" namespace
 //! stands for another machine on the host's LAN.
 //!
-//! One scenario, three boots: VMs `a` and `b` start together, `a` again
-//! after a restart. It checks the DHCP address and its pin, names through
+//! One scenario, five boots: VMs `a` and `b` start together, then `a`
+//! again with `c` and `d` on a shared segment. It checks the DHCP address and its pin, names through
 //! dnsmasq, NAT with and without a drop FORWARD policy (as Docker leaves
 //! it), isolation between the VMs (directly and routed via the host),
 //! declared and run-time forwards (TCP from 127.0.0.1 and from the LAN, UDP),
@@ -170,6 +170,20 @@ fn world(tag: &str, dir: &Path) -> World {
     }
 }
 
+/// `mvm start` of each VM at once.
+fn start_together(mvm: &Mvm, vms: &[&str]) {
+    std::thread::scope(|s| {
+        let starts: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(move || mvm.run(&["start", vm, "--timeout", START_TIMEOUT_S])))
+            .collect();
+        for (vm, t) in vms.iter().zip(starts) {
+            let out = t.join().unwrap();
+            assert!(out.status.success(), "start {vm}: {}", describe(&out));
+        }
+    });
+}
+
 /// `mvm exec <vm> -- sh -c <script>`: status and output.
 fn guest(mvm: &Mvm, vm: &str, script: &str) -> (bool, String) {
     let out = mvm.run(&["exec", vm, "--", "sh", "-c", script]);
@@ -245,19 +259,7 @@ fn managed_network_end_to_end() {
     assert!(toml.contains("network = \"default\""), "{toml}");
 
     // Both at once: two attaches race for the network's lock.
-    std::thread::scope(|s| {
-        let starts: Vec<_> = ["a", "b"]
-            .into_iter()
-            .map(|vm| {
-                let mvm = &mvm;
-                s.spawn(move || mvm.run(&["start", vm, "--timeout", START_TIMEOUT_S]))
-            })
-            .collect();
-        for (vm, t) in ["a", "b"].iter().zip(starts) {
-            let out = t.join().unwrap();
-            assert!(out.status.success(), "start {vm}: {}", describe(&out));
-        }
-    });
+    start_together(&mvm, &["a", "b"]);
     let net = mvm.json(&["network", "status", "--json"]);
     let net = &net[0];
     assert_eq!(net["up"], true, "{net}");
@@ -406,9 +408,40 @@ fn managed_network_end_to_end() {
     let out = mvm.run(&["port", "a", "--rm", "18080"]);
     assert!(stderr(&out).contains("declared in its vm.toml"), "{}", describe(&out));
 
-    // Restart: same address by DHCP, run-time forwards back.
+    // Restart: same address by DHCP, run-time forwards back. At the same
+    // time c and d boot on a shared segment, where VMs may talk.
     mvm.ok(&["stop", "a"]);
-    mvm.ok(&["start", "a", "--timeout", START_TIMEOUT_S]);
+    let lab = mvm.json(&[
+        "network",
+        "up",
+        "--name",
+        "lab",
+        "--subnet",
+        "10.214.0.0/24",
+        "--shared",
+        "--json",
+    ]);
+    assert_eq!(
+        (lab["up"].as_bool(), lab["isolate"].as_bool()),
+        (Some(true), Some(false)),
+        "{lab}"
+    );
+    for vm in ["c", "d"] {
+        let mut create = vec!["create", vm, "--network", "lab"];
+        create.extend_from_slice(&common);
+        mvm.ok(&create);
+    }
+    start_together(&mvm, &["a", "c", "d"]);
+    let ip_d = ip("d");
+    assert!(ip_d.starts_with("10.214.0."), "{ip_d}");
+    guest_ok(&mvm, "d", "echo d-open > /tmp/index.html && httpd -p 8080 -h /tmp");
+    guest_fetch(&mvm, "c", &format!("ping -c 2 -W 3 {ip_d}"), "2 packets received");
+    guest_fetch(&mvm, "c", &nc_get(&ip_d, 8080, "/index.html"), "d-open");
+    // The segments are apart: a (default network) cannot reach d.
+    let (_, text) = guest(&mvm, "a", &nc_get(&ip_d, 8080, "/index.html"));
+    assert!(!text.contains("d-open"), "a reached d on the other network: {text}");
+    mvm.ok(&["stop", "c"]);
+    mvm.ok(&["stop", "d"]);
     assert_eq!(ip("a"), ip_a);
     assert!(guest_ok(&mvm, "a", "ip -4 addr show eth0").contains(&format!("inet {ip_a}/24")));
     guest_ok(&mvm, "a", serve_a);
@@ -446,6 +479,11 @@ fn managed_network_end_to_end() {
     mvm.ok(&["stop", "a"]);
     mvm.ok(&["stop", "b"]);
     mvm.ok(&["network", "down"]);
+    let out = mvm.run(&["network", "rm", "lab"]);
+    assert!(stderr(&out).contains("used by VM(s) c, d"), "{}", describe(&out));
+    mvm.ok(&["rm", "c"]);
+    mvm.ok(&["rm", "d"]);
+    mvm.ok(&["network", "rm", "lab"]);
     let status = &mvm.json(&["network", "status", "--json"])[0];
     assert_eq!(status["up"], false, "{status}");
     assert_eq!(status["nft_table"], false, "{status}");
@@ -458,7 +496,7 @@ fn managed_network_end_to_end() {
     assert_eq!(pins[0]["vm"], "a", "{pins}");
     let tables = stdout(&in_ns(&h, &["nft", "list", "ruleset"]));
     assert!(
-        !tables.contains("mvm-default") && !tables.contains("microvm-dev"),
+        !tables.contains("mvm-default") && !tables.contains("mvm-lab") && !tables.contains("microvm-dev"),
         "{tables}"
     );
     assert!(
