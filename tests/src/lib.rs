@@ -363,6 +363,19 @@ pub fn trivial_guest(byte: u8) -> Vec<u8> {
     elf_guest(&uart_then_reset_code(byte), 0x10_0000)
 }
 
+/// Poll `done` every 200 ms until it holds or `timeout` passes; its last
+/// answer.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    done()
+}
+
 /// A network namespace made for a test and deleted on drop; needs root and
 /// iproute2. [`Self::with_tap`] gives it a TAP with an address, the host
 /// side of a guest's virtio-net.

@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
-use mvm_tests::scratch_dir;
+use mvm_tests::{scratch_dir, wait_until};
 
 /// Start timeout handed to `mvm start`: boots take 30-90 s here, longer
 /// with two at once on two cores.
@@ -21,17 +21,6 @@ const START_TIMEOUT_S: &str = "900";
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    done()
 }
 
 /// A tmux server of our own, one window running `mvm shell`.

@@ -15,10 +15,10 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
-use mvm_tests::{mvm_vmm, scratch_dir, NetNs};
+use mvm_tests::{mvm_vmm, scratch_dir, wait_until, NetNs};
 
 const START_TIMEOUT_S: &str = "900";
 const INTERNET: &str = "198.51.100.1";
@@ -43,17 +43,6 @@ fn spawn_in_ns(ns: &str, args: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("ip netns exec")
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    done()
 }
 
 /// Children (servers in the namespaces) killed on drop.
@@ -168,6 +157,19 @@ fn world(tag: &str, dir: &Path) -> World {
         _resolv: resolv,
         _servers: Servers(vec![http, dns]),
     }
+}
+
+/// A program that listens on 127.0.0.1:`port` in namespace `ns` (until
+/// the returned value drops), once it does.
+fn hold_port(ns: &str, port: u16) -> Servers {
+    let script =
+        format!("import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)");
+    let holder = Servers(vec![spawn_in_ns(ns, &["python3", "-c", &script])]);
+    let listening = wait_until(Duration::from_secs(10), || {
+        stdout(&in_ns(ns, &["ss", "-ltn"])).contains(&format!("127.0.0.1:{port}"))
+    });
+    assert!(listening, "nothing listens on 127.0.0.1:{port}");
+    holder
 }
 
 /// `mvm start` of each VM at once.
@@ -372,19 +374,7 @@ fn managed_network_end_to_end() {
         );
     }
     // A port some other program holds on the host: refused, not recorded.
-    let _holder = Servers(vec![spawn_in_ns(
-        &h,
-        &[
-            "python3",
-            "-c",
-            "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',18090)); s.listen(); time.sleep(600)",
-        ],
-    )]);
-    assert!(wait_until(Duration::from_secs(10), || stdout(&in_ns(
-        &h,
-        &["ss", "-ltn"]
-    ))
-    .contains("127.0.0.1:18090")));
+    let _holder = hold_port(&h, 18090);
     let out = mvm.run(&["port", "a", "18090:80"]);
     assert!(
         !out.status.success() && stderr(&out).contains("already in use on the host"),
@@ -570,19 +560,7 @@ fn bad_network_input_and_rollback() {
         nothing_left(tool);
     }
     // A host port in use: the forward fails after the network came up.
-    let _holder = Servers(vec![spawn_in_ns(
-        &h,
-        &[
-            "python3",
-            "-c",
-            "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',18099)); s.listen(); time.sleep(600)",
-        ],
-    )]);
-    assert!(wait_until(Duration::from_secs(10), || stdout(&in_ns(
-        &h,
-        &["ss", "-ltn"]
-    ))
-    .contains("127.0.0.1:18099")));
+    let _holder = hold_port(&h, 18099);
     let out = mvm.run(&["start", "r", "--timeout", "120"]);
     assert!(
         stderr(&out).contains("already in use on the host"),
