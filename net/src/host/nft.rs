@@ -121,12 +121,22 @@ pub fn remove(network: &str) -> Result<(), Error> {
 /// bridge.
 const COMPAT_CHAINS: [&str; 2] = ["FORWARD", "INPUT"];
 
-fn compat_rules(chain: &str, bridge: &str) -> Vec<String> {
+fn compat_rules(chain: &str, spec: &NetworkSpec) -> Vec<String> {
+    let bridge = &spec.bridge;
     match chain {
-        "FORWARD" => vec![
-            format!("iifname \"{bridge}\" oifname != \"{bridge}\" accept"),
-            format!("oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept"),
-        ],
+        "FORWARD" => {
+            let mut rules = vec![
+                format!("iifname \"{bridge}\" oifname != \"{bridge}\" accept"),
+                format!("oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept"),
+            ];
+            // With br_netfilter (Docker loads it) even frames bridged
+            // between two ports pass this chain: a shared segment needs
+            // them accepted.
+            if !spec.isolate {
+                rules.push(format!("iifname \"{bridge}\" oifname \"{bridge}\" accept"));
+            }
+            rules
+        }
         _ => vec![
             format!("iifname \"{bridge}\" udp dport {{ 53, 67 }} accept"),
             format!("iifname \"{bridge}\" tcp dport 53 accept"),
@@ -208,7 +218,7 @@ fn allow_in_filter_table(spec: &NetworkSpec, tables: &str) -> Result<(), Error> 
             continue;
         };
         let ours = rules_with_comment(&listing, &comment);
-        let rules = compat_rules(chain, &spec.bridge);
+        let rules = compat_rules(chain, spec);
         let wanted = chain_policy(&listing).as_deref() == Some("drop");
         if (wanted && ours.len() == rules.len()) || (!wanted && ours.is_empty()) {
             continue;
@@ -246,6 +256,14 @@ mod tests {
         assert!(text.contains("masquerade"));
         assert!(text.contains("iifname \"virbr-mvm\" oifname \"virbr-mvm\" counter drop"));
         assert!(!ruleset(&spec(false)).contains("drop"));
+    }
+
+    #[test]
+    fn shared_segments_accept_bridged_frames_under_a_drop_policy() {
+        let bridged = "iifname \"virbr-mvm\" oifname \"virbr-mvm\" accept";
+        assert!(compat_rules("FORWARD", &spec(false)).iter().any(|r| r == bridged));
+        assert!(!compat_rules("FORWARD", &spec(true)).iter().any(|r| r == bridged));
+        assert_eq!(compat_rules("INPUT", &spec(true)).len(), 2);
     }
 
     #[test]
