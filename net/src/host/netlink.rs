@@ -234,6 +234,16 @@ impl Netlink {
             .map_err(|f| f.context(format!("deleting interface {}", self.describe(index))))
     }
 
+    /// Put the interface in interface group `group` (`ip link set ... group`),
+    /// which nftables matches as `iifgroup`/`oifgroup`.
+    pub fn set_group(&mut self, index: u32, group: u32) -> Result<(), Error> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Group(group));
+        self.change(RouteNetlinkMessage::SetLink(msg), 0)
+            .map_err(|f| f.context(format!("setting the group of interface {}", self.describe(index))))
+    }
+
     /// Make `port` a port of the bridge `bridge`.
     pub fn set_master(&mut self, port: u32, bridge: u32) -> Result<(), Error> {
         let mut msg = LinkMessage::default();

@@ -30,6 +30,10 @@ pub const DEFAULT_BRIDGE: &str = "virbr-mvm";
 pub const DEFAULT_SUBNET: Subnet = Subnet::DEFAULT_NETWORK;
 /// The DNS domain of the guests' names.
 pub const DOMAIN: &str = "mvm";
+/// The interface group of every managed network's bridge: each network's
+/// table drops what its guests send towards another such bridge, so VMs
+/// on different networks never meet through the host.
+pub const BRIDGE_GROUP: u32 = 0x6d76;
 /// Where networks live, under the state root.
 pub const NETWORKS_DIR: &str = "networks";
 const STATE_FILE: &str = "network.json";
@@ -338,6 +342,7 @@ impl Network {
             }
         };
         nl.add_ipv4_address(index, spec.subnet.gateway(), spec.subnet.prefix())?;
+        nl.set_group(index, BRIDGE_GROUP)?;
         nl.set_up(index)?;
         // Forwarding on the bridge (the guests' packets) and on the
         // interfaces with a default route (their replies); not `all`.

@@ -1,7 +1,9 @@
 //! The network's nftables rules, through Debian's `nft` tool: one table of
 //! our own per network (`ip mvm-<network>`: masquerade for the subnet's
-//! outbound traffic, and a drop of traffic routed from one guest to
-//! another), replaced atomically, deleted by `network down`.
+//! outbound traffic, a drop of traffic routed from one guest to another,
+//! and one of traffic towards another network's bridge: every managed
+//! bridge is in interface group [`BRIDGE_GROUP`](super::network::BRIDGE_GROUP)),
+//! replaced atomically, deleted by `network down`.
 //!
 //! A host whose filter FORWARD policy is drop (Docker sets it through
 //! iptables-nft) would drop the guests' forwarded traffic whatever our
@@ -49,13 +51,15 @@ pub fn ruleset(spec: &NetworkSpec) -> String {
     let table = table_name(&spec.name);
     let bridge = &spec.bridge;
     let subnet = spec.subnet;
-    let isolation = if spec.isolate {
-        format!(
+    let group = super::network::BRIDGE_GROUP;
+    let mut isolation = format!(
+        "\t\tiifname \"{bridge}\" oifname != \"{bridge}\" oifgroup {group} counter drop comment \"no traffic to other networks' guests\"\n"
+    );
+    if spec.isolate {
+        isolation.push_str(&format!(
             "\t\tiifname \"{bridge}\" oifname \"{bridge}\" counter drop comment \"no traffic between guests through the host\"\n"
-        )
-    } else {
-        String::new()
-    };
+        ));
+    }
     format!(
         "table ip {table}\n\
          delete table ip {table}\n\
@@ -255,7 +259,12 @@ mod tests {
         assert!(text.contains("ip saddr 10.213.0.0/24"));
         assert!(text.contains("masquerade"));
         assert!(text.contains("iifname \"virbr-mvm\" oifname \"virbr-mvm\" counter drop"));
-        assert!(!ruleset(&spec(false)).contains("drop"));
+        let shared = ruleset(&spec(false));
+        assert!(!shared.contains("oifname \"virbr-mvm\" counter drop"), "{shared}");
+        assert!(
+            shared.contains("oifname != \"virbr-mvm\" oifgroup 28022 counter drop"),
+            "{shared}"
+        );
     }
 
     #[test]
