@@ -555,7 +555,7 @@ impl Manager {
             vcpus: 0,
             memory_mib: 0,
             project: None,
-            mac: format_mac(mvm_net::mac_for(name, 0)),
+            mac: mvm_net::format_mac(mvm_net::mac_for(name, 0)),
             network: None,
             ip: None,
             forwards: Vec::new(),
@@ -573,11 +573,11 @@ impl Manager {
                 info.memory_mib = c.machine.memory_mib;
                 info.project = c.shares.iter().find(|s| s.tag == PROJECT_TAG).map(|s| s.source.clone());
                 if let Some(mac) = c.nets.first().and_then(|n| n.mac) {
-                    info.mac = format_mac(mac);
+                    info.mac = mvm_net::format_mac(mac);
                 }
                 info.network = Self::vm_network(&c).map(str::to_string);
                 info.ip = self.vm_ip(name, &c);
-                info.forwards = self.forwards(name).unwrap_or_default();
+                info.forwards = self.forward_infos(name, &c).unwrap_or_default();
             }
             Err(e) => {
                 info.error = Some(e.to_string());
@@ -889,13 +889,6 @@ fn describe_vmm_status(status: std::process::ExitStatus) -> String {
         (None, Some(s)) => format!("was killed by signal {s}"),
         _ => "ended".into(),
     }
-}
-
-fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 fn unique() -> u32 {
@@ -1227,7 +1220,7 @@ mod tests {
             info.project.as_deref(),
             Some(std::fs::canonicalize(&f.project).unwrap().as_path())
         );
-        assert_eq!(info.mac, format_mac(mvm_net::mac_for("web", 0)));
+        assert_eq!(info.mac, mvm_net::format_mac(mvm_net::mac_for("web", 0)));
         let file = f.m.vm_dir("web").join(VM_TOML);
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(text.starts_with("# VM \"web\", made by `mvm create`"), "{text}");

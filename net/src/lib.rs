@@ -28,7 +28,7 @@ pub enum Error {
         tap: String,
         source: std::io::Error,
     },
-    #[error("interface name {0:?} is empty or longer than 15 bytes")]
+    #[error("interface name {0:?} is not valid: 1-15 bytes, no '/', ':' or white space, not \".\" or \"..\"")]
     Name(String),
     /// An rtnetlink request failed. `what` names the operation and the
     /// interface; a refusal by the kernel keeps its errno in `source`
@@ -108,6 +108,29 @@ pub fn mac_for(vm_name: &str, index: usize) -> [u8; 6] {
     [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
+/// A Linux interface name as the kernel accepts it (`dev_valid_name`):
+/// 1-15 bytes, not `.` or `..`, no `/`, `:` or white space.
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(format!("an interface name is 1 to {} bytes", libc::IFNAMSIZ - 1));
+    }
+    if name == "." || name == ".." {
+        return Err("\".\" and \"..\" are not interface names".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("{c:?} is not allowed in an interface name"));
+    }
+    Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip link` and dnsmasq write a MAC.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +143,6 @@ mod tests {
         assert_ne!(a, mac_for("web", 1));
         assert_eq!(a[0] & 0x01, 0, "unicast");
         assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+        assert_eq!(format_mac([2, 0xab, 0, 1, 0x10, 0xff]), "02:ab:00:01:10:ff");
     }
 }

@@ -29,9 +29,7 @@ struct IfReq {
 
 impl IfReq {
     fn new(name: &str) -> Result<Self, Error> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-            return Err(Error::Name(name.to_string()));
-        }
+        crate::check_interface_name(name).map_err(|_| Error::Name(name.to_string()))?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
             data: [0; 24],

@@ -73,7 +73,11 @@ pub fn request_reload(dir: &Path) -> std::io::Result<Vec<String>> {
         }
         errors.push(line.strip_prefix("error: ").unwrap_or(&line).to_string());
     }
-    Ok(errors)
+    // No "ok": the VMM went away mid-request; nothing says it applied them.
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the VMM closed the control socket without an answer",
+    ))
 }
 
 /// The network side of a running VM; dropping it stops the forwards and

@@ -197,17 +197,10 @@ impl Manager {
         }
         let mut forwards = list(&mut doc, "forward");
         for f in &opts.forwards {
-            let file = super::network::file_forward(&f.to_config());
-            let mut t = Table::new();
-            t.insert("host_port".into(), Value::Integer(file.host_port));
-            t.insert("guest_port".into(), Value::Integer(file.guest_port));
-            if let Some(a) = file.host_address {
-                t.insert("host_address".into(), a.into());
-            }
-            if let Some(p) = file.protocol {
-                t.insert("protocol".into(), p.into());
-            }
-            forwards.push(t);
+            // The same table the run-time forwards file holds.
+            let table = Table::try_from(super::network::file_forward(&f.to_config()))
+                .map_err(|e| Error::Usage(format!("cannot write the forward: {e}")))?;
+            forwards.push(table);
         }
 
         let quote = |s: &str| Value::String(s.into()).to_string();

@@ -194,8 +194,12 @@ impl Manager {
 
     /// Every forward of VM `name`: vm.toml's, then the run-time ones.
     pub fn forwards(&self, name: &str) -> Result<Vec<ForwardInfo>> {
-        let config = self.vm_config(name)?;
-        let (declared, runtime) = self.all_forwards(name, &config)?;
+        self.forward_infos(name, &self.vm_config(name)?)
+    }
+
+    /// [`Manager::forwards`] of a definition already read.
+    pub(super) fn forward_infos(&self, name: &str, config: &VmConfig) -> Result<Vec<ForwardInfo>> {
+        let (declared, runtime) = self.all_forwards(name, config)?;
         Ok(declared
             .iter()
             .map(|f| ForwardInfo::new(f, "vm.toml"))

@@ -28,7 +28,6 @@ use crate::Error;
 const RECV_BUF_LEN: usize = 64 * 1024;
 /// A dump interrupted by a concurrent change is retried this many times.
 const DUMP_ATTEMPTS: usize = 3;
-const IFNAMSIZ: usize = 16;
 /// `NLMSGERR_ATTR_MSG`: the extended ACK's human-readable message.
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NETLINK_HEADER_LEN: usize = 16;
@@ -129,10 +128,7 @@ impl Failure {
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['\0', '/']) {
-        return Err(Error::Name(name.to_string()));
-    }
-    Ok(())
+    crate::check_interface_name(name).map_err(|_| Error::Name(name.to_string()))
 }
 
 /// An rtnetlink socket in the network namespace of the thread that opened

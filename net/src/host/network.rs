@@ -92,23 +92,7 @@ pub fn check_network_name(name: &str) -> Result<(), Error> {
     }
 }
 
-/// A Linux interface name as the kernel accepts it (`dev_valid_name`):
-/// 1-15 bytes, not `.` or `..`, no `/`, `:` or white space.
-pub fn check_interface_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(format!("an interface name is 1 to {} bytes", libc::IFNAMSIZ - 1));
-    }
-    if name == "." || name == ".." {
-        return Err("\".\" and \"..\" are not interface names".into());
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("{c:?} is not allowed in an interface name"));
-    }
-    Ok(())
-}
+pub use crate::check_interface_name;
 
 /// A VM's fixed address on a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,7 +383,7 @@ impl Network {
         let mut undo = Undo::default();
         let before = state.pins.clone();
         let result = self.up_locked(&mut state, &mut undo).and_then(|()| {
-            let (ip, new_pin) = pin(&mut state, vm, &format_mac(mac))?;
+            let (ip, new_pin) = pin(&mut state, vm, &crate::format_mac(mac))?;
             self.write_state(&state)?;
             dnsmasq::write_host_files(&self.dir, &state.pins)?;
             if let Some(pid) = dnsmasq::running(&self.dir) {
@@ -642,10 +626,6 @@ fn pin(state: &mut State, vm: &str, mac: &str) -> Result<(Ipv4Addr, bool), Error
         ip,
     });
     Ok((ip, true))
-}
-
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Refuse a subnet that overlaps a route the host has (other than
