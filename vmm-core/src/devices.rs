@@ -38,13 +38,17 @@ type Device = Box<dyn VirtioDevice>;
 /// image, disks, volumes (the root's writable layer first), network
 /// interfaces, shares, rng, vsock. NICs on managed networks are attached
 /// to them; their [`Attachment`]s go to `attachments`, in NIC order.
-pub(crate) fn virtio_devices(config: &VmConfig, attachments: &mut Vec<Attachment>) -> Result<Vec<Device>> {
+pub(crate) fn virtio_devices(
+    config: &VmConfig,
+    attachments: &mut Vec<Attachment>,
+    live_shares: &mut Vec<LiveShare>,
+) -> Result<Vec<Device>> {
     let mut devices: Vec<Device> = Vec::new();
     root_image(config, &mut devices)?;
     disks(config, &mut devices)?;
     volumes(config, &mut devices)?;
     nets(config, &mut devices, attachments)?;
-    shares(config, &mut devices)?;
+    shares(config, &mut devices, live_shares)?;
     if config.machine.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -134,14 +138,26 @@ fn nets(config: &VmConfig, devices: &mut Vec<Device>, attachments: &mut Vec<Atta
     Ok(())
 }
 
-fn shares(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
+/// A share whose file server runs in this process, reachable from the
+/// VMM's other threads (project watcher, control socket) between two
+/// guest requests.
+#[derive(Clone)]
+pub(crate) struct LiveShare {
+    pub tag: String,
+    /// The host directory shared (the lower layer with an overlay).
+    pub source: std::path::PathBuf,
+    pub overlay: bool,
+    pub fs: Arc<Mutex<Overlay>>,
+}
+
+fn shares(config: &VmConfig, devices: &mut Vec<Device>, live_shares: &mut Vec<LiveShare>) -> Result<()> {
     for share in &config.shares {
-        devices.push(share_device(config, share)?);
+        devices.push(share_device(config, share, live_shares)?);
     }
     Ok(())
 }
 
-fn share_device(config: &VmConfig, share: &ShareConfig) -> Result<Device> {
+fn share_device(config: &VmConfig, share: &ShareConfig, live_shares: &mut Vec<LiveShare>) -> Result<Device> {
     let layers = state::prepare_share(config, share)?;
     match share.backend {
         ShareBackend::Builtin => {
@@ -149,7 +165,13 @@ fn share_device(config: &VmConfig, share: &ShareConfig) -> Result<Device> {
             // layer.
             let lower = share.overlay.then_some(layers.source.as_path());
             let upper = layers.upper.as_deref().unwrap_or(&layers.source);
-            let fs = Overlay::new(lower, upper, OverlayOptions::default())?;
+            let fs = Arc::new(Mutex::new(Overlay::new(lower, upper, OverlayOptions::default())?));
+            live_shares.push(LiveShare {
+                tag: share.tag.clone(),
+                source: layers.source.clone(),
+                overlay: share.overlay,
+                fs: Arc::clone(&fs),
+            });
             Ok(Box::new(VirtioFs::new(&share.tag, Box::new(fs))?))
         }
         ShareBackend::Virtiofsd => virtiofsd_share(share, &layers),

@@ -142,6 +142,9 @@ pub struct Vm {
     /// Forwards, control socket, dnsmasq watch: stopped before the state
     /// directory is unlocked.
     _networking: Option<network::Networking>,
+    /// The shares served in this process, for the VMM's other threads.
+    #[allow(dead_code)]
+    live_shares: Vec<devices::LiveShare>,
     /// Locks the state directory while the VM exists.
     _state: Option<state::StateDir>,
     cmdline: String,
@@ -221,7 +224,8 @@ impl Vm {
         // started.
         let state_dir = state::open(&config)?;
         let mut attachments = Vec::new();
-        let virtio_devices = devices::virtio_devices(&config, &mut attachments)?;
+        let mut live_shares = Vec::new();
+        let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares)?;
         let networking = match &state_dir {
             Some(dir) => network::start(&config, &dir.path, &attachments)?,
             None => None,
@@ -360,6 +364,7 @@ impl Vm {
             reset: legacy.reset,
             sleep: legacy.sleep,
             _networking: networking,
+            live_shares,
             _state: state_dir,
             virtio,
             console_input: config.console.input,

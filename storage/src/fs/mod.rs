@@ -275,3 +275,206 @@ pub trait FileSystem: Send {
     /// every node and handle.
     fn destroy(&mut self);
 }
+
+/// A file system shared between the device that serves the guest and the
+/// VMM's other threads (the project watcher, the control socket): each
+/// request holds the lock for its duration, so another thread holding it
+/// sees the layers between two requests.
+impl<T: FileSystem> FileSystem for std::sync::Arc<std::sync::Mutex<T>> {
+    fn lookup(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        locked(self).lookup(ctx, parent, name)
+    }
+
+    fn forget(&mut self, ino: u64, nlookup: u64) {
+        locked(self).forget(ino, nlookup)
+    }
+
+    fn getattr(&mut self, ctx: Context, ino: u64, handle: Option<u64>) -> io::Result<(Attr, Duration)> {
+        locked(self).getattr(ctx, ino, handle)
+    }
+
+    fn setattr(&mut self, ctx: Context, ino: u64, set: SetAttr) -> io::Result<(Attr, Duration)> {
+        locked(self).setattr(ctx, ino, set)
+    }
+
+    fn readlink(&mut self, ctx: Context, ino: u64) -> io::Result<Vec<u8>> {
+        locked(self).readlink(ctx, ino)
+    }
+
+    fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry> {
+        locked(self).symlink(ctx, parent, name, target)
+    }
+
+    fn mknod(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
+        locked(self).mknod(ctx, parent, name, mode, rdev, umask)
+    }
+
+    fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
+        locked(self).mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        locked(self).unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        locked(self).rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &mut self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        new_parent: u64,
+        new_name: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        locked(self).rename(ctx, parent, name, new_parent, new_name, flags)
+    }
+
+    fn link(&mut self, ctx: Context, ino: u64, new_parent: u64, new_name: &CStr) -> io::Result<Entry> {
+        locked(self).link(ctx, ino, new_parent, new_name)
+    }
+
+    fn open(&mut self, ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)> {
+        locked(self).open(ctx, ino, flags)
+    }
+
+    fn create(
+        &mut self,
+        ctx: Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: u32,
+        umask: u32,
+    ) -> io::Result<(Entry, u64, OpenFlags)> {
+        locked(self).create(ctx, parent, name, mode, flags, umask)
+    }
+
+    fn read(&mut self, ino: u64, handle: u64, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        locked(self).read(ino, handle, offset, buf)
+    }
+
+    fn write(
+        &mut self,
+        ctx: Context,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        data: &[u8],
+        flags: u32,
+    ) -> io::Result<usize> {
+        locked(self).write(ctx, ino, handle, offset, data, flags)
+    }
+
+    fn flush(&mut self, ino: u64, handle: u64) -> io::Result<()> {
+        locked(self).flush(ino, handle)
+    }
+
+    fn fsync(&mut self, ino: u64, handle: u64, datasync: bool) -> io::Result<()> {
+        locked(self).fsync(ino, handle, datasync)
+    }
+
+    fn release(&mut self, ino: u64, handle: u64) -> io::Result<()> {
+        locked(self).release(ino, handle)
+    }
+
+    fn opendir(&mut self, ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)> {
+        locked(self).opendir(ctx, ino, flags)
+    }
+
+    fn readdir(
+        &mut self,
+        ctx: Context,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> bool,
+    ) -> io::Result<()> {
+        locked(self).readdir(ctx, ino, handle, offset, add)
+    }
+
+    fn readdirplus(
+        &mut self,
+        ctx: Context,
+        ino: u64,
+        handle: u64,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>, Entry) -> bool,
+    ) -> io::Result<()> {
+        locked(self).readdirplus(ctx, ino, handle, offset, add)
+    }
+
+    fn releasedir(&mut self, ino: u64, handle: u64) -> io::Result<()> {
+        locked(self).releasedir(ino, handle)
+    }
+
+    fn fsyncdir(&mut self, ino: u64, handle: u64, datasync: bool) -> io::Result<()> {
+        locked(self).fsyncdir(ino, handle, datasync)
+    }
+
+    fn statfs(&mut self, ctx: Context, ino: u64) -> io::Result<StatFs> {
+        locked(self).statfs(ctx, ino)
+    }
+
+    fn setxattr(&mut self, ctx: Context, ino: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+        locked(self).setxattr(ctx, ino, name, value, flags)
+    }
+
+    fn getxattr(&mut self, ctx: Context, ino: u64, name: &CStr) -> io::Result<Vec<u8>> {
+        locked(self).getxattr(ctx, ino, name)
+    }
+
+    fn listxattr(&mut self, ctx: Context, ino: u64) -> io::Result<Vec<u8>> {
+        locked(self).listxattr(ctx, ino)
+    }
+
+    fn removexattr(&mut self, ctx: Context, ino: u64, name: &CStr) -> io::Result<()> {
+        locked(self).removexattr(ctx, ino, name)
+    }
+
+    fn access(&mut self, ctx: Context, ino: u64, mask: u32) -> io::Result<()> {
+        locked(self).access(ctx, ino, mask)
+    }
+
+    fn fallocate(&mut self, ino: u64, handle: u64, mode: u32, offset: u64, length: u64) -> io::Result<()> {
+        locked(self).fallocate(ino, handle, mode, offset, length)
+    }
+
+    fn lseek(&mut self, ino: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64> {
+        locked(self).lseek(ino, handle, offset, whence)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_file_range(
+        &mut self,
+        ino_in: u64,
+        handle_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        handle_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
+        locked(self).copy_file_range(
+            ino_in, handle_in, offset_in, ino_out, handle_out, offset_out, len, flags,
+        )
+    }
+
+    fn syncfs(&mut self, ino: u64) -> io::Result<()> {
+        locked(self).syncfs(ino)
+    }
+
+    fn destroy(&mut self) {
+        locked(self).destroy()
+    }
+}
+
+/// The lock of a shared file system; a thread that panicked while holding
+/// it left the state of a finished request (each call is one request).
+pub fn locked<T>(fs: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    fs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
