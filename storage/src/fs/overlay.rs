@@ -21,6 +21,7 @@
 //! links become separate files when one is copied up (as in overlayfs
 //! without `index=on`).
 
+mod echo;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{Attr, Context, DirEntry, Entry, FileSystem, OpenFlags, SetAttr, SetTime, StatFs, ROOT_ID};
+use echo::Echo;
+pub use echo::{ECHO_GID_DIR, ECHO_GID_ENTRY, ECHO_GID_MODIFY};
 use sys::{errno, EMPTY};
 
 /// Open handles (files and directories) a guest may hold at once; more
@@ -1549,7 +1552,10 @@ impl Overlay {
 }
 
 impl FileSystem for Overlay {
-    fn lookup(&mut self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn lookup(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_lookup(echo, parent, name);
+        }
         self.lookup_found(parent, name)
     }
 
@@ -1578,6 +1584,9 @@ impl FileSystem for Overlay {
     }
 
     fn setattr(&mut self, ctx: Context, ino: u64, set: SetAttr) -> io::Result<(Attr, Duration)> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_setattr(echo, ino);
+        }
         let changes = set.mode.is_some()
             || set.uid.is_some()
             || set.gid.is_some()
@@ -1599,6 +1608,9 @@ impl FileSystem for Overlay {
     }
 
     fn symlink(&mut self, ctx: Context, parent: u64, name: &CStr, target: &CStr) -> io::Result<Entry> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_arrive(echo, parent, name);
+        }
         let (dir, whiteout, _) = self.prepare_create(parent, name)?;
         let dir = dir.as_fd();
         create_over(dir, name, whiteout, false, |n| {
@@ -1618,6 +1630,9 @@ impl FileSystem for Overlay {
         _rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_arrive(echo, parent, name);
+        }
         let kind = mode & libc::S_IFMT;
         match kind {
             libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFREG => {}
@@ -1636,6 +1651,9 @@ impl FileSystem for Overlay {
     }
 
     fn mkdir(&mut self, ctx: Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_arrive(echo, parent, name);
+        }
         let (dir, whiteout, hides_lower) = self.prepare_create(parent, name)?;
         let dir = dir.as_fd();
         create_over(dir, name, whiteout, true, |n| {
@@ -1657,7 +1675,10 @@ impl FileSystem for Overlay {
         self.lookup_found(parent, name)
     }
 
-    fn unlink(&mut self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+    fn unlink(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_leave(echo, parent, name);
+        }
         let found = self.probe(parent, name)?.ok_or_else(|| errno(libc::ENOENT))?;
         if found.is_dir() {
             return Err(errno(libc::EISDIR));
@@ -1680,7 +1701,10 @@ impl FileSystem for Overlay {
         Ok(())
     }
 
-    fn rmdir(&mut self, _ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+    fn rmdir(&mut self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_leave(echo, parent, name);
+        }
         let found = self.probe(parent, name)?.ok_or_else(|| errno(libc::ENOENT))?;
         if !found.is_dir() {
             return Err(errno(libc::ENOTDIR));
@@ -1693,13 +1717,19 @@ impl FileSystem for Overlay {
 
     fn rename(
         &mut self,
-        _ctx: Context,
+        ctx: Context,
         parent: u64,
         name: &CStr,
         new_parent: u64,
         new_name: &CStr,
         flags: u32,
     ) -> io::Result<()> {
+        if let Some(echo) = Echo::of(ctx) {
+            if flags != 0 {
+                return Err(errno(libc::EPERM));
+            }
+            return self.echo_rename(echo, (parent, name), (new_parent, new_name));
+        }
         let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !known != 0 || flags == known {
             return Err(errno(libc::EINVAL));
@@ -1735,7 +1765,10 @@ impl FileSystem for Overlay {
         result
     }
 
-    fn link(&mut self, _ctx: Context, ino: u64, new_parent: u64, new_name: &CStr) -> io::Result<Entry> {
+    fn link(&mut self, ctx: Context, ino: u64, new_parent: u64, new_name: &CStr) -> io::Result<Entry> {
+        if Echo::of(ctx).is_some() {
+            return Err(errno(libc::EPERM));
+        }
         if self.node(ino)?.kind == libc::S_IFDIR {
             return Err(errno(libc::EPERM));
         }
@@ -1751,7 +1784,10 @@ impl FileSystem for Overlay {
         self.lookup_found(new_parent, new_name)
     }
 
-    fn open(&mut self, _ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)> {
+    fn open(&mut self, ctx: Context, ino: u64, flags: u32) -> io::Result<(u64, OpenFlags)> {
+        if let Some(echo) = Echo::of(ctx) {
+            return self.echo_open(echo, ino);
+        }
         self.open_node(ino, flags)
     }
 
@@ -1764,6 +1800,9 @@ impl FileSystem for Overlay {
         flags: u32,
         umask: u32,
     ) -> io::Result<(Entry, u64, OpenFlags)> {
+        if Echo::of(ctx).is_some() {
+            return Err(errno(libc::EPERM));
+        }
         let oflags = flags as i32;
         if self.probe(parent, name)?.is_some() {
             if oflags & libc::O_EXCL != 0 {
@@ -2030,7 +2069,10 @@ impl FileSystem for Overlay {
         })
     }
 
-    fn setxattr(&mut self, _ctx: Context, ino: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+    fn setxattr(&mut self, ctx: Context, ino: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+        if Echo::of(ctx).is_some() {
+            return Err(errno(libc::EPERM));
+        }
         if is_private_xattr(name.to_bytes()) {
             return Err(errno(libc::EPERM));
         }
@@ -2061,7 +2103,10 @@ impl FileSystem for Overlay {
         Ok(out)
     }
 
-    fn removexattr(&mut self, _ctx: Context, ino: u64, name: &CStr) -> io::Result<()> {
+    fn removexattr(&mut self, ctx: Context, ino: u64, name: &CStr) -> io::Result<()> {
+        if Echo::of(ctx).is_some() {
+            return Err(errno(libc::EPERM));
+        }
         if is_private_xattr(name.to_bytes()) {
             return Err(errno(libc::ENODATA));
         }
