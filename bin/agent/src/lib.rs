@@ -28,6 +28,7 @@
 
 pub mod cmdline;
 pub mod dhcp;
+pub mod echo;
 pub mod init;
 pub mod mounts;
 pub mod netif;

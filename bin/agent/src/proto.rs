@@ -150,6 +150,42 @@ pub struct Info {
     pub mounts: Vec<Mount>,
 }
 
+/// Marker fsgids of the agent's replays of `FsEvents` (see echo.rs): the
+/// VMM's file server answers these from the state the host already made
+/// and never changes a layer for them. The same values as
+/// `mvm_storage::fs::overlay::ECHO_GID_*` (checked by a test in vmm-core).
+pub const ECHO_GID_MODIFY: u32 = 0x6d76_6d00;
+pub const ECHO_GID_ENTRY: u32 = 0x6d76_6d01;
+pub const ECHO_GID_DIR: u32 = 0x6d76_6d02;
+
+/// The type of an entry that arrived in a share's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// FIFO or socket.
+    Other,
+}
+
+/// A change the host made to a share's source (the overlay's lower layer),
+/// for the agent to replay so that the guest's file watchers see it.
+/// Paths are relative to the share's root: components separated by `/`,
+/// none empty, `.` or `..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsChange {
+    /// A new entry (created, or moved in from outside the share).
+    Arrive { path: Vec<u8>, kind: EntryKind },
+    /// An entry is gone (deleted, or moved out of the share).
+    Leave { path: Vec<u8>, dir: bool },
+    /// Renamed within the share.
+    Move { from: Vec<u8>, to: Vec<u8>, dir: bool },
+    /// A file's content changed; `size` is its new size.
+    Modify { path: Vec<u8>, size: u64 },
+    /// Mode, owner or times changed; `mode` is the new permission bits.
+    Attrib { path: Vec<u8>, mode: u32 },
+}
+
 /// One frame's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -195,6 +231,13 @@ pub enum Message {
     SetClock {
         unix_ns: i64,
     },
+    /// Host: changes to the source of share `tag`, in the order they
+    /// happened. Answer: `Ok` once they are replayed (one that no longer
+    /// applies is skipped); the connection then takes the next `FsEvents`.
+    FsEvents {
+        tag: String,
+        changes: Vec<FsChange>,
+    },
     /// Success without data.
     Ok,
     /// The request failed, or a frame could not be understood.
@@ -215,6 +258,7 @@ const K_STDERR: u8 = 0x17;
 const K_EXITED: u8 = 0x18;
 const K_POWER: u8 = 0x20;
 const K_SET_CLOCK: u8 = 0x21;
+const K_FS_EVENTS: u8 = 0x30;
 const K_OK: u8 = 0x7e;
 const K_ERROR: u8 = 0x7f;
 
@@ -236,6 +280,7 @@ impl Message {
             Message::Exited { .. } => "Exited",
             Message::Power(_) => "Power",
             Message::SetClock { .. } => "SetClock",
+            Message::FsEvents { .. } => "FsEvents",
             Message::Ok => "Ok",
             Message::Error(_) => "Error",
         }
@@ -343,6 +388,14 @@ impl Message {
             Message::SetClock { unix_ns } => {
                 e.u8(K_SET_CLOCK);
                 e.u64(*unix_ns as u64);
+            }
+            Message::FsEvents { tag, changes } => {
+                e.u8(K_FS_EVENTS);
+                e.bytes(tag.as_bytes());
+                e.u32(changes.len() as u32);
+                for c in changes {
+                    e.fs_change(c);
+                }
             }
             Message::Ok => e.u8(K_OK),
             Message::Error(m) => {
@@ -463,6 +516,16 @@ impl Message {
             K_SET_CLOCK => Message::SetClock {
                 unix_ns: d.u64("unix_ns")? as i64,
             },
+            K_FS_EVENTS => {
+                let tag = d.string("tag")?;
+                // The smallest change: a code byte and an empty path.
+                let count = d.count("changes", 5)?;
+                let mut changes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    changes.push(d.fs_change()?);
+                }
+                Message::FsEvents { tag, changes }
+            }
             K_OK => Message::Ok,
             K_ERROR => Message::Error(d.string("message")?),
             _ => return Err(Error::UnknownKind(kind)),
@@ -490,6 +553,7 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         K_EXITED => "Exited",
         K_POWER => "Power",
         K_SET_CLOCK => "SetClock",
+        K_FS_EVENTS => "FsEvents",
         K_OK => "Ok",
         K_ERROR => "Error",
         _ => return None,
@@ -514,6 +578,41 @@ impl Encoder {
     fn bytes(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
+    }
+    fn fs_change(&mut self, c: &FsChange) {
+        match c {
+            FsChange::Arrive { path, kind } => {
+                self.u8(0);
+                self.bytes(path);
+                self.u8(match kind {
+                    EntryKind::File => 0,
+                    EntryKind::Dir => 1,
+                    EntryKind::Symlink => 2,
+                    EntryKind::Other => 3,
+                });
+            }
+            FsChange::Leave { path, dir } => {
+                self.u8(1);
+                self.bytes(path);
+                self.u8(u8::from(*dir));
+            }
+            FsChange::Move { from, to, dir } => {
+                self.u8(2);
+                self.bytes(from);
+                self.bytes(to);
+                self.u8(u8::from(*dir));
+            }
+            FsChange::Modify { path, size } => {
+                self.u8(3);
+                self.bytes(path);
+                self.u64(*size);
+            }
+            FsChange::Attrib { path, mode } => {
+                self.u8(4);
+                self.bytes(path);
+                self.u32(*mode);
+            }
+        }
     }
 }
 
@@ -598,6 +697,63 @@ impl<'a> Decoder<'a> {
             return Err(Error::Nul { kind: self.kind, field });
         }
         Ok(b.to_vec())
+    }
+    /// A relative path inside a share: no empty, `.` or `..` component,
+    /// no leading `/`, no NUL.
+    fn share_path(&mut self, field: &'static str) -> Result<Vec<u8>> {
+        let p = self.c_bytes(field)?;
+        if p.is_empty() || p.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b"..") {
+            return Err(Error::BadValue {
+                kind: self.kind,
+                field,
+                value: p.len() as u64,
+            });
+        }
+        Ok(p)
+    }
+    fn fs_change(&mut self) -> Result<FsChange> {
+        Ok(match self.u8("change")? {
+            0 => FsChange::Arrive {
+                path: self.share_path("path")?,
+                kind: match self.u8("entry kind")? {
+                    0 => EntryKind::File,
+                    1 => EntryKind::Dir,
+                    2 => EntryKind::Symlink,
+                    3 => EntryKind::Other,
+                    other => {
+                        return Err(Error::BadValue {
+                            kind: self.kind,
+                            field: "entry kind",
+                            value: other.into(),
+                        })
+                    }
+                },
+            },
+            1 => FsChange::Leave {
+                path: self.share_path("path")?,
+                dir: self.flag("dir")?,
+            },
+            2 => FsChange::Move {
+                from: self.share_path("from")?,
+                to: self.share_path("to")?,
+                dir: self.flag("dir")?,
+            },
+            3 => FsChange::Modify {
+                path: self.share_path("path")?,
+                size: self.u64("size")?,
+            },
+            4 => FsChange::Attrib {
+                path: self.share_path("path")?,
+                mode: self.u32("mode")?,
+            },
+            other => {
+                return Err(Error::BadValue {
+                    kind: self.kind,
+                    field: "change",
+                    value: other.into(),
+                })
+            }
+        })
     }
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.buf).to_vec()
@@ -759,6 +915,40 @@ mod tests {
             Message::Power(PowerAction::Poweroff),
             Message::Power(PowerAction::Reboot),
             Message::SetClock { unix_ns: -5 },
+            Message::FsEvents {
+                tag: "project".into(),
+                changes: vec![
+                    FsChange::Arrive {
+                        path: b"src/new.rs".to_vec(),
+                        kind: EntryKind::File,
+                    },
+                    FsChange::Arrive {
+                        path: b"d".to_vec(),
+                        kind: EntryKind::Dir,
+                    },
+                    FsChange::Leave {
+                        path: b"old\xff".to_vec(),
+                        dir: true,
+                    },
+                    FsChange::Move {
+                        from: b"a/b".to_vec(),
+                        to: b"c".to_vec(),
+                        dir: false,
+                    },
+                    FsChange::Modify {
+                        path: b"README".to_vec(),
+                        size: 1 << 40,
+                    },
+                    FsChange::Attrib {
+                        path: b"run.sh".to_vec(),
+                        mode: 0o755,
+                    },
+                ],
+            },
+            Message::FsEvents {
+                tag: "t".into(),
+                changes: Vec::new(),
+            },
             Message::Ok,
             Message::Error("no such file".into()),
         ]
@@ -803,6 +993,33 @@ mod tests {
                     m.name()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn share_paths_stay_inside_the_share() {
+        for bad in [
+            &b""[..],
+            b"/etc/passwd",
+            b"../x",
+            b"a/../../x",
+            b"a//b",
+            b"a/./b",
+            b"a/",
+            b"a\0b",
+        ] {
+            let m = Message::FsEvents {
+                tag: "p".into(),
+                changes: vec![FsChange::Modify {
+                    path: bad.to_vec(),
+                    size: 0,
+                }],
+            };
+            assert!(
+                Message::decode(&m.encode()[4..]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

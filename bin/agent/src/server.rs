@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::{self, Info, Message, PowerAction, AGENT_PORT, VERSION};
 use crate::session::{self, Context};
-use crate::{mounts, power, say, sys};
+use crate::{echo, mounts, power, say, sys};
 
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +245,10 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
             Err(e) => Message::Error(format!("cannot set the clock: {}", sys::error_text(&e))),
         },
         Message::Power(action) => return Some(action),
+        Message::FsEvents { tag, changes } => {
+            fs_events(ctx, conn, tag, changes);
+            return None;
+        }
         Message::Exec(req) => {
             if let Err(e) = session::run(ctx, conn, req, start) {
                 say!("exec session ended: {e}");
@@ -252,7 +256,7 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
             return None;
         }
         other => Message::Error(format!(
-            "expected a request (Info, Exec, Power or SetClock), got {}",
+            "expected a request (Info, Exec, Power, SetClock or FsEvents), got {}",
             other.name()
         )),
     };
@@ -261,6 +265,35 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
 }
 
 /// Answer a protocol error (the connection is then closed).
+/// Replays batches of host changes for as long as the host sends them on
+/// this connection (one connection per watched VM, kept open).
+fn fs_events(ctx: &Context, conn: &mut File, mut tag: String, mut changes: Vec<proto::FsChange>) {
+    loop {
+        let reply = match echo::replay(&ctx.config, &tag, &changes) {
+            Ok(_) => Message::Ok,
+            Err(e) => Message::Error(e),
+        };
+        if proto::write_message(conn, &reply).is_err() {
+            return;
+        }
+        match proto::read_message(conn) {
+            Ok(Message::FsEvents { tag: t, changes: c }) => (tag, changes) = (t, c),
+            Ok(other) => {
+                let _ = proto::write_message(
+                    conn,
+                    &Message::Error(format!("expected FsEvents, got {}", other.name())),
+                );
+                return;
+            }
+            Err(proto::Error::Closed) => return,
+            Err(e) => {
+                refuse(conn, e);
+                return;
+            }
+        }
+    }
+}
+
 fn refuse(conn: &mut File, e: proto::Error) -> Option<PowerAction> {
     if !matches!(e, proto::Error::Io(_) | proto::Error::ShortFrame) {
         say!("refusing a connection: {e}");

@@ -38,7 +38,9 @@ pub const ECHO_GID_DIR: u32 = 0x6d76_6d02;
 pub(super) enum Echo {
     Modify,
     /// An entry arrived or left; `dir`: a directory.
-    Entry { dir: bool },
+    Entry {
+        dir: bool,
+    },
 }
 
 impl Echo {
@@ -289,14 +291,19 @@ mod tests {
         assert_eq!(errno_of(fs.lookup(entry_ctx, dir, &c("new.rs"))), libc::ENOENT);
         // ...while everyone else does.
         assert_eq!(fs.lookup(user(), dir, &c("new.rs")).unwrap().attr.size, 4);
-        let e = fs.mknod(entry_ctx, dir, &c("new.rs"), libc::S_IFREG | 0o644, 0, 0).unwrap();
+        let e = fs
+            .mknod(entry_ctx, dir, &c("new.rs"), libc::S_IFREG | 0o644, 0, 0)
+            .unwrap();
         assert_eq!(e.attr.size, 4);
         assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFREG);
         std::fs::create_dir(d.lower.join("src/sub")).unwrap();
         let e = fs.mkdir(ctx(ECHO_GID_DIR), dir, &c("sub"), 0o755, 0).unwrap();
         assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFDIR);
         // Nothing arrived that the lower layer does not have.
-        assert_eq!(errno_of(fs.mknod(entry_ctx, dir, &c("nope"), libc::S_IFREG, 0, 0)), libc::ENOENT);
+        assert_eq!(
+            errno_of(fs.mknod(entry_ctx, dir, &c("nope"), libc::S_IFREG, 0, 0)),
+            libc::ENOENT
+        );
         assert!(d.upper_entries().is_empty(), "{:?}", d.upper_entries());
     }
 
@@ -380,8 +387,15 @@ mod tests {
         let (h, _) = fs.open(user(), ino, libc::O_WRONLY as u32).unwrap();
         fs.write(user(), ino, h, 0, b"mine", 0).unwrap();
         fs.release(ino, h).unwrap();
-        fs.create(user(), dir, &c("mine.rs"), libc::S_IFREG | 0o644, libc::O_WRONLY as u32, 0)
-            .unwrap();
+        fs.create(
+            user(),
+            dir,
+            &c("mine.rs"),
+            libc::S_IFREG | 0o644,
+            libc::O_WRONLY as u32,
+            0,
+        )
+        .unwrap();
         let (e, m) = (ctx(ECHO_GID_ENTRY), ctx(ECHO_GID_MODIFY));
         assert_eq!(errno_of(fs.unlink(e, dir, &c("main.rs"))), libc::EBUSY);
         assert_eq!(errno_of(fs.unlink(e, dir, &c("mine.rs"))), libc::EBUSY);
@@ -392,7 +406,10 @@ mod tests {
         };
         assert_eq!(errno_of(fs.setattr(m, ino, set)), libc::EBUSY);
         assert_eq!(fs.lookup(e, dir, &c("mine.rs")).unwrap().attr.size, 0);
-        assert_eq!(errno_of(fs.mknod(e, dir, &c("mine.rs"), libc::S_IFREG, 0, 0)), libc::EBUSY);
+        assert_eq!(
+            errno_of(fs.mknod(e, dir, &c("mine.rs"), libc::S_IFREG, 0, 0)),
+            libc::EBUSY
+        );
         // Operations that have no echo meaning are refused outright.
         assert_eq!(
             errno_of(fs.create(e, dir, &c("n"), libc::S_IFREG | 0o644, libc::O_WRONLY as u32, 0)),
