@@ -11,6 +11,8 @@ use std::path::PathBuf;
 /// Errors of the storage crate: each names the disk image and what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("share source \"{}\": cannot watch it for changes: {source}", path.display())]
+    Watch { path: PathBuf, source: std::io::Error },
     #[error("disk \"{}\": cannot open: {source}", path.display())]
     Open { path: PathBuf, source: std::io::Error },
     #[error("disk \"{}\": size {size} bytes is not a multiple of 512; resize the image (e.g. truncate -s %512)", path.display())]

@@ -70,6 +70,8 @@ pub enum Error {
     Closed,
     #[error("the peer reported: {0}")]
     Remote(String),
+    #[error("{0}")]
+    Handshake(String),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -860,6 +862,57 @@ pub fn hello<S: Read + Write>(stream: &mut S, software: &str) -> Result<String> 
             got: other.name(),
         }),
     }
+}
+
+/// Opens a connection to guest port `port` through a VMM's vsock Unix
+/// socket (`CONNECT <port>\n`, answered `OK <host port>\n`, the host side
+/// of Firecracker's hybrid vsock), then exchanges `Hello`. Returns the
+/// stream, with `timeout` on reads and writes, and the peer's software.
+pub fn connect_vsock(
+    uds: &std::path::Path,
+    port: u32,
+    timeout: std::time::Duration,
+    software: &str,
+) -> Result<(std::os::unix::net::UnixStream, String)> {
+    let mut stream = std::os::unix::net::UnixStream::connect(uds).map_err(|e| {
+        Error::Handshake(format!("cannot connect to {}: {e} (is the VM running?)", uds.display()))
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: what follows the newline is the agent's.
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        match stream.read(&mut b) {
+            Ok(0) => {
+                return Err(Error::Handshake(format!(
+                    "no answer on vsock port {port} (the guest agent is not listening, or the guest is still booting)"
+                )))
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 32 => line.push(b[0]),
+            Ok(_) => {
+                return Err(Error::Handshake(
+                    "the vsock socket answered something other than `OK <port>`".into(),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Handshake(format!(
+                    "waiting for the vsock handshake on port {port}: {e}"
+                )))
+            }
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(Error::Handshake(format!(
+            "the vsock socket answered {:?} instead of `OK <port>`",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    let peer = hello(&mut stream, software)?;
+    Ok((stream, peer))
 }
 
 #[cfg(test)]

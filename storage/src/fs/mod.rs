@@ -38,6 +38,7 @@ pub mod overlay;
 pub mod server;
 pub mod vhost_user;
 pub mod virtiofsd;
+pub mod watch;
 
 /// virtio device type of a file system device.
 pub const DEVICE_TYPE_FS: u32 = 26;
