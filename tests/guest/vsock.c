@@ -17,6 +17,14 @@
  *                              "listening", then forever accept connections
  *                              one after another, read each to its EOF and
  *                              close it (a host's upload target)
+ *   mvm-vsock watch DIR        inotify on DIR and every directory below it
+ *                              (new ones as they appear), the shape of
+ *                              `inotifywait -m -r`: print "ready N" once N
+ *                              directories are watched, then one line
+ *                              "EVENT path" per event (CREATE, DELETE,
+ *                              MODIFY, CLOSE_WRITE, MOVED_FROM, MOVED_TO,
+ *                              ATTRIB; ",ISDIR" for directories), path
+ *                              relative to DIR, forever
  *
  * Every read and write is of up to 64 KiB.  That is what the tcp and
  * tcp-sink modes are for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
@@ -34,6 +42,8 @@
 /* Headers for constants and types only: nothing of libc is linked. */
 #include <asm/unistd.h>
 #include <errno.h>
+#include <linux/fcntl.h>
+#include <linux/inotify.h>
 #include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -160,7 +170,8 @@ static __attribute__((noreturn)) void usage(void)
 	       "       mvm-vsock connect CID PORT\n"
 	       "       mvm-vsock tcp IPV4 PORT\n"
 	       "       mvm-vsock udp-echo PORT\n"
-	       "       mvm-vsock tcp-sink PORT\n");
+	       "       mvm-vsock tcp-sink PORT\n"
+	       "       mvm-vsock watch DIR\n");
 	sys_exit(2);
 }
 
@@ -506,6 +517,177 @@ static int str_eq(const char *a, const char *b)
 	return *a == *b;
 }
 
+/* ------------------------------------------------------------ watch */
+
+#define MAX_WATCHES 65536
+#define PATH_POOL (8 << 20)
+#define WATCH_MASK (IN_CREATE | IN_DELETE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB | IN_ONLYDIR | IN_DONT_FOLLOW)
+
+static int watch_fd;
+static unsigned int watched;
+/* wd -> offset of its relative path in pool (0: none; pool[0] is ""). */
+static unsigned int wd_path[MAX_WATCHES];
+static char pool[PATH_POOL];
+static size_t pool_used = 1;
+static char dir_root[4096];
+static char scratch[8192];
+static char out_line[8192];
+static char dents[32768];
+
+/* root + "/" + rel into scratch. */
+static const char *host_path(const char *rel)
+{
+	size_t n = str_len(dir_root), m = str_len(rel);
+
+	if (n + 1 + m + 1 > sizeof(scratch))
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		scratch[i] = dir_root[i];
+	scratch[n] = '/';
+	for (size_t i = 0; i <= m; i++)
+		scratch[n + 1 + i] = rel[i];
+	return scratch;
+}
+
+/* dir + "/" + name (or name alone at the top) stored in the pool. */
+static unsigned int store(const char *dir, const char *name)
+{
+	size_t d = str_len(dir), m = str_len(name), need = d + (d ? 1 : 0) + m + 1;
+	unsigned int at = (unsigned int)pool_used;
+
+	if (pool_used + need > PATH_POOL)
+		return 0;
+	for (size_t i = 0; i < d; i++)
+		pool[pool_used++] = dir[i];
+	if (d)
+		pool[pool_used++] = '/';
+	for (size_t i = 0; i <= m; i++)
+		pool[pool_used++] = name[i];
+	return at;
+}
+
+static unsigned char wd_set[MAX_WATCHES];
+static unsigned int stack[MAX_WATCHES];
+
+/* Watch the directory at pool offset rel and every one below it
+ * (iteratively: dents and scratch are shared). */
+static void add_dir(unsigned int rel)
+{
+	size_t top = 0;
+
+	stack[top++] = rel;
+	while (top) {
+		unsigned int cur = stack[--top];
+		const char *path = host_path(pool + cur);
+		long wd, fd, n;
+
+		if (!path)
+			continue;
+		wd = SYS3(__NR_inotify_add_watch, watch_fd, path, WATCH_MASK);
+		if (wd < 0 || wd >= MAX_WATCHES)
+			continue;
+		if (!wd_set[wd])
+			watched++;
+		wd_set[wd] = 1;
+		wd_path[wd] = cur;
+		fd = SYS3(__NR_openat, AT_FDCWD, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		while ((n = SYS3(__NR_getdents64, fd, dents, sizeof(dents))) > 0) {
+			long at = 0;
+
+			while (at < n) {
+				/* struct linux_dirent64: ino 8, off 8, reclen 2, type 1, name */
+				unsigned short reclen = *(unsigned short *)(dents + at + 16);
+				unsigned char type = (unsigned char)dents[at + 18];
+				const char *name = dents + at + 19;
+				unsigned int child;
+
+				at += reclen;
+				if (type != 4 /* DT_DIR */ || str_eq(name, ".") || str_eq(name, ".."))
+					continue;
+				child = store(pool + cur, name);
+				if (child && top < MAX_WATCHES)
+					stack[top++] = child;
+			}
+		}
+		SYS3(__NR_close, fd, 0, 0);
+	}
+}
+
+static void emit(const char *event, int isdir, const char *dir, const char *name)
+{
+	size_t n = 0;
+	const char *parts[5] = { event, isdir ? ",ISDIR " : " ", dir, *dir ? "/" : "", name };
+
+	for (int i = 0; i < 5; i++)
+		for (const char *p = parts[i]; *p && n < sizeof(out_line) - 2; p++)
+			out_line[n++] = *p;
+	out_line[n++] = '\n';
+	write_all(1, out_line, n);
+}
+
+static int run_watch(const char *dir)
+{
+	static char events[65536];
+	char num[24];
+	size_t n = str_len(dir);
+
+	if (n == 0 || n >= sizeof(dir_root))
+		usage();
+	for (size_t i = 0; i <= n; i++)
+		dir_root[i] = dir[i];
+	watch_fd = (int)SYS3(__NR_inotify_init1, IN_CLOEXEC, 0, 0);
+	if (watch_fd < 0)
+		fail("inotify_init1", watch_fd);
+	pool[0] = 0;
+	add_dir(0);
+	if (!watched)
+		fail("inotify_add_watch", -ENOENT);
+	put(1, "ready ");
+	put(1, fmt_uint(num + sizeof(num), watched));
+	put(1, "\n");
+	for (;;) {
+		ssize_t len = sys_read(watch_fd, events, sizeof(events));
+		ssize_t at = 0;
+
+		if (len == -EINTR)
+			continue;
+		if (len <= 0)
+			fail("read inotify", len);
+		while (at + (ssize_t)sizeof(struct inotify_event) <= len) {
+			struct inotify_event *ev = (struct inotify_event *)(events + at);
+			const char *name = ev->len ? ev->name : "";
+			const char *base = ev->wd > 0 && ev->wd < MAX_WATCHES && wd_set[ev->wd] ? pool + wd_path[ev->wd] : "";
+			int isdir = (ev->mask & IN_ISDIR) != 0;
+			static const struct {
+				unsigned int bit;
+				const char *name;
+			} kinds[] = {
+				{ IN_CREATE, "CREATE" },     { IN_DELETE, "DELETE" },
+				{ IN_MODIFY, "MODIFY" },     { IN_CLOSE_WRITE, "CLOSE_WRITE" },
+				{ IN_MOVED_FROM, "MOVED_FROM" }, { IN_MOVED_TO, "MOVED_TO" },
+				{ IN_ATTRIB, "ATTRIB" },
+			};
+
+			at += (ssize_t)sizeof(struct inotify_event) + ev->len;
+			if (ev->mask & IN_Q_OVERFLOW)
+				put(1, "OVERFLOW\n");
+			if (!*name)
+				continue;
+			for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+				if (ev->mask & kinds[i].bit)
+					emit(kinds[i].name, isdir, base, name);
+			if (isdir && (ev->mask & (IN_CREATE | IN_MOVED_TO))) {
+				unsigned int child = store(base, name);
+
+				if (child)
+					add_dir(child);
+			}
+		}
+	}
+}
+
 static int run(int argc, char **argv)
 {
 	if (argc == 3 && str_eq(argv[1], "echo"))
@@ -516,6 +698,8 @@ static int run(int argc, char **argv)
 		return run_udp_echo(parse_port(argv[2]));
 	if (argc == 3 && str_eq(argv[1], "tcp-sink"))
 		return run_tcp_sink(parse_port(argv[2]));
+	if (argc == 3 && str_eq(argv[1], "watch"))
+		return run_watch(argv[2]);
 	if (argc == 4 && str_eq(argv[1], "tcp")) {
 		unsigned char ip[4];
 

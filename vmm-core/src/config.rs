@@ -59,6 +59,9 @@
 //! backend = "builtin" # "builtin" (default, in-process) or "virtiofsd"
 //! socket = "fs.sock"  # virtiofsd only: connect to this running virtiofsd
 //! mount = "/project"  # where the guest's init mounts it (kernel command line)
+//! watch = false       # default false: replay host changes to source in the
+//!                     # guest so its file watchers fire (needs overlay, the
+//!                     # builtin backend, [vsock] and mvm-agent in the guest)
 //!
 //! [[volume]]          # any number: a persistent ext4 disk in the state dir
 //! name = "data"       # required; 1-16 of [a-z0-9_-]
@@ -224,6 +227,10 @@ pub struct ShareConfig {
     /// Where the guest's init mounts the share (`mvm.share=<tag>:<mount>`
     /// on the kernel command line); none: the guest mounts it itself.
     pub mount: Option<String>,
+    /// Watch `source` on the host and have the guest agent replay its
+    /// changes, so that file watchers in the guest fire (overlay, builtin
+    /// backend and vsock only).
+    pub watch: bool,
 }
 
 /// A raw ext4 image in the VM's state directory, created and formatted on
@@ -621,6 +628,7 @@ impl VmConfig {
                 backend: s.backend,
                 socket: s.socket.map(&resolve),
                 mount: s.mount,
+                watch: s.watch,
             })
             .collect();
         let volumes = file
@@ -880,6 +888,8 @@ struct FileShare {
     backend: ShareBackend,
     socket: Option<PathBuf>,
     mount: Option<String>,
+    #[serde(default)]
+    watch: bool,
 }
 
 #[derive(Deserialize)]

@@ -52,6 +52,7 @@ pub mod network;
 pub mod state;
 mod vcpu;
 mod vm;
+mod watch;
 pub mod x86_64;
 
 pub use config::{

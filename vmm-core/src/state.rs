@@ -161,6 +161,20 @@ fn check_share(config: &VmConfig, share: &ShareConfig) -> Result<()> {
         ));
     }
     check_mount("share.mount", &share.mount)?;
+    if share.watch {
+        let reason = if !share.overlay {
+            Some("needs overlay = true (without it the guest's own writes would be echoed back)")
+        } else if share.backend != ShareBackend::Builtin {
+            Some("needs backend = \"builtin\" (the replay of host changes is answered by the built-in file server)")
+        } else if config.vsock.is_none() {
+            Some("needs a [vsock] section (host changes reach the guest agent over vsock)")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(value("share.watch", "true", format!("share {tag:?}: {reason}")));
+        }
+    }
     if let Some(socket) = &share.socket {
         if share.backend != ShareBackend::Virtiofsd {
             return Err(path_error(
@@ -640,6 +654,14 @@ mod tests {
             ("[[share]]\ntag = \"p\"\nsource = \"missing\"\n", "share.source = "),
             ("[[share]]\ntag = \"p\"\nsource = \"file\"\n", "not a directory"),
             ("[[share]]\ntag = \"p\"\n", "share.source = (missing)"),
+            (
+                "[[share]]\ntag = \"p\"\nsource = \"project\"\nwatch = true\n",
+                "needs a [vsock] section",
+            ),
+            (
+                "[[share]]\ntag = \"p\"\nsource = \"project\"\nwatch = true\noverlay = false\n",
+                "needs overlay = true",
+            ),
             (
                 "[[share]]\ntag = \"p\"\nsource = \"project\"\nupper = \"project/up\"\n",
                 "share.upper = ",

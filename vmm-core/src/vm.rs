@@ -19,7 +19,7 @@ use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{devices, network, state, vcpu, Error, Result};
+use crate::{devices, network, state, vcpu, watch, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +142,8 @@ pub struct Vm {
     /// Forwards, control socket, dnsmasq watch: stopped before the state
     /// directory is unlocked.
     _networking: Option<network::Networking>,
+    /// Replays host changes of watched shares in the guest.
+    _watching: Option<watch::Watching>,
     /// The shares served in this process, for the VMM's other threads.
     #[allow(dead_code)]
     live_shares: Vec<devices::LiveShare>,
@@ -226,6 +228,7 @@ impl Vm {
         let mut attachments = Vec::new();
         let mut live_shares = Vec::new();
         let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares)?;
+        let watching = watch::start(&config)?;
         let networking = match &state_dir {
             Some(dir) => network::start(&config, &dir.path, &attachments)?,
             None => None,
@@ -364,6 +367,7 @@ impl Vm {
             reset: legacy.reset,
             sleep: legacy.sleep,
             _networking: networking,
+            _watching: watching,
             live_shares,
             _state: state_dir,
             virtio,

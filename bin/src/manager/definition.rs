@@ -164,6 +164,8 @@ impl Manager {
             s.insert("source".into(), path_value(project));
             s.insert("mount".into(), PROJECT_MOUNT.into());
             s.insert("persist".into(), Value::Boolean(opts.persist));
+            // Host edits fire the guest's file watchers (the agent replays them).
+            s.insert("watch".into(), Value::Boolean(true));
             shares.push(s);
         }
         let mut volumes = list(&mut doc, "volume");
@@ -233,7 +235,7 @@ impl Manager {
             sections.push_str(&format!("\n[{header}]\n{}", emit(table, order)));
         }
         for (key, items, order) in [
-            ("share", shares, &["tag", "source", "mount", "persist"][..]),
+            ("share", shares, &["tag", "source", "mount", "persist", "watch"][..]),
             ("volume", volumes, &["name", "size_mib", "mount"][..]),
             ("disk", disks, &["path"][..]),
             ("net", nets, &["network", "tap", "mac", "bridge"][..]),
