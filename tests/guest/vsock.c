@@ -17,6 +17,13 @@
  *                              "listening", then forever accept connections
  *                              one after another, read each to its EOF and
  *                              close it (a host's upload target)
+ *   mvm-vsock mmap FILE        map the first 4 KiB of FILE (at least that
+ *                              long) shared and writable, write
+ *                              "shared-mmap" at offset 0, msync, unmap;
+ *                              then map it private, write "PRIVATE" at
+ *                              offset 16 (never reaching the file), read
+ *                              that back through the mapping; print
+ *                              "mmap ok" when every read-back matched
  *   mvm-vsock watch DIR        inotify on DIR and every directory below it
  *                              (new ones as they appear), the shape of
  *                              `inotifywait -m -r`: print "ready N" once N
@@ -44,6 +51,7 @@
 #include <errno.h>
 #include <linux/fcntl.h>
 #include <linux/inotify.h>
+#include <linux/mman.h>
 #include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -171,6 +179,7 @@ static __attribute__((noreturn)) void usage(void)
 	       "       mvm-vsock tcp IPV4 PORT\n"
 	       "       mvm-vsock udp-echo PORT\n"
 	       "       mvm-vsock tcp-sink PORT\n"
+	       "       mvm-vsock mmap FILE\n"
 	       "       mvm-vsock watch DIR\n");
 	sys_exit(2);
 }
@@ -517,6 +526,53 @@ static int str_eq(const char *a, const char *b)
 	return *a == *b;
 }
 
+/* ------------------------------------------------------------ mmap */
+
+static int mem_eq(const char *a, const char *b, size_t n)
+{
+	while (n--)
+		if (*a++ != *b++)
+			return 0;
+	return 1;
+}
+
+static int run_mmap(const char *file)
+{
+	static char back[32];
+	long fd = SYS3(__NR_openat, AT_FDCWD, file, O_RDWR | O_CLOEXEC);
+	long map, r;
+
+	if (fd < 0)
+		fail("open", fd);
+	map = SYS6(__NR_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (map < 0 && map > -4096)
+		fail("mmap MAP_SHARED", map);
+	for (int i = 0; i < 11; i++)
+		((char *)map)[i] = "shared-mmap"[i];
+	r = SYS3(__NR_msync, map, 4096, MS_SYNC);
+	if (r < 0)
+		fail("msync", r);
+	SYS3(__NR_munmap, map, 4096, 0);
+	/* The file itself, read after the unmap, holds the shared write. */
+	r = SYS6(__NR_pread64, fd, back, 11, 0, 0, 0);
+	if (r != 11 || !mem_eq(back, "shared-mmap", 11))
+		fail("read back the shared mapping's write", -EIO);
+	map = SYS6(__NR_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	if (map < 0 && map > -4096)
+		fail("mmap MAP_PRIVATE", map);
+	for (int i = 0; i < 7; i++)
+		((char *)map)[16 + i] = "PRIVATE"[i];
+	if (!mem_eq((char *)map, "shared-mmap", 11) || !mem_eq((char *)map + 16, "PRIVATE", 7))
+		fail("read back through the private mapping", -EIO);
+	SYS3(__NR_munmap, map, 4096, 0);
+	r = SYS6(__NR_pread64, fd, back, 7, 16, 0, 0);
+	if (r != 7 || mem_eq(back, "PRIVATE", 7))
+		fail("the private mapping's write reached the file", -EIO);
+	SYS3(__NR_close, fd, 0, 0);
+	put(1, "mmap ok\n");
+	return 0;
+}
+
 /* ------------------------------------------------------------ watch */
 
 #define MAX_WATCHES 65536
@@ -698,6 +754,8 @@ static int run(int argc, char **argv)
 		return run_udp_echo(parse_port(argv[2]));
 	if (argc == 3 && str_eq(argv[1], "tcp-sink"))
 		return run_tcp_sink(parse_port(argv[2]));
+	if (argc == 3 && str_eq(argv[1], "mmap"))
+		return run_mmap(argv[2]);
 	if (argc == 3 && str_eq(argv[1], "watch"))
 		return run_watch(argv[2]);
 	if (argc == 4 && str_eq(argv[1], "tcp")) {

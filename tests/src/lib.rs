@@ -7,6 +7,7 @@
 //! which links it into `target/guest/`. `MVM_GUEST_DIR` overrides that.
 
 pub mod mvm_cli;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

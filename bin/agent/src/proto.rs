@@ -24,7 +24,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version; both ends must speak the same.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -874,9 +874,8 @@ pub fn connect_vsock(
     timeout: std::time::Duration,
     software: &str,
 ) -> Result<(std::os::unix::net::UnixStream, String)> {
-    let mut stream = std::os::unix::net::UnixStream::connect(uds).map_err(|e| {
-        Error::Handshake(format!("cannot connect to {}: {e} (is the VM running?)", uds.display()))
-    })?;
+    let mut stream = std::os::unix::net::UnixStream::connect(uds)
+        .map_err(|e| Error::Handshake(format!("cannot connect to {}: {e} (is the VM running?)", uds.display())))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;

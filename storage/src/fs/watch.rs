@@ -180,7 +180,9 @@ impl TreeWatcher {
     fn watch_below(&mut self, rel: Vec<u8>, arrived: &mut Vec<Change>) {
         let mut pending = vec![rel];
         while let Some(dir) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(self.host_path(&dir)) else { continue };
+            let Ok(entries) = std::fs::read_dir(self.host_path(&dir)) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let Ok(ft) = entry.file_type() else { continue };
                 let path = join(&dir, entry.file_name().as_bytes());
@@ -273,7 +275,9 @@ impl TreeWatcher {
                 let word = |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
                 let (wd, mask, cookie, len) = (word(0) as i32, word(4), word(8), word(12) as usize);
                 let name_start = at + EVENT_HEADER;
-                let Some(raw_name) = self.buf.get(name_start..name_start + len) else { break };
+                let Some(raw_name) = self.buf.get(name_start..name_start + len) else {
+                    break;
+                };
                 let name_len = raw_name.iter().position(|&b| b == 0).unwrap_or(len);
                 let name = raw_name[..name_len].to_vec();
                 at = name_start + len;
@@ -478,7 +482,11 @@ mod tests {
             }]
         );
         assert_eq!(
-            step(&|| std::fs::set_permissions(t.0.join("src/moved.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap()),
+            step(&|| std::fs::set_permissions(
+                t.0.join("src/moved.txt"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755)
+            )
+            .unwrap()),
             vec![Change::Attrib {
                 path: p("src/moved.txt"),
                 mode: 0o755
@@ -499,7 +507,10 @@ mod tests {
         let mut w = TreeWatcher::new(&t.0).unwrap();
         std::fs::create_dir_all(t.0.join("a/b/c")).unwrap();
         std::fs::write(t.0.join("a/b/c/f"), b"1").unwrap();
-        let got = collect(&mut w, |c| c.iter().any(|c| matches!(c, Change::Arrive { path, .. } if path == b"a/b/c/f")));
+        let got = collect(&mut w, |c| {
+            c.iter()
+                .any(|c| matches!(c, Change::Arrive { path, .. } if path == b"a/b/c/f"))
+        });
         let arrived: Vec<&[u8]> = got
             .iter()
             .filter_map(|c| match c {
@@ -508,7 +519,11 @@ mod tests {
             })
             .collect();
         for want in [&b"a"[..], b"a/b", b"a/b/c", b"a/b/c/f"] {
-            assert!(arrived.contains(&want), "{:?} not in {got:?}", String::from_utf8_lossy(want));
+            assert!(
+                arrived.contains(&want),
+                "{:?} not in {got:?}",
+                String::from_utf8_lossy(want)
+            );
         }
         assert_eq!(w.watched(), 5);
         // Renaming a directory keeps its watches, under the new name.
@@ -522,8 +537,17 @@ mod tests {
         }));
         // Deleting the tree drops its watches.
         std::fs::remove_dir_all(t.0.join("z")).unwrap();
-        let got = collect(&mut w, |c| c.iter().any(|c| matches!(c, Change::Leave { path, .. } if path == b"z")));
-        assert!(got.contains(&Change::Leave { path: p("z"), dir: true }), "{got:?}");
+        let got = collect(&mut w, |c| {
+            c.iter()
+                .any(|c| matches!(c, Change::Leave { path, .. } if path == b"z"))
+        });
+        assert!(
+            got.contains(&Change::Leave {
+                path: p("z"),
+                dir: true
+            }),
+            "{got:?}"
+        );
         collect(&mut w, |_| false);
         assert_eq!(w.watched(), 2);
     }

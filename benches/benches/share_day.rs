@@ -1,0 +1,227 @@
+//! Working through a project share day to day:
+//!
+//! - host edit -> guest file watcher: the time from the host's write (or
+//!   create, rename, delete) to the line of a recursive inotify watcher in
+//!   the guest (`mvm-vsock watch`, the shape of `inotifywait -m -r`)
+//!   arriving on the host through `mvm exec`'s output (so an upper bound:
+//!   it includes the way back). Target 200 ms.
+//! - the same watcher over a tree of 20,000 directories: its start (one
+//!   inotify watch per directory, listed through virtio-fs) and an event
+//!   deep in the tree;
+//! - `find` and `git status` over a 200,000-file project on the Debian
+//!   image, cold (first run after boot) and warm (second run), and the
+//!   VMM's open descriptors before and after (the file server keeps none
+//!   per file). Target: cold at most 2x warm.
+//!
+//! `MVM_BENCH_EVENTS` (default 20), `MVM_BENCH_WATCH_DIRS` (20000),
+//! `MVM_BENCH_TREE_FILES` (200000; 0 skips the Debian part).
+//!
+//! Caveat for PVM development hosts: the guest kernel is interpreted
+//! (about 1.5 M instructions/s), so each FUSE request costs the guest about
+//! a millisecond; tree walks scale with that, on VMX/SVM hosts they take
+//! a small fraction of it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mvm_benches::{report, Row};
+use mvm_tests::mvm_cli::{describe, Mvm};
+use mvm_tests::scratch_dir;
+use mvm_tests::watch::GuestWatcher;
+
+fn env_count(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Wall time of `mvm exec vm -- sh -c script`, which must succeed.
+fn timed(mvm: &Mvm, vm: &str, script: &str) -> (f64, String) {
+    let t = Instant::now();
+    let out = mvm.run(&["exec", vm, "--", "sh", "-c", script]);
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{script}: {}", describe(&out));
+    (secs, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn with_target(mut row: Row, target: f64) -> Row {
+    row.target = Some(target);
+    row
+}
+
+fn watcher_part(dir: &Path, rows: &mut Vec<Row>) {
+    let events = env_count("MVM_BENCH_EVENTS", 20);
+    let dirs = env_count("MVM_BENCH_WATCH_DIRS", 20_000);
+    let project = dir.join("project");
+    std::fs::create_dir_all(project.join("small/src")).unwrap();
+    for i in 0..dirs {
+        std::fs::create_dir_all(project.join(format!("tree/d{:03}/e{:03}", i / 100, i % 100))).unwrap();
+    }
+    let mvm = Mvm::new(dir.join("state"));
+    let p = project.to_str().unwrap();
+    mvm.ok(&[
+        "create",
+        "--no-image",
+        "--no-network",
+        "watch",
+        "--project",
+        p,
+        "--memory",
+        "256",
+    ]);
+    mvm.ok(&["start", "watch", "--timeout", "900"]);
+
+    let mut w = GuestWatcher::start(&mvm, "watch", "/project/small");
+    let (mut modify, mut create, mut rename, mut delete) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..events {
+        let f = project.join("small/src/main.rs");
+        let t = Instant::now();
+        std::fs::write(&f, format!("fn main() {{ /* {i} */ }}\n")).unwrap();
+        modify.push(ms(w.expect("MODIFY src/main.rs", t)));
+        w.expect("CLOSE_WRITE src/main.rs", t);
+        let n = project.join(format!("small/new{i}.txt"));
+        let t = Instant::now();
+        std::fs::write(&n, b"x").unwrap();
+        create.push(ms(w.expect(&format!("CREATE new{i}.txt"), t)));
+        let t = Instant::now();
+        std::fs::rename(&n, project.join(format!("small/src/moved{i}.txt"))).unwrap();
+        rename.push(ms(w.expect(&format!("MOVED_TO src/moved{i}.txt"), t)));
+        let t = Instant::now();
+        std::fs::remove_file(project.join(format!("small/src/moved{i}.txt"))).unwrap();
+        delete.push(ms(w.expect(&format!("DELETE src/moved{i}.txt"), t)));
+    }
+    drop(w);
+    rows.push(with_target(
+        Row::plain("host write -> guest IN_MODIFY", "ms", &modify),
+        200.0,
+    ));
+    rows.push(with_target(
+        Row::plain("host create -> IN_CREATE", "ms", &create),
+        200.0,
+    ));
+    rows.push(with_target(
+        Row::plain("host rename -> IN_MOVED_TO", "ms", &rename),
+        200.0,
+    ));
+    rows.push(with_target(
+        Row::plain("host delete -> IN_DELETE", "ms", &delete),
+        200.0,
+    ));
+
+    if dirs > 0 {
+        let t = Instant::now();
+        let mut w = GuestWatcher::start(&mvm, "watch", "/project/tree");
+        let ready = t.elapsed();
+        eprintln!(
+            "guest watcher over {} directories ready in {:.1} s",
+            w.watched,
+            ready.as_secs_f64()
+        );
+        rows.push(Row::plain(
+            &format!("watch {} dirs: start", w.watched),
+            "s",
+            &[ready.as_secs_f64()],
+        ));
+        let mut deep = Vec::new();
+        for i in 0..events.min(5) {
+            let last = dirs - 1;
+            let rel = format!("d{:03}/e{:03}/f{i}", last / 100, last % 100);
+            let t = Instant::now();
+            std::fs::write(project.join("tree").join(&rel), b"x").unwrap();
+            deep.push(ms(w.expect(&format!("CREATE {rel}"), t)));
+        }
+        rows.push(with_target(
+            Row::plain(&format!("watch {dirs} dirs: create"), "ms", &deep),
+            200.0,
+        ));
+    }
+    let pid = mvm.pid_of("watch");
+    eprintln!("mvm-vmm descriptors after the watcher part: {}", open_fds(pid));
+    mvm.ok(&["stop", "watch"]);
+}
+
+fn tree_part(dir: &Path, rows: &mut Vec<Row>) {
+    let files = env_count("MVM_BENCH_TREE_FILES", 200_000);
+    if files == 0 {
+        return;
+    }
+    let project = dir.join("big");
+    let per_dir = 100;
+    let t = Instant::now();
+    for i in 0..files {
+        let d = project.join(format!("m{:03}/d{:03}", i / (per_dir * 100), (i / per_dir) % 100));
+        if i % per_dir == 0 {
+            std::fs::create_dir_all(&d).unwrap();
+        }
+        std::fs::write(d.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = Command::new("git").arg("-C").arg(&project).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", describe(&out));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&[
+        "-c",
+        "user.name=bench",
+        "-c",
+        "user.email=bench@example.com",
+        "commit",
+        "-qm",
+        "tree",
+    ]);
+    eprintln!("{files}-file git project made in {:.1} s", t.elapsed().as_secs_f64());
+
+    let mvm = Mvm::new(dir.join("state-big"));
+    let p = project.to_str().unwrap();
+    mvm.ok(&["create", "--no-network", "big", "--project", p, "--memory", "1024"]);
+    mvm.ok(&["start", "big", "--timeout", "900"]);
+    let pid = mvm.pid_of("big");
+    let fds_before = open_fds(pid);
+    let (find_cold, n) = timed(&mvm, "big", "find /project | wc -l");
+    let (find_warm, _) = timed(&mvm, "big", "find /project | wc -l");
+    let fds_find = open_fds(pid);
+    // git refuses a repository owned by someone else unless told; the
+    // benchmark runs as root over a root-owned tree.
+    let status = "cd /project && git status --porcelain | wc -l";
+    let (git_cold, changed) = timed(&mvm, "big", status);
+    let (git_warm, _) = timed(&mvm, "big", status);
+    let fds_git = open_fds(pid);
+    eprintln!("find saw {n} entries; git status reported {changed} changes");
+    eprintln!("mvm-vmm descriptors: {fds_before} before, {fds_find} after find, {fds_git} after git status");
+    rows.push(Row::plain(&format!("find {files} files, cold"), "s", &[find_cold]));
+    rows.push(Row::plain(&format!("find {files} files, warm"), "s", &[find_warm]));
+    rows.push(with_target(
+        Row::plain("find cold / warm", "x", &[find_cold / find_warm]),
+        2.0,
+    ));
+    rows.push(Row::plain(&format!("git status {files} files, cold"), "s", &[git_cold]));
+    rows.push(Row::plain(&format!("git status {files} files, warm"), "s", &[git_warm]));
+    rows.push(with_target(
+        Row::plain("git status cold / warm", "x", &[git_cold / git_warm]),
+        2.0,
+    ));
+    rows.push(Row::plain("mvm-vmm fds: before", "fds", &[fds_before as f64]));
+    rows.push(Row::plain("mvm-vmm fds: after find+git", "fds", &[fds_git as f64]));
+    mvm.ok(&["stop", "big"]);
+}
+
+fn main() {
+    let dir = scratch_dir("bench-share-day");
+    let mut rows = Vec::new();
+    watcher_part(&dir, &mut rows);
+    tree_part(&dir, &mut rows);
+    report(
+        "share_day",
+        "host edits reaching guest watchers (an upper bound: via mvm exec's output), a 20,000-dir watch, and tree walks on a 200,000-file project",
+        &rows,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
