@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use mvm_benches::{report, Row};
 use mvm_tests::mvm_cli::{describe, Mvm};
 use mvm_tests::scratch_dir;
-use mvm_tests::watch::GuestWatcher;
+use mvm_tests::watch::{mark, GuestWatcher, Latency};
 
 fn env_count(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -79,41 +79,35 @@ fn watcher_part(dir: &Path, rows: &mut Vec<Row>) {
     mvm.ok(&["start", "watch", "--timeout", "900"]);
 
     let mut w = GuestWatcher::start(&mvm, "watch", "/project/small");
-    let (mut modify, mut create, mut rename, mut delete) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let names = ["host write -> IN_MODIFY", "host create -> IN_CREATE", "host rename -> IN_MOVED_TO", "host delete -> IN_DELETE"];
+    let mut guest: [Vec<f64>; 4] = Default::default();
+    let mut round: [Vec<f64>; 4] = Default::default();
+    let mut record = |k: usize, l: Latency| {
+        guest[k].push(ms(l.guest));
+        round[k].push(ms(l.round_trip));
+    };
     for i in 0..events {
         let f = project.join("small/src/main.rs");
-        let t = Instant::now();
+        let t = mark();
         std::fs::write(&f, format!("fn main() {{ /* {i} */ }}\n")).unwrap();
-        modify.push(ms(w.expect("MODIFY src/main.rs", t)));
+        record(0, w.expect("MODIFY src/main.rs", t));
         w.expect("CLOSE_WRITE src/main.rs", t);
         let n = project.join(format!("small/new{i}.txt"));
-        let t = Instant::now();
+        let t = mark();
         std::fs::write(&n, b"x").unwrap();
-        create.push(ms(w.expect(&format!("CREATE new{i}.txt"), t)));
-        let t = Instant::now();
+        record(1, w.expect(&format!("CREATE new{i}.txt"), t));
+        let t = mark();
         std::fs::rename(&n, project.join(format!("small/src/moved{i}.txt"))).unwrap();
-        rename.push(ms(w.expect(&format!("MOVED_TO src/moved{i}.txt"), t)));
-        let t = Instant::now();
+        record(2, w.expect(&format!("MOVED_TO src/moved{i}.txt"), t));
+        let t = mark();
         std::fs::remove_file(project.join(format!("small/src/moved{i}.txt"))).unwrap();
-        delete.push(ms(w.expect(&format!("DELETE src/moved{i}.txt"), t)));
+        record(3, w.expect(&format!("DELETE src/moved{i}.txt"), t));
     }
     drop(w);
-    rows.push(with_target(
-        Row::plain("host write -> guest IN_MODIFY", "ms", &modify),
-        200.0,
-    ));
-    rows.push(with_target(
-        Row::plain("host create -> IN_CREATE", "ms", &create),
-        200.0,
-    ));
-    rows.push(with_target(
-        Row::plain("host rename -> IN_MOVED_TO", "ms", &rename),
-        200.0,
-    ));
-    rows.push(with_target(
-        Row::plain("host delete -> IN_DELETE", "ms", &delete),
-        200.0,
-    ));
+    for k in 0..4 {
+        rows.push(with_target(Row::plain(names[k], "ms", &guest[k]), 200.0));
+        rows.push(Row::plain(&format!("{} (+ way back)", &names[k][5..]), "ms", &round[k]));
+    }
 
     if dirs > 0 {
         let t = Instant::now();
@@ -133,9 +127,9 @@ fn watcher_part(dir: &Path, rows: &mut Vec<Row>) {
         for i in 0..events.min(5) {
             let last = dirs - 1;
             let rel = format!("d{:03}/e{:03}/f{i}", last / 100, last % 100);
-            let t = Instant::now();
+            let t = mark();
             std::fs::write(project.join("tree").join(&rel), b"x").unwrap();
-            deep.push(ms(w.expect(&format!("CREATE {rel}"), t)));
+            deep.push(ms(w.expect(&format!("CREATE {rel}"), t).guest));
         }
         rows.push(with_target(
             Row::plain(&format!("watch {dirs} dirs: create"), "ms", &deep),

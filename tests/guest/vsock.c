@@ -28,10 +28,11 @@
  *                              (new ones as they appear), the shape of
  *                              `inotifywait -m -r`: print "ready N" once N
  *                              directories are watched, then one line
- *                              "EVENT path" per event (CREATE, DELETE,
+ *                              "EVENT path NS" per event (CREATE, DELETE,
  *                              MODIFY, CLOSE_WRITE, MOVED_FROM, MOVED_TO,
  *                              ATTRIB; ",ISDIR" for directories), path
- *                              relative to DIR, forever
+ *                              relative to DIR, NS the guest's
+ *                              CLOCK_REALTIME when it was read, forever
  *
  * Every read and write is of up to 64 KiB.  That is what the tcp and
  * tcp-sink modes are for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
@@ -671,12 +672,12 @@ static void add_dir(unsigned int rel)
 	}
 }
 
-static void emit(const char *event, int isdir, const char *dir, const char *name)
+static void emit(const char *event, int isdir, const char *dir, const char *name, const char *when)
 {
 	size_t n = 0;
-	const char *parts[5] = { event, isdir ? ",ISDIR " : " ", dir, *dir ? "/" : "", name };
+	const char *parts[7] = { event, isdir ? ",ISDIR " : " ", dir, *dir ? "/" : "", name, " ", when };
 
-	for (int i = 0; i < 5; i++)
+	for (int i = 0; i < 7; i++)
 		for (const char *p = parts[i]; *p && n < sizeof(out_line) - 2; p++)
 			out_line[n++] = *p;
 	out_line[n++] = '\n';
@@ -706,6 +707,14 @@ static int run_watch(const char *dir)
 	for (;;) {
 		ssize_t len = sys_read(watch_fd, events, sizeof(events));
 		ssize_t at = 0;
+		struct {
+			long sec, nsec;
+		} now = { 0, 0 };
+		char when[24];
+		const char *when_s;
+
+		SYS3(__NR_clock_gettime, 0 /* CLOCK_REALTIME */, &now, 0);
+		when_s = fmt_uint(when + sizeof(when), (unsigned long)now.sec * 1000000000UL + (unsigned long)now.nsec);
 
 		if (len == -EINTR)
 			continue;
@@ -733,7 +742,7 @@ static int run_watch(const char *dir)
 				continue;
 			for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
 				if (ev->mask & kinds[i].bit)
-					emit(kinds[i].name, isdir, base, name);
+					emit(kinds[i].name, isdir, base, name, when_s);
 			if (isdir && (ev->mask & (IN_CREATE | IN_MOVED_TO))) {
 				unsigned int child = store(base, name);
 

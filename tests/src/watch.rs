@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::mvm_cli::{describe, Mvm};
 
@@ -17,6 +17,32 @@ use crate::mvm_cli::{describe, Mvm};
 /// (a correctness bound for loaded CI hosts; the latency itself is
 /// measured, and belongs to the benchmark).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When a host change was made: the host's monotonic and wall clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    pub at: Instant,
+    pub wall: SystemTime,
+}
+
+/// Now, before a host change.
+pub fn mark() -> Mark {
+    Mark {
+        at: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+/// How long a host change took to reach the guest's watcher.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// Host change -> the watcher's read of the event, by the guest's
+    /// wall clock (set from the host's by `mvm start`, to the millisecond).
+    pub guest: Duration,
+    /// Host change -> the watcher's line arriving on the host through
+    /// `mvm exec` (an upper bound: it includes the way back).
+    pub round_trip: Duration,
+}
 
 /// The guest watcher's output lines, with when the host received each.
 pub struct GuestWatcher {
@@ -72,11 +98,18 @@ impl GuestWatcher {
         }
     }
 
-    /// Waits for `event` ("MODIFY README"), after `since`; returns the
-    /// delay from `since`.
-    pub fn expect(&mut self, event: &str, since: Instant) -> Duration {
-        match self.wait_for(|l| l == event, EVENT_TIMEOUT) {
-            Some((at, _)) => at.saturating_duration_since(since),
+    /// Waits for `event` ("MODIFY README") made after `since`.
+    pub fn expect(&mut self, event: &str, since: Mark) -> Latency {
+        let is = |l: &str| l.rsplit_once(' ').is_some_and(|(e, _)| e == event);
+        match self.wait_for(is, EVENT_TIMEOUT) {
+            Some((at, line)) => {
+                let ns: u64 = line.rsplit_once(' ').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+                let guest_time = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+                Latency {
+                    guest: guest_time.duration_since(since.wall).unwrap_or_default(),
+                    round_trip: at.saturating_duration_since(since.at),
+                }
+            }
             None => panic!(
                 "the guest watcher did not report {event:?} within {EVENT_TIMEOUT:?}; it reported: {:?}",
                 self.seen.iter().map(|(_, l)| l).collect::<Vec<_>>()
@@ -84,12 +117,16 @@ impl GuestWatcher {
         }
     }
 
-    /// Lines reported so far (for checks that something did not happen).
+    /// Events reported so far, without their times (for checks that
+    /// something did not happen).
     pub fn drain(&mut self, settle: Duration) -> Vec<String> {
         while let Ok((at, line)) = self.lines.recv_timeout(settle) {
             self.seen.push((at, line));
         }
-        self.seen.iter().map(|(_, l)| l.clone()).collect()
+        self.seen
+            .iter()
+            .map(|(_, l)| l.rsplit_once(' ').map_or(l.as_str(), |(e, _)| e).to_string())
+            .collect()
     }
 }
 
@@ -102,7 +139,7 @@ impl Drop for GuestWatcher {
 
 /// Latencies (host change -> guest watcher line on the host) of the
 /// scenario's steps, by name.
-pub type Latencies = Vec<(&'static str, Duration)>;
+pub type Latencies = Vec<(&'static str, Latency)>;
 
 fn guest(mvm: &Mvm, vm: &str, script: &str) -> String {
     let out = mvm.run(&["exec", vm, "--", "sh", "-c", script]);
@@ -136,7 +173,7 @@ pub fn host_edits_reach_guest_watchers(mvm: &Mvm, vm: &str, project: &Path) -> L
 
     // A content change: the events of a local write, and the new content
     // and size on the guest's next read.
-    let t = Instant::now();
+    let t = mark();
     std::fs::write(project.join("README"), "edited on the host, longer than before\n").unwrap();
     lat.push(("modify", w.expect("MODIFY README", t)));
     w.expect("CLOSE_WRITE README", t);
@@ -147,22 +184,22 @@ pub fn host_edits_reach_guest_watchers(mvm: &Mvm, vm: &str, project: &Path) -> L
 
     // A new file, renamed, then deleted.
     std::fs::create_dir_all(project.join("src")).unwrap();
-    w.expect("CREATE,ISDIR src", Instant::now());
-    let t = Instant::now();
+    w.expect("CREATE,ISDIR src", mark());
+    let t = mark();
     std::fs::write(project.join("src/new.rs"), "fn main() {}\n").unwrap();
     lat.push(("create", w.expect("CREATE src/new.rs", t)));
     assert_eq!(guest(mvm, vm, "cat /project/src/new.rs"), "fn main() {}\n");
-    let t = Instant::now();
+    let t = mark();
     std::fs::rename(project.join("src/new.rs"), project.join("src/lib.rs")).unwrap();
     lat.push(("rename", w.expect("MOVED_TO src/lib.rs", t)));
     assert_eq!(guest(mvm, vm, "ls /project/src"), "lib.rs\n");
-    let t = Instant::now();
+    let t = mark();
     std::fs::remove_file(project.join("src/lib.rs")).unwrap();
     lat.push(("delete", w.expect("DELETE src/lib.rs", t)));
     assert_eq!(guest(mvm, vm, "ls /project/src"), "");
 
     // An editor's atomic save: a temporary file renamed over the original.
-    let t = Instant::now();
+    let t = mark();
     std::fs::write(project.join(".README.swp"), "saved atomically\n").unwrap();
     std::fs::rename(project.join(".README.swp"), project.join("README")).unwrap();
     lat.push(("atomic save", w.expect("MOVED_TO README", t)));

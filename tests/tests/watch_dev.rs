@@ -26,6 +26,7 @@ fn watch_dev() {
     mvm.ok(&["start", "w1", "--timeout", "600"]);
     eprintln!("booted in {:?}", t.elapsed());
     let lat = mvm_tests::watch::host_edits_reach_guest_watchers(&mvm, "w1", &project);
-    eprintln!("latencies: {lat:?}");
+    for (name, l) in &lat { eprintln!("{name}: guest {:?}, round trip {:?}", l.guest, l.round_trip); }
+    let log = std::fs::read_dir(mvm.root.join("w1")).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>(); eprintln!("{log:?}");
     mvm.ok(&["stop", "w1"]);
 }

@@ -121,7 +121,9 @@ fn run(watched: &mut [Watched], stop: &EventFd, agent: &mut Agent) {
             return;
         }
         for (w, _) in watched.iter_mut().zip(&ready[1..]).filter(|(_, r)| **r) {
+            let start = Instant::now();
             let changes = gather(&mut w.watcher);
+            log::trace!("share {}: gathered {} changes in {:?}", w.tag, changes.len(), start.elapsed());
             if !changes.is_empty() {
                 agent.send(&w.tag, changes);
             }
@@ -213,9 +215,13 @@ impl Agent {
             tag: tag.to_string(),
             changes,
         };
+        let start = Instant::now();
         let result = proto::write_message(conn, &msg).and_then(|()| proto::read_message(conn));
         match result {
-            Ok(Message::Ok) => log::debug!("share {tag}: {count} host changes replayed"),
+            Ok(Message::Ok) => log::debug!(
+                "share {tag}: {count} host changes replayed in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1000.0
+            ),
             Ok(Message::Error(e)) => log::warn!("share {tag}: the guest agent did not replay host changes: {e}"),
             Ok(other) => {
                 log::warn!("share {tag}: the guest agent answered {} to FsEvents", other.name());
