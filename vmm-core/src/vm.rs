@@ -19,7 +19,7 @@ use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{devices, network, state, vcpu, Error, Result};
+use crate::{control, devices, network, state, vcpu, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,8 +139,10 @@ pub struct Vm {
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     console_input: ConsoleInput,
-    /// Forwards, control socket, dnsmasq watch: stopped before the state
-    /// directory is unlocked.
+    /// The control socket (VMs with a state directory): stopped before
+    /// the state directory is unlocked, like the networking.
+    _control: Option<control::Control>,
+    /// Forwards, dnsmasq watch.
     _networking: Option<network::Networking>,
     /// The shares served in this process, for the VMM's other threads.
     #[allow(dead_code)]
@@ -228,6 +230,14 @@ impl Vm {
         let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares)?;
         let networking = match &state_dir {
             Some(dir) => network::start(&config, &dir.path, &attachments)?,
+            None => None,
+        };
+        let control = match &state_dir {
+            Some(dir) => Some(control::start(
+                &dir.path,
+                networking.as_ref().map(network::Networking::reload_handle),
+                live_shares.clone(),
+            )?),
             None => None,
         };
         vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
@@ -363,6 +373,7 @@ impl Vm {
             serial: legacy.serial,
             reset: legacy.reset,
             sleep: legacy.sleep,
+            _control: control,
             _networking: networking,
             live_shares,
             _state: state_dir,
