@@ -312,14 +312,14 @@ pub fn write_stat(out: &mut dyn Write, stats: &[StatLine]) -> io::Result<()> {
                     gi = scale(ins);
                     gd = scale(del);
                 }
-                writeln!(
-                    out,
+                let line = format!(
                     " {:<name_width$} | {:>num_width$} {}{}",
                     s.name,
                     ins + del,
                     "+".repeat(gi),
                     "-".repeat(gd)
-                )?;
+                );
+                writeln!(out, "{}", line.trim_end())?;
             }
             None => writeln!(
                 out,
@@ -352,13 +352,13 @@ mod tests {
     #[test]
     fn hunks_with_context_and_counts() {
         let old: String = (1..=20).map(|i| format!("{i}\n")).collect();
-        let new = old.replace("5\n", "five\n").replace("18\n", "");
+        let new = old.replace("\n5\n", "\nfive\n").replace("\n18\n", "\n");
         assert_eq!(
             hunks(&old, &new),
             "@@ -2,7 +2,7 @@\n 2\n 3\n 4\n-5\n+five\n 6\n 7\n 8\n@@ -15,6 +15,5 @@\n 15\n 16\n 17\n-18\n 19\n 20\n"
         );
         // Close changes share one hunk.
-        let new = old.replace("5\n", "five\n").replace("11\n", "eleven\n");
+        let new = old.replace("\n5\n", "\nfive\n").replace("\n11\n", "\neleven\n");
         assert!(hunks(&old, &new).starts_with("@@ -2,13 +2,13 @@\n"));
         assert_eq!(hunks("a\n", "a\nb\n"), "@@ -1 +1,2 @@\n a\n+b\n");
         assert_eq!(hunks("", "x\n"), "@@ -0,0 +1 @@\n+x\n");
