@@ -211,7 +211,10 @@ fn cpath(path: &Path) -> io::Result<CString> {
 
 /// An extended attribute of `path` itself (symlinks not followed).
 fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let (p, n) = (cpath(path)?, CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?);
+    let (p, n) = (
+        cpath(path)?,
+        CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+    );
     let mut buf = vec![0u8; 256];
     // SAFETY: valid C strings and buffer of the given length.
     let len = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -227,7 +230,10 @@ fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let (p, n) = (cpath(path)?, CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?);
+    let (p, n) = (
+        cpath(path)?,
+        CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+    );
     // SAFETY: valid C strings and buffer.
     let ret = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     if ret < 0 {
@@ -431,7 +437,9 @@ impl Scan<'_> {
             if !self.filter.relevant(&p) {
                 continue;
             }
-            let Some(umd) = lstat_opt(&self.upper(&p))? else { continue };
+            let Some(umd) = lstat_opt(&self.upper(&p))? else {
+                continue;
+            };
             let lmd = lstat_opt(&self.lower(&p))?;
             let uct = ctime_ns(&umd);
             if is_whiteout(&umd) {
@@ -528,7 +536,9 @@ impl Scan<'_> {
                     continue;
                 }
                 let from = &self.set.changes[d].path;
-                let Some(lmd) = lstat_opt(&self.lower(from))? else { continue };
+                let Some(lmd) = lstat_opt(&self.lower(from))? else {
+                    continue;
+                };
                 if same_content(&self.lower(from), &lmd, &upper, &umd)? {
                     gone.insert(d);
                     gone.insert(i);
@@ -665,9 +675,7 @@ fn write_conflict(layers: &Layers, p: &Path, renamed_inos: &HashSet<u64>) -> io:
     let origin = read_origin(&upper)?;
     let Some(hmd) = lstat_opt(&host)? else {
         return Ok(match origin {
-            Some(o) if !renamed_inos.contains(&o.ino) => {
-                Some("deleted on the host since the VM copied it".into())
-            }
+            Some(o) if !renamed_inos.contains(&o.ino) => Some("deleted on the host since the VM copied it".into()),
             _ => None,
         });
     };
@@ -899,7 +907,9 @@ pub fn reset(layers: &Layers, paths: &[PathBuf]) -> io::Result<Result<Vec<PathBu
         let mut cur = PathBuf::new();
         for c in p.parent().map(|d| d.components()).into_iter().flatten() {
             cur.push(c);
-            let Some(md) = lstat_opt(&layers.upper.join(&cur))? else { break };
+            let Some(md) = lstat_opt(&layers.upper.join(&cur))? else {
+                break;
+            };
             let opaque = md.is_dir() && get_xattr(&layers.upper.join(&cur), OPAQUE_XATTR)?.is_some_and(|v| v == b"y");
             let hides = !md.is_dir() || opaque;
             if hides && lstat_opt(&layers.lower.join(p))?.is_some() {

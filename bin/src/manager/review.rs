@@ -45,11 +45,11 @@ impl Manager {
         let dir = self.existing(name)?;
         let file = dir.join(VM_TOML);
         let config = VmConfig::from_file(&file).map_err(|source| Error::Config { path: file, source })?;
-        let share = config
-            .shares
-            .iter()
-            .find(|s| s.tag == PROJECT_TAG)
-            .ok_or_else(|| Error::Usage(format!("VM {name:?} has no project share (create it with --project <dir>)")))?;
+        let share = config.shares.iter().find(|s| s.tag == PROJECT_TAG).ok_or_else(|| {
+            Error::Usage(format!(
+                "VM {name:?} has no project share (create it with --project <dir>)"
+            ))
+        })?;
         if !share.overlay {
             return Err(Error::Usage(format!(
                 "VM {name:?} writes to its project directly (overlay = false): there is nothing to diff, apply or reset"
@@ -164,4 +164,3 @@ fn scan(layers: &Layers, paths: &[PathBuf]) -> Result<ChangeSet> {
         layers.upper.display()
     )))
 }
-

@@ -208,7 +208,9 @@ enum Cmd {
     },
     /// Write a VM's changes into the project directory; refused (nothing
     /// written) when a host file changed since the VM took it.
-    #[command(after_help = "A conflict exits with status 1 and lists the paths; resolve each (restore the host file, or `mvm reset <name> <path>`) and apply again.")]
+    #[command(
+        after_help = "A conflict exits with status 1 and lists the paths; resolve each (restore the host file, or `mvm reset <name> <path>`) and apply again."
+    )]
     Apply {
         name: String,
         /// Only report what would be applied and the conflicts.

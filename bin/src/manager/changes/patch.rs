@@ -308,7 +308,13 @@ pub fn write_stat(out: &mut dyn Write, stats: &[StatLine]) -> io::Result<()> {
                 del_total += del;
                 let (mut gi, mut gd) = (ins, del);
                 if max_change > graph_width {
-                    let scale = |n: usize| if n == 0 { 0 } else { (n * graph_width / max_change).max(1) };
+                    let scale = |n: usize| {
+                        if n == 0 {
+                            0
+                        } else {
+                            (n * graph_width / max_change).max(1)
+                        }
+                    };
                     gi = scale(ins);
                     gd = scale(del);
                 }
@@ -329,7 +335,11 @@ pub fn write_stat(out: &mut dyn Write, stats: &[StatLine]) -> io::Result<()> {
         }
     }
     let plural = |n: usize, one: &str, many: &str| if n == 1 { one.to_string() } else { many.to_string() };
-    let mut summary = format!(" {} {}", stats.len(), plural(stats.len(), "file changed", "files changed"));
+    let mut summary = format!(
+        " {} {}",
+        stats.len(),
+        plural(stats.len(), "file changed", "files changed")
+    );
     if ins_total > 0 || del_total == 0 {
         summary += &format!(", {ins_total} {}", plural(ins_total, "insertion(+)", "insertions(+)"));
     }
@@ -370,7 +380,10 @@ mod tests {
 
     #[test]
     fn myers_finds_a_shortest_script() {
-        let a: Vec<&[u8]> = ["a", "b", "c", "a", "b", "b", "a"].iter().map(|s| s.as_bytes()).collect();
+        let a: Vec<&[u8]> = ["a", "b", "c", "a", "b", "b", "a"]
+            .iter()
+            .map(|s| s.as_bytes())
+            .collect();
         let b: Vec<&[u8]> = ["c", "b", "a", "b", "a", "c"].iter().map(|s| s.as_bytes()).collect();
         let ops = edit_script(&a, &b);
         assert_eq!(ops.iter().filter(|o| **o != Op::Equal).count(), 5);

@@ -72,11 +72,7 @@ fn lines(from: u32, to: u32) -> String {
 }
 
 fn ctx() -> Context {
-    Context {
-        uid: 0,
-        gid: 0,
-        pid: 1,
-    }
+    Context { uid: 0, gid: 0, pid: 1 }
 }
 
 fn c(s: &str) -> CString {
@@ -121,13 +117,18 @@ fn names_of(set: &ChangeSet) -> Vec<String> {
 /// rename, chmod +x.
 fn vm_work(env: &Env) -> Overlay {
     let mut fs = env.overlay();
-    write_file(&mut fs, "a.txt", lines(1, 20).replace("line 5\n", "line five\n").as_bytes());
+    write_file(
+        &mut fs,
+        "a.txt",
+        lines(1, 20).replace("line 5\n", "line five\n").as_bytes(),
+    );
     create_file(&mut fs, "dir", "new.txt", b"new file\n");
     create_file(&mut fs, "", "noeol.txt", b"no newline");
     create_file(&mut fs, "", "blob.bin", b"\x00\x01binary");
     fs.unlink(ctx(), ROOT_ID, &c("gone.txt")).unwrap();
     let dir = walk(&mut fs, "dir");
-    fs.rename(ctx(), ROOT_ID, &c("moved.txt"), dir, &c("moved.txt"), 0).unwrap();
+    fs.rename(ctx(), ROOT_ID, &c("moved.txt"), dir, &c("moved.txt"), 0)
+        .unwrap();
     let script = walk(&mut fs, "script.sh");
     fs.setattr(
         ctx(),
@@ -169,7 +170,9 @@ fn changes_and_the_git_patch() {
         ),
         "{diff}"
     );
-    assert!(diff.contains("diff --git a/blob.bin b/blob.bin\nnew file mode 100644\nBinary files /dev/null and b/blob.bin differ\n"));
+    assert!(diff.contains(
+        "diff --git a/blob.bin b/blob.bin\nnew file mode 100644\nBinary files /dev/null and b/blob.bin differ\n"
+    ));
     assert!(diff.contains(
         "diff --git a/moved.txt b/dir/moved.txt\nsimilarity index 100%\nrename from moved.txt\nrename to dir/moved.txt\n"
     ));
@@ -180,18 +183,32 @@ fn changes_and_the_git_patch() {
     // The proof of the format: git applies it to a copy of the project
     // (without the binary file, which needs blob hashes).
     let text_only = ChangeSet {
-        changes: set.changes.iter().filter(|c| !c.path.ends_with("blob.bin")).cloned().collect(),
+        changes: set
+            .changes
+            .iter()
+            .filter(|c| !c.path.ends_with("blob.bin"))
+            .cloned()
+            .collect(),
         ..set.clone()
     };
     let patch = env.dir.join("changes.patch");
     std::fs::write(&patch, env.diff(&text_only)).unwrap();
     let copy = env.dir.join("copy");
-    assert!(Command::new("cp").arg("-a").arg(&env.layers.lower).arg(&copy).status().unwrap().success());
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&env.layers.lower)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
     let check = git(&copy, &["apply", "--check", "-v", patch.to_str().unwrap()]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let applied = git(&copy, &["apply", patch.to_str().unwrap()]);
     assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    assert_eq!(std::fs::read(copy.join("a.txt")).unwrap(), std::fs::read(env.layers.upper.join("a.txt")).unwrap());
+    assert_eq!(
+        std::fs::read(copy.join("a.txt")).unwrap(),
+        std::fs::read(env.layers.upper.join("a.txt")).unwrap()
+    );
     assert_eq!(std::fs::read(copy.join("noeol.txt")).unwrap(), b"no newline");
     assert!(!copy.join("gone.txt").exists() && !copy.join("moved.txt").exists());
     assert!(copy.join("dir/moved.txt").exists());
@@ -201,7 +218,10 @@ fn changes_and_the_git_patch() {
     write_stat(&env.layers, &set, &mut stat).unwrap();
     let stat = String::from_utf8(stat).unwrap();
     assert!(stat.starts_with(" a.txt                      |   2 +-\n blob.bin                   | Bin 0 -> 8 bytes\n moved.txt => dir/moved.txt |   0\n"), "{stat}");
-    assert!(stat.ends_with(" 7 files changed, 3 insertions(+), 2 deletions(-)\n"), "{stat}");
+    assert!(
+        stat.ends_with(" 7 files changed, 3 insertions(+), 2 deletions(-)\n"),
+        "{stat}"
+    );
 }
 
 #[test]
@@ -244,7 +264,11 @@ fn deleted_directories_opaque_and_type_changes() {
     // A whole directory deleted (whiteout made by hand, as kernel overlayfs would).
     let wo = cpath(&env.layers.upper.join("gone")).unwrap();
     // SAFETY: valid C string.
-    assert_eq!(unsafe { libc::mknod(wo.as_ptr(), libc::S_IFCHR | 0o600, 0) }, 0, "mknod needs root");
+    assert_eq!(
+        unsafe { libc::mknod(wo.as_ptr(), libc::S_IFCHR | 0o600, 0) },
+        0,
+        "mknod needs root"
+    );
     let set = env.scan(&[]);
     assert_eq!(
         names_of(&set),
@@ -266,8 +290,14 @@ fn deleted_directories_opaque_and_type_changes() {
     assert!(done.kept_dirs.is_empty());
     assert!(!env.layers.lower.join("gone").exists());
     assert!(!env.layers.lower.join("tree/deep").exists());
-    assert_eq!(std::fs::read(env.layers.lower.join("tree/fresh.txt")).unwrap(), b"fresh\n");
-    assert_eq!(std::fs::read_link(env.layers.lower.join("dir/sub/c.txt")).unwrap(), Path::new("../b.txt"));
+    assert_eq!(
+        std::fs::read(env.layers.lower.join("tree/fresh.txt")).unwrap(),
+        b"fresh\n"
+    );
+    assert_eq!(
+        std::fs::read_link(env.layers.lower.join("dir/sub/c.txt")).unwrap(),
+        Path::new("../b.txt")
+    );
     // The whiteout over nothing is gone; nothing shows any more.
     assert!(!env.layers.upper.join("gone").exists());
     assert!(env.scan(&[]).is_empty(), "{:?}", env.scan(&[]));
@@ -304,10 +334,16 @@ fn apply_round_trip_and_conflicts() {
     );
     let done = apply(&env.layers, &set).unwrap().unwrap();
     assert_eq!(done.removed, [PathBuf::from("moved.txt")]);
-    assert_eq!(std::fs::read(env.layers.lower.join("blob.bin")).unwrap(), b"\x00\x01binary");
+    assert_eq!(
+        std::fs::read(env.layers.lower.join("blob.bin")).unwrap(),
+        b"\x00\x01binary"
+    );
     assert_eq!(std::fs::read(env.layers.lower.join("a.txt")).unwrap(), b"host edit\n");
     assert!(env.layers.lower.join("dir/moved.txt").exists() && !env.layers.lower.join("moved.txt").exists());
-    assert_eq!(std::fs::metadata(env.layers.lower.join("script.sh")).unwrap().mode() & 0o777, 0o755);
+    assert_eq!(
+        std::fs::metadata(env.layers.lower.join("script.sh")).unwrap().mode() & 0o777,
+        0o755
+    );
     assert!(env.scan(&[]).is_empty());
     // The applied entries carry the host's new identity: a later host
     // edit is a conflict again, a later VM edit is a change.
@@ -345,9 +381,19 @@ fn reset_all_or_paths() {
     // The rename's source whiteout is still there.
     assert_eq!(
         names_of(&env.scan(&[])),
-        ["M a.txt", "A blob.bin", "D gone.txt", "D moved.txt", "A noeol.txt", "M script.sh"]
+        [
+            "M a.txt",
+            "A blob.bin",
+            "D gone.txt",
+            "D moved.txt",
+            "A noeol.txt",
+            "M script.sh"
+        ]
     );
-    assert!(reset(&env.layers, &[PathBuf::from("nothing")]).unwrap().unwrap().is_empty());
+    assert!(reset(&env.layers, &[PathBuf::from("nothing")])
+        .unwrap()
+        .unwrap()
+        .is_empty());
     reset(&env.layers, &[]).unwrap().unwrap();
     assert!(env.scan(&[]).is_empty());
     assert_eq!(std::fs::read_dir(&env.layers.upper).unwrap().count(), 0);
