@@ -245,3 +245,53 @@ impl Drop for Control {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvm_storage::fs::overlay::OverlayOptions;
+    use std::sync::Mutex;
+
+    #[test]
+    fn freeze_holds_the_shares_until_closed() {
+        let dir = std::env::temp_dir().join(format!("mvm-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (lower, upper) = (dir.join("lower"), dir.join("upper"));
+        std::fs::create_dir_all(&lower).unwrap();
+        std::fs::create_dir_all(&upper).unwrap();
+        let fs = Arc::new(Mutex::new(
+            Overlay::new(Some(&lower), &upper, OverlayOptions::default()).unwrap(),
+        ));
+        let share = LiveShare {
+            tag: "project".into(),
+            source: lower.clone(),
+            overlay: true,
+            fs: fs.clone(),
+        };
+        let control = start(&dir, None, vec![share]).unwrap();
+        // Without a managed network there are no forwards to reload.
+        let errors = request_reload(&dir).unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let mut frozen = FrozenShares::freeze(&dir).unwrap();
+        assert!(fs.try_lock().is_err(), "the share is held");
+        frozen.refresh().unwrap();
+        assert!(fs.try_lock().is_err());
+        drop(frozen);
+        assert!(
+            (0..50).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                fs.try_lock().is_ok()
+            }),
+            "released on close"
+        );
+        // Unknown requests are answered, the socket goes with the VMM.
+        let mut s = UnixStream::connect(dir.join(CONTROL_SOCKET)).unwrap();
+        s.write_all(b"nonsense\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("error: unknown request"), "{answer}");
+        drop(control);
+        assert!(!dir.join(CONTROL_SOCKET).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

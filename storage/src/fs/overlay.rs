@@ -5,7 +5,9 @@
 //! The upper directory uses the on-disk format of kernel overlayfs mounted
 //! with `userxattr`: a whiteout is a character device 0/0, an opaque
 //! directory carries `user.overlay.opaque = "y"`. So the same upper
-//! directory can also be mounted by the kernel.
+//! directory can also be mounted by the kernel. A copy-up also records the
+//! lower entry's identity on the copy ([`ORIGIN_XATTR`], hidden from the
+//! guest), so `mvm apply` can tell whether the host changed it since.
 //!
 //! No descriptor is kept per node (large trees would exhaust them): a node
 //! is a (parent, name) pair resolved to a path under a layer root on every
