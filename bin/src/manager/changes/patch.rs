@@ -270,8 +270,11 @@ impl FilePatch<'_> {
         if is_binary(self.old) || is_binary(self.new) {
             return writeln!(out, "Binary files {from} and {to} differ");
         }
-        writeln!(out, "--- {from}")?;
-        writeln!(out, "+++ {to}")?;
+        // Git ends a name with a space with a tab there, so that trailing
+        // spaces survive.
+        let end = |name: &str| if name.contains(' ') { "\t" } else { "" };
+        writeln!(out, "--- {from}{}", end(&from))?;
+        writeln!(out, "+++ {to}{}", end(&to))?;
         write_hunks(out, self.old, self.new)
     }
 }
@@ -389,6 +392,25 @@ mod tests {
         assert_eq!(ops.iter().filter(|o| **o != Op::Equal).count(), 5);
         assert_eq!(ops.iter().filter(|o| **o != Op::Insert).count(), a.len());
         assert_eq!(ops.iter().filter(|o| **o != Op::Delete).count(), b.len());
+    }
+
+    #[test]
+    fn names_with_spaces_end_with_a_tab() {
+        let mut out = Vec::new();
+        FilePatch {
+            old_path: b"a b.txt",
+            new_path: b"a b.txt",
+            old_mode: Some(libc::S_IFREG | 0o644),
+            new_mode: Some(libc::S_IFREG | 0o644),
+            old: b"x\n",
+            new: b"y\n",
+        }
+        .write(&mut out)
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "diff --git a/a b.txt b/a b.txt\n--- a/a b.txt\t\n+++ b/a b.txt\t\n@@ -1 +1 @@\n-x\n+y\n"
+        );
     }
 
     #[test]

@@ -479,8 +479,8 @@ fn random_edits_apply_with_git() {
         if old.is_empty() {
             old.push_str("keep\n");
         }
-        env.host(&format!("r/f{i}"), &old);
-        let p = env.layers.upper.join(format!("r/f{i}"));
+        env.host(&format!("r/f {i}"), &old);
+        let p = env.layers.upper.join(format!("r/f {i}"));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, &new).unwrap();
     }
@@ -490,7 +490,7 @@ fn random_edits_apply_with_git() {
     let out = git(&env.layers.lower, &["apply", patch.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for i in 0..files {
-        let rel = format!("r/f{i}");
+        let rel = format!("r/f {i}");
         assert_eq!(
             std::fs::read(env.layers.lower.join(&rel)).unwrap(),
             std::fs::read(env.layers.upper.join(&rel)).unwrap(),
