@@ -105,6 +105,12 @@ pub enum Error {
     /// A port forward cannot be added, removed or applied.
     #[error("VM {name:?}: {reason}")]
     Forward { name: String, reason: String },
+    /// `mvm apply` found host paths that changed since the VM took them.
+    #[error("VM {name:?}: {} changed on the host since the VM took {}; nothing was applied:{}\nresolve each (restore the host file, or drop the VM's change with `mvm reset {name} <path>`), then apply again", if conflicts.len() == 1 { "1 path" } else { "some paths" }, if conflicts.len() == 1 { "it" } else { "them" }, conflicts.iter().map(|(p, why)| format!("\n  {}: {why}", p.display())).collect::<String>())]
+    Conflicts {
+        name: String,
+        conflicts: Vec<(PathBuf, String)>,
+    },
     /// A host file operation failed.
     #[error("{what}: {source}")]
     Io {

@@ -15,14 +15,17 @@ use std::time::{Duration, Instant};
 use microvm_dev::VmConfig;
 use serde::Serialize;
 
+pub mod changes;
 mod definition;
 mod network;
+mod review;
 
 use definition::check_definition;
 pub use definition::default_cmdline;
 #[cfg(test)]
 use definition::with_hostname;
 pub use network::{parse_host_port, ForwardInfo, NetworkChoice, PortSpec};
+pub use review::ApplyReport;
 
 use crate::agent::{AgentClient, Info, PowerAction, AGENT_PORT};
 use crate::image::ImageStore;

@@ -4,7 +4,8 @@
 //! One scenario, three boots (guest boots are slow on the development
 //! host): two VMs over one project started at once (one of them twice,
 //! concurrently), `list`, `exec` in each, `shell` driven through tmux, a
-//! `kill -9` of one VMM and its restart, `rm` refused while running, and a
+//! `kill -9` of one VMM and its restart, `rm` refused while running,
+//! `mvm diff` / `apply` / `reset` of a running VM's project changes, and a
 //! clean stop of both.
 
 use std::path::Path;
@@ -234,6 +235,10 @@ fn manager_runs_vms_from_create_to_rm() {
 
     shell_through_tmux(&mvm);
 
+    // Bring alpha's changes back to the host: diff, a conflict, apply.
+    review_changes(&mvm, &project);
+    let before = project_listing(&project);
+
     // kill -9 of beta's VMM: crashed, then it starts again.
     let beta_pid = mvm.pid_of("beta");
     // SAFETY: plain kill(2) of the VMM the pid file names.
@@ -309,6 +314,104 @@ fn manager_runs_vms_from_create_to_rm() {
     assert_eq!(project_listing(&project), before, "rm touched the project");
     drop(mvm);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `mvm diff`, `apply` and `reset` on running alpha, which has already
+/// added alpha.txt and deleted README: a change to script.sh and a new
+/// file, the patch checked by `git apply`, a host edit refused as a
+/// conflict, resolved by `mvm reset`, then the rest applied to the host.
+fn review_changes(mvm: &Mvm, project: &Path) {
+    mvm.ok(&[
+        "exec",
+        "alpha",
+        "--",
+        "sh",
+        "-c",
+        "echo from-vm >> /project/script.sh; mkdir -p /project/docs; printf 'notes\\n' > /project/docs/notes.txt",
+    ]);
+    let t = Instant::now();
+    let diff = mvm.ok(&["diff", "alpha"]);
+    eprintln!("mvm diff of a running VM: {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    for needle in [
+        "diff --git a/README b/README\ndeleted file mode 100644\n",
+        "diff --git a/alpha.txt b/alpha.txt\nnew file mode 100644\n--- /dev/null\n+++ b/alpha.txt\n@@ -0,0 +1 @@\n+mine\n",
+        "diff --git a/docs/notes.txt b/docs/notes.txt\nnew file mode 100644\n",
+        "--- a/script.sh\n+++ b/script.sh\n@@ -1 +1,2 @@\n echo from-project\n+from-vm\n",
+    ] {
+        assert!(diff.contains(needle), "{needle:?} not in:\n{diff}");
+    }
+    // The patch is git's: it applies to a copy of the project.
+    let copy = project.with_file_name("project-copy");
+    let _ = std::fs::remove_dir_all(&copy);
+    let cp = Command::new("cp").arg("-a").arg(project).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    let patch = project.with_file_name("alpha.patch");
+    std::fs::write(&patch, &diff).unwrap();
+    let git = Command::new("git")
+        .current_dir(&copy)
+        .args(["apply", "--check"])
+        .arg(&patch)
+        .output()
+        .expect("git");
+    assert!(git.status.success(), "git apply --check: {}", describe(&git));
+    let stat = mvm.ok(&["diff", "alpha", "--stat"]);
+    assert!(
+        stat.contains(" script.sh ") && stat.contains(" files changed, "),
+        "{stat}"
+    );
+    assert_eq!(
+        mvm.ok(&["diff", "alpha", "docs"]).lines().next(),
+        Some("diff --git a/docs/notes.txt b/docs/notes.txt")
+    );
+    let check = mvm.ok(&["apply", "alpha", "--check"]);
+    assert!(check.contains("would apply cleanly"), "{check}");
+
+    // The host edits script.sh meanwhile: apply refuses, naming it, and
+    // writes nothing.
+    std::fs::write(project.join("script.sh"), "echo host-edit\n").unwrap();
+    let out = mvm.run(&["apply", "alpha"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("script.sh: changed on the host"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!project.join("alpha.txt").exists() && project.join("README").exists());
+
+    // Resolved by dropping the VM's change: the guest sees the host's file.
+    let reset = mvm.ok(&["reset", "alpha", "script.sh"]);
+    assert_eq!(reset, "reset script.sh\n");
+    let mut seen = String::new();
+    let fresh = wait_until(Duration::from_secs(10), || {
+        seen = mvm.ok(&["exec", "alpha", "--", "cat", "/project/script.sh"]);
+        seen == "echo host-edit\n"
+    });
+    assert!(fresh, "after reset the guest reads {seen:?}");
+    let t = Instant::now();
+    let applied = mvm.ok(&["apply", "alpha"]);
+    eprintln!(
+        "mvm apply of a running VM: {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(
+        applied.contains("A  alpha.txt") && applied.contains("D  README"),
+        "{applied}"
+    );
+    assert_eq!(std::fs::read_to_string(project.join("alpha.txt")).unwrap(), "mine\n");
+    assert_eq!(
+        std::fs::read_to_string(project.join("docs/notes.txt")).unwrap(),
+        "notes\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.join("script.sh")).unwrap(),
+        "echo host-edit\n"
+    );
+    assert!(!project.join("README").exists());
+    assert_eq!(mvm.ok(&["diff", "alpha"]), "");
+    // The guest still reads its files.
+    assert_eq!(mvm.ok(&["exec", "alpha", "--", "cat", "/project/alpha.txt"]), "mine\n");
+    let _ = std::fs::remove_dir_all(&copy);
+    let _ = std::fs::remove_file(&patch);
 }
 
 /// `mvm shell alpha` in a tmux window: output, window size, Ctrl-C, exit

@@ -144,9 +144,6 @@ fn nets(config: &VmConfig, devices: &mut Vec<Device>, attachments: &mut Vec<Atta
 #[derive(Clone)]
 pub(crate) struct LiveShare {
     pub tag: String,
-    /// The host directory shared (the lower layer with an overlay).
-    pub source: std::path::PathBuf,
-    pub overlay: bool,
     pub fs: Arc<Mutex<Overlay>>,
 }
 
@@ -168,8 +165,6 @@ fn share_device(config: &VmConfig, share: &ShareConfig, live_shares: &mut Vec<Li
             let fs = Arc::new(Mutex::new(Overlay::new(lower, upper, OverlayOptions::default())?));
             live_shares.push(LiveShare {
                 tag: share.tag.clone(),
-                source: layers.source.clone(),
-                overlay: share.overlay,
                 fs: Arc::clone(&fs),
             });
             Ok(Box::new(VirtioFs::new(&share.tag, Box::new(fs))?))

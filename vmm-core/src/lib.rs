@@ -44,6 +44,7 @@
 
 pub mod config;
 pub mod console;
+pub mod control;
 mod devices;
 mod error;
 pub mod host;

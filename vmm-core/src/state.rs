@@ -10,7 +10,7 @@
 //!   overlay/<tag>.work/  overlayfs work dir (virtiofsd backend only)
 //!   volumes/<name>.ext4  raw ext4 image of volume <name>
 //!   forwards.toml        port forwards added at run time (crate::network)
-//!   control.sock         the running VMM's control socket (crate::network)
+//!   control.sock         the running VMM's control socket (crate::control)
 //! ```
 //!
 //! Checking happens before anything is created, so a bad configuration

@@ -19,7 +19,7 @@ use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{devices, network, state, vcpu, watch, Error, Result};
+use crate::{control, devices, network, state, vcpu, watch, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,14 +139,13 @@ pub struct Vm {
     sleep: Option<Arc<Mutex<AcpiSleepControl>>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     console_input: ConsoleInput,
-    /// Forwards, control socket, dnsmasq watch: stopped before the state
-    /// directory is unlocked.
+    /// The control socket (VMs with a state directory): stopped before
+    /// the state directory is unlocked, like the networking.
+    _control: Option<control::Control>,
+    /// Forwards, dnsmasq watch.
     _networking: Option<network::Networking>,
     /// Replays host changes of watched shares in the guest.
     _watching: Option<watch::Watching>,
-    /// The shares served in this process, for the VMM's other threads.
-    #[allow(dead_code)]
-    live_shares: Vec<devices::LiveShare>,
     /// Locks the state directory while the VM exists.
     _state: Option<state::StateDir>,
     cmdline: String,
@@ -231,6 +230,14 @@ impl Vm {
         let watching = watch::start(&config)?;
         let networking = match &state_dir {
             Some(dir) => network::start(&config, &dir.path, &attachments)?,
+            None => None,
+        };
+        let control = match &state_dir {
+            Some(dir) => Some(control::start(
+                &dir.path,
+                networking.as_ref().map(network::Networking::reload_handle),
+                live_shares,
+            )?),
             None => None,
         };
         vm_fd.create_irq_chip().map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
@@ -366,9 +373,9 @@ impl Vm {
             serial: legacy.serial,
             reset: legacy.reset,
             sleep: legacy.sleep,
+            _control: control,
             _networking: networking,
             _watching: watching,
-            live_shares,
             _state: state_dir,
             virtio,
             console_input: config.console.input,

@@ -5,7 +5,9 @@
 //! The upper directory uses the on-disk format of kernel overlayfs mounted
 //! with `userxattr`: a whiteout is a character device 0/0, an opaque
 //! directory carries `user.overlay.opaque = "y"`. So the same upper
-//! directory can also be mounted by the kernel.
+//! directory can also be mounted by the kernel. A copy-up also records the
+//! lower entry's identity on the copy ([`ORIGIN_XATTR`], hidden from the
+//! guest), so `mvm apply` can tell whether the host changed it since.
 //!
 //! No descriptor is kept per node (large trees would exhaust them): a node
 //! is a (parent, name) pair resolved to a path under a layer root on every
@@ -48,6 +50,13 @@ pub const MAX_HANDLES: usize = 65_536;
 const MAX_DEPTH: usize = 4096;
 
 const OPAQUE_XATTR: &CStr = c"user.overlay.opaque";
+
+/// On an upper entry copied up from the lower layer: the lower entry's
+/// identity at copy-up, `"<ino> <size> <mtime_sec>.<mtime_nsec>
+/// <ctime_sec>.<ctime_nsec>"` (see [`origin_value`]), so the manager can
+/// tell whether the host entry changed since the VM took its copy (not
+/// on symlinks, which take no `user.*` attributes). Hidden from the guest.
+pub const ORIGIN_XATTR: &CStr = c"user.mvm.origin";
 
 /// `FUSE_WRITE_KILL_SUIDGID`: the writer lacks the right to keep set-id bits.
 const WRITE_KILL_SUIDGID: u32 = 1 << 2;
@@ -191,7 +200,24 @@ fn check_name(name: &CStr) -> io::Result<()> {
 }
 
 fn is_private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"user.overlay.") || name.starts_with(b"trusted.overlay.")
+    name.starts_with(b"user.overlay.") || name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.mvm.")
+}
+
+/// The value of [`ORIGIN_XATTR`] for a lower entry with stat `st`.
+pub fn origin_value(st: &libc::stat) -> String {
+    format!(
+        "{} {} {}.{} {}.{}",
+        st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec
+    )
+}
+
+/// Records where an upper entry came from; best effort: without it the
+/// manager treats the entry as new in the VM (its conflict check is then
+/// by times only), which is no reason to fail a copy-up.
+fn set_origin(dst: BorrowedFd<'_>, st: &libc::stat) {
+    if let Err(e) = sys::set_xattr(dst, ORIGIN_XATTR, origin_value(st).as_bytes(), 0) {
+        log::debug!("virtio-fs copy-up: origin not recorded: {e}");
+    }
 }
 
 fn kind_of(st: &libc::stat) -> u32 {
@@ -484,6 +510,7 @@ fn copy_entry_sized(
             let result = (|| {
                 copy_data(&src, &dst, size.min(st.st_size as u64))?;
                 copy_xattrs(src.as_fd(), dst.as_fd())?;
+                set_origin(dst.as_fd(), st);
                 ignore_eperm(sys::chown_at(dst.as_fd(), EMPTY, st.st_uid, st.st_gid))?;
                 dst.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
                 sys::futimens(dst.as_fd(), &times)?;
@@ -513,6 +540,7 @@ fn copy_entry_sized(
             let src = sys::open_at(lower, name, libc::O_PATH, 0)?;
             let dst = sys::open_at(upper, name, libc::O_PATH, 0)?;
             copy_xattrs(src.as_fd(), dst.as_fd())?;
+            set_origin(dst.as_fd(), st);
             ignore_eperm(sys::chown_at(upper, name, st.st_uid, st.st_gid))?;
             sys::chmod_at(upper, name, perm)?;
             sys::utimens_at(upper, name, &times)
@@ -613,6 +641,43 @@ impl Overlay {
             kind: libc::S_IFDIR,
             upper: true,
             lower,
+        }
+    }
+
+    /// Re-reads which layer holds each known node, after the upper layer
+    /// was changed behind the overlay's back (`mvm reset` on a running VM,
+    /// done while the overlay is locked). Parents go first: resolving a
+    /// name uses its directory's flags. A node whose entry is gone keeps
+    /// no layer and answers `ENOENT`; handles already open keep the file
+    /// they opened.
+    pub fn refresh_layers(&mut self) {
+        let mut order: Vec<(usize, u64)> = self
+            .nodes
+            .keys()
+            .filter(|&&id| id != ROOT_ID)
+            .map(|&id| (self.components(id).map_or(usize::MAX, |c| c.len()), id))
+            .collect();
+        order.sort_unstable();
+        for (_, id) in order {
+            let Some((parent, name)) = self.nodes.get(&id).and_then(|n| n.names.first().cloned()) else {
+                continue;
+            };
+            let found = self.probe(parent, &name).ok().flatten();
+            if let Some(found) = &found {
+                if let Some(st) = found.upper {
+                    self.ids.insert(
+                        Ident::Upper {
+                            dev: st.st_dev,
+                            ino: st.st_ino,
+                        },
+                        id,
+                    );
+                }
+            }
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.upper = found.as_ref().is_some_and(|f| f.upper.is_some());
+                node.lower = found.as_ref().is_some_and(|f| f.lower.is_some());
+            }
         }
     }
 

@@ -196,6 +196,36 @@ enum Cmd {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
+    /// Show what a VM changed in its project as a patch in git's format
+    /// (git apply takes it), or a summary with --stat.
+    Diff {
+        name: String,
+        /// A `git diff --stat`-like summary instead of the patch.
+        #[arg(long)]
+        stat: bool,
+        /// Only changes at or below these paths (relative to the project).
+        paths: Vec<PathBuf>,
+    },
+    /// Write a VM's changes into the project directory; refused (nothing
+    /// written) when a host file changed since the VM took it.
+    #[command(
+        after_help = "A conflict exits with status 1 and lists the paths; resolve each (restore the host file, or `mvm reset <name> <path>`) and apply again."
+    )]
+    Apply {
+        name: String,
+        /// Only report what would be applied and the conflicts.
+        #[arg(long)]
+        check: bool,
+        /// Only changes at or below these paths (relative to the project).
+        paths: Vec<PathBuf>,
+    },
+    /// Drop a VM's changes to its project (all, or at or below the paths):
+    /// the VM sees the host's files there again.
+    Reset {
+        name: String,
+        /// Paths relative to the project.
+        paths: Vec<PathBuf>,
+    },
     /// Print a shell completion script: mvm completions bash > /etc/bash_completion.d/mvm
     Completions {
         #[arg(value_enum)]
@@ -416,6 +446,41 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             let forward = interactive || !stdin_tty;
             let argv = command.iter().map(|a| a.as_bytes().to_vec()).collect();
             exec(m, &name, argv, tty, forward, tty && forward && stdin_tty)
+        }
+        Cmd::Diff { name, stat, paths } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            m.diff(&name, &paths, stat, &mut out)?;
+            std::io::Write::flush(&mut out).map_err(mvm::Error::io("writing the diff"))?;
+            Ok(0)
+        }
+        Cmd::Apply { name, check, paths } => {
+            let report = m.apply(&name, &paths, check)?;
+            for c in &report.changes.changes {
+                println!("{}", describe_change(c));
+            }
+            match &report.applied {
+                None if report.changes.is_empty() => println!("no changes to apply"),
+                None => println!("{} change(s) would apply cleanly", report.changes.changes.len()),
+                Some(_) if report.changes.is_empty() => println!("no changes to apply"),
+                Some(done) => {
+                    for d in &done.kept_dirs {
+                        println!("kept directory {} (not empty on the host)", d.display());
+                    }
+                    println!("applied {} change(s) to the project", report.changes.changes.len());
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Reset { name, paths } => {
+            let removed = m.reset(&name, &paths)?;
+            if removed.is_empty() {
+                println!("nothing to reset");
+            }
+            for p in removed {
+                println!("reset {}", p.display());
+            }
+            Ok(0)
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mvm", &mut std::io::stdout());
@@ -917,4 +982,16 @@ fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: b
     );
     drop(raw_mode);
     Ok(result?.status.shell_code())
+}
+
+/// One line per change, as `git status --short` would mark it.
+fn describe_change(c: &mvm::manager::changes::Change) -> String {
+    use mvm::manager::changes::ChangeKind;
+    match &c.kind {
+        ChangeKind::Added => format!("A  {}", c.path.display()),
+        ChangeKind::Deleted => format!("D  {}", c.path.display()),
+        ChangeKind::Modified => format!("M  {}", c.path.display()),
+        ChangeKind::TypeChanged => format!("T  {}", c.path.display()),
+        ChangeKind::Renamed { from } => format!("R  {} -> {}", from.display(), c.path.display()),
+    }
 }

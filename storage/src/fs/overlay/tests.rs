@@ -1325,3 +1325,84 @@ fn read_handles_follow_copy_up() {
     check_tables(&fs);
     env.assert_lower_unchanged();
 }
+
+fn upper_origin(env: &Env, rel: &str) -> Option<String> {
+    let path = c(env.upper.join(rel).to_str().unwrap());
+    let mut buf = [0u8; 128];
+    // SAFETY: valid pointers and length.
+    let n = unsafe { libc::lgetxattr(path.as_ptr(), ORIGIN_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n >= 0).then(|| String::from_utf8(buf[..n as usize].to_vec()).unwrap())
+}
+
+#[test]
+fn copy_up_records_the_lower_origin() {
+    let env = Env::new(fixture);
+    let lower_b = std::fs::metadata(env.lower.join("dir/b.txt")).unwrap();
+    let lower_dir = std::fs::metadata(env.lower.join("dir")).unwrap();
+    let mut fs = env.overlay();
+    let b = walk(&mut fs, "dir/b.txt").unwrap().attr.ino;
+    // Truncating copy-up still records the lower size.
+    fs.setattr(
+        ctx(),
+        b,
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let expect = |md: &std::fs::Metadata| {
+        format!(
+            "{} {} {}.{} {}.{}",
+            md.ino(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec()
+        )
+    };
+    assert_eq!(upper_origin(&env, "dir/b.txt").unwrap(), expect(&lower_b));
+    assert_eq!(upper_origin(&env, "dir").unwrap(), expect(&lower_dir));
+    // A file the guest creates has none; the guest never sees the attribute.
+    let (entry, h, _) = fs
+        .create(
+            ctx(),
+            ROOT_ID,
+            &c("new.txt"),
+            libc::S_IFREG | 0o644,
+            libc::O_RDWR as u32,
+            0,
+        )
+        .unwrap();
+    fs.release(entry.attr.ino, h).unwrap();
+    assert_eq!(upper_origin(&env, "new.txt"), None);
+    let names = fs.listxattr(ctx(), b).unwrap();
+    assert!(!names.windows(8).any(|w| w == b"user.mvm"), "{names:?}");
+    assert_eq!(err(fs.getxattr(ctx(), b, ORIGIN_XATTR)), libc::ENODATA);
+    assert_eq!(err(fs.setxattr(ctx(), b, ORIGIN_XATTR, b"x", 0)), libc::EPERM);
+    env.assert_lower_unchanged();
+}
+
+#[test]
+fn refresh_layers_after_the_upper_layer_changed() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let b = walk(&mut fs, "dir/b.txt").unwrap().attr.ino;
+    write_at(&mut fs, b, libc::O_WRONLY, 0, b"BETA");
+    assert_eq!(read_all(&mut fs, b), b"BETA");
+    // Dropped behind the overlay's back, as `mvm reset` does.
+    std::fs::remove_file(env.upper.join("dir/b.txt")).unwrap();
+    fs.refresh_layers();
+    assert_eq!(read_all(&mut fs, b), b"beta");
+    assert_eq!(walk(&mut fs, "dir/b.txt").unwrap().attr.ino, b);
+    // A whiteout removed: the lower file shows again.
+    fs.unlink(ctx(), ROOT_ID, &c("a.txt")).unwrap();
+    assert_eq!(err(lookup(&mut fs, ROOT_ID, "a.txt")), libc::ENOENT);
+    std::fs::remove_file(env.upper.join("a.txt")).unwrap();
+    fs.refresh_layers();
+    let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap().attr.ino;
+    assert_eq!(read_all(&mut fs, a), b"alpha");
+    check_tables(&fs);
+    env.assert_lower_unchanged();
+}
