@@ -79,7 +79,12 @@ fn watcher_part(dir: &Path, rows: &mut Vec<Row>) {
     mvm.ok(&["start", "watch", "--timeout", "900"]);
 
     let mut w = GuestWatcher::start(&mvm, "watch", "/project/small");
-    let names = ["host write -> IN_MODIFY", "host create -> IN_CREATE", "host rename -> IN_MOVED_TO", "host delete -> IN_DELETE"];
+    let names = [
+        "host write -> IN_MODIFY",
+        "host create -> IN_CREATE",
+        "host rename -> IN_MOVED_TO",
+        "host delete -> IN_DELETE",
+    ];
     let mut guest: [Vec<f64>; 4] = Default::default();
     let mut round: [Vec<f64>; 4] = Default::default();
     let mut record = |k: usize, l: Latency| {

@@ -37,7 +37,7 @@ pub fn mark() -> Mark {
 #[derive(Debug, Clone, Copy)]
 pub struct Latency {
     /// Host change -> the watcher's read of the event, by the guest's
-    /// wall clock (set from the host's by `mvm start`, to the millisecond).
+    /// wall clock corrected by its measured offset from the host's.
     pub guest: Duration,
     /// Host change -> the watcher's line arriving on the host through
     /// `mvm exec` (an upper bound: it includes the way back).
@@ -51,6 +51,35 @@ pub struct GuestWatcher {
     seen: Vec<(Instant, String)>,
     /// Directories it watched at start.
     pub watched: usize,
+    /// The guest's wall clock minus the host's, in nanoseconds.
+    pub clock_offset_ns: i64,
+}
+
+/// The guest's wall clock minus the host's, in nanoseconds, from the
+/// agent's `Info` answer: of five exchanges, the one with the shortest
+/// round trip, against its midpoint (off by at most half of it).
+pub fn clock_offset(mvm: &Mvm, vm: &str) -> i64 {
+    use mvm_agent::proto::{self, Message};
+    let uds = mvm.root.join(vm).join("vsock.sock");
+    let unix_ns = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+    let mut best: Option<(Duration, i64)> = None;
+    for _ in 0..5 {
+        let (mut stream, _) = proto::connect_vsock(&uds, proto::AGENT_PORT, Duration::from_secs(30), "mvm-tests")
+            .expect("connect to the guest agent");
+        let t0 = SystemTime::now();
+        proto::write_message(&mut stream, &Message::Info).expect("Info");
+        let info = match proto::read_message(&mut stream).expect("InfoReply") {
+            Message::InfoReply(info) => info,
+            other => panic!("agent answered {other:?}"),
+        };
+        let t1 = SystemTime::now();
+        let rtt = t1.duration_since(t0).unwrap_or_default();
+        let mid = unix_ns(t0) + rtt.as_nanos() as i64 / 2;
+        if best.is_none_or(|(r, _)| rtt < r) {
+            best = Some((rtt, info.clock_unix_ns - mid));
+        }
+    }
+    best.map_or(0, |(_, o)| o)
 }
 
 impl GuestWatcher {
@@ -77,6 +106,7 @@ impl GuestWatcher {
             lines,
             seen: Vec::new(),
             watched: 0,
+            clock_offset_ns: clock_offset(mvm, vm),
         };
         let ready = w
             .wait_for(|l| l.starts_with("ready "), Duration::from_secs(600))
@@ -103,8 +133,9 @@ impl GuestWatcher {
         let is = |l: &str| l.rsplit_once(' ').is_some_and(|(e, _)| e == event);
         match self.wait_for(is, EVENT_TIMEOUT) {
             Some((at, line)) => {
-                let ns: u64 = line.rsplit_once(' ').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
-                let guest_time = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+                let ns: i64 = line.rsplit_once(' ').and_then(|(_, n)| n.parse().ok()).unwrap_or(0);
+                let host_ns = ns.saturating_sub(self.clock_offset_ns).max(0) as u64;
+                let guest_time = SystemTime::UNIX_EPOCH + Duration::from_nanos(host_ns);
                 Latency {
                     guest: guest_time.duration_since(since.wall).unwrap_or_default(),
                     round_trip: at.saturating_duration_since(since.at),
@@ -148,16 +179,20 @@ fn guest(mvm: &Mvm, vm: &str, script: &str) -> String {
 }
 
 /// Runs the scenario on `vm`, whose project share of `project` is mounted
-/// at /project. The project must hold `README` and `script.sh`; the
-/// scenario leaves both changed.
+/// at /project; it adds `notes.md`, `tool.sh`, `data.bin` and `src/` to
+/// the project (they must not exist).
 pub fn host_edits_reach_guest_watchers(mvm: &Mvm, vm: &str, project: &Path) -> Latencies {
     let mut lat = Latencies::new();
+    std::fs::write(project.join("notes.md"), "notes\n").unwrap();
+    std::fs::write(project.join("tool.sh"), "echo from-host\n").unwrap();
     // The guest caches the file and its attributes first, so that a stale
     // cache would show.
-    let before = guest(mvm, vm, "cat /project/README; stat -c %s /project/README");
-    assert!(before.starts_with(&std::fs::read_to_string(project.join("README")).unwrap()));
-    // The VM's own copy of script.sh (copied up in its upper layer).
-    guest(mvm, vm, "echo 'echo from-vm' > /project/script.sh");
+    assert_eq!(
+        guest(mvm, vm, "cat /project/notes.md; stat -c %s /project/notes.md"),
+        "notes\n6\n"
+    );
+    // The VM's own copy of tool.sh (copied up in its upper layer).
+    guest(mvm, vm, "echo 'echo from-vm' > /project/tool.sh");
 
     // Shared and private writable mappings of a project file: the shared
     // write lands in the VM's upper layer, the host file stays as it was.
@@ -174,11 +209,11 @@ pub fn host_edits_reach_guest_watchers(mvm: &Mvm, vm: &str, project: &Path) -> L
     // A content change: the events of a local write, and the new content
     // and size on the guest's next read.
     let t = mark();
-    std::fs::write(project.join("README"), "edited on the host, longer than before\n").unwrap();
-    lat.push(("modify", w.expect("MODIFY README", t)));
-    w.expect("CLOSE_WRITE README", t);
+    std::fs::write(project.join("notes.md"), "edited on the host, longer than before\n").unwrap();
+    lat.push(("modify", w.expect("MODIFY notes.md", t)));
+    w.expect("CLOSE_WRITE notes.md", t);
     assert_eq!(
-        guest(mvm, vm, "cat /project/README; stat -c %s /project/README"),
+        guest(mvm, vm, "cat /project/notes.md; stat -c %s /project/notes.md"),
         "edited on the host, longer than before\n39\n"
     );
 
@@ -200,16 +235,16 @@ pub fn host_edits_reach_guest_watchers(mvm: &Mvm, vm: &str, project: &Path) -> L
 
     // An editor's atomic save: a temporary file renamed over the original.
     let t = mark();
-    std::fs::write(project.join(".README.swp"), "saved atomically\n").unwrap();
-    std::fs::rename(project.join(".README.swp"), project.join("README")).unwrap();
-    lat.push(("atomic save", w.expect("MOVED_TO README", t)));
-    assert_eq!(guest(mvm, vm, "cat /project/README"), "saved atomically\n");
+    std::fs::write(project.join(".notes.md.swp"), "saved atomically\n").unwrap();
+    std::fs::rename(project.join(".notes.md.swp"), project.join("notes.md")).unwrap();
+    lat.push(("atomic save", w.expect("MOVED_TO notes.md", t)));
+    assert_eq!(guest(mvm, vm, "cat /project/notes.md"), "saved atomically\n");
 
     // The VM's own copy is the VM's: a host change to the same file is
     // neither shown nor allowed to touch it.
-    std::fs::write(project.join("script.sh"), "echo from-host-again\n").unwrap();
+    std::fs::write(project.join("tool.sh"), "echo from-host-again\n").unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(guest(mvm, vm, "sh /project/script.sh"), "from-vm\n");
+    assert_eq!(guest(mvm, vm, "sh /project/tool.sh"), "from-vm\n");
 
     // A change the guest makes itself is reported once (by its own kernel),
     // not echoed back from the host.

@@ -5,8 +5,9 @@
 //! host): two VMs over one project started at once (one of them twice,
 //! concurrently), `list`, `exec` in each, `shell` driven through tmux, a
 //! `kill -9` of one VMM and its restart, `rm` refused while running,
-//! `mvm diff` / `apply` / `reset` of a running VM's project changes, and a
-//! clean stop of both.
+//! `mvm diff` / `apply` / `reset` of a running VM's project changes, host
+//! edits firing a recursive inotify watcher in the other VM (and shared
+//! writable mmap of a project file there), and a clean stop of both.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -237,6 +238,16 @@ fn manager_runs_vms_from_create_to_rm() {
 
     // Bring alpha's changes back to the host: diff, a conflict, apply.
     review_changes(&mvm, &project);
+
+    // Host edits reach beta at once and fire its file watchers; mmap.
+    let latencies = mvm_tests::watch::host_edits_reach_guest_watchers(&mvm, "beta", &project);
+    for (step, l) in &latencies {
+        eprintln!(
+            "host {step} -> beta's watcher: {:.0} ms (guest clock), {:.0} ms back on the host",
+            l.guest.as_secs_f64() * 1000.0,
+            l.round_trip.as_secs_f64() * 1000.0
+        );
+    }
     let before = project_listing(&project);
 
     // kill -9 of beta's VMM: crashed, then it starts again.

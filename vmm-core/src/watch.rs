@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mvm_agent::proto::{self, EntryKind, FsChange, Message};
-use mvm_storage::fs::watch::{self, Change, TreeWatcher};
+use mvm_agent::proto::{self, FsChange, Message};
+use mvm_storage::fs::watch::TreeWatcher;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
@@ -123,7 +123,12 @@ fn run(watched: &mut [Watched], stop: &EventFd, agent: &mut Agent) {
         for (w, _) in watched.iter_mut().zip(&ready[1..]).filter(|(_, r)| **r) {
             let start = Instant::now();
             let changes = gather(&mut w.watcher);
-            log::trace!("share {}: gathered {} changes in {:?}", w.tag, changes.len(), start.elapsed());
+            log::trace!(
+                "share {}: gathered {} changes in {:?}",
+                w.tag,
+                changes.len(),
+                start.elapsed()
+            );
             if !changes.is_empty() {
                 agent.send(&w.tag, changes);
             }
@@ -132,7 +137,7 @@ fn run(watched: &mut [Watched], stop: &EventFd, agent: &mut Agent) {
 }
 
 /// The changes of one burst.
-fn gather(watcher: &mut TreeWatcher) -> Vec<Change> {
+fn gather(watcher: &mut TreeWatcher) -> Vec<FsChange> {
     let start = Instant::now();
     let mut changes = Vec::new();
     loop {
@@ -149,25 +154,6 @@ fn gather(watcher: &mut TreeWatcher) -> Vec<Change> {
         }
     }
     changes
-}
-
-fn kind(k: watch::EntryKind) -> EntryKind {
-    match k {
-        watch::EntryKind::File => EntryKind::File,
-        watch::EntryKind::Dir => EntryKind::Dir,
-        watch::EntryKind::Symlink => EntryKind::Symlink,
-        watch::EntryKind::Other => EntryKind::Other,
-    }
-}
-
-fn to_proto(c: Change) -> FsChange {
-    match c {
-        Change::Arrive { path, kind: k } => FsChange::Arrive { path, kind: kind(k) },
-        Change::Leave { path, dir } => FsChange::Leave { path, dir },
-        Change::Move { from, to, dir } => FsChange::Move { from, to, dir },
-        Change::Modify { path, size } => FsChange::Modify { path, size },
-        Change::Attrib { path, mode } => FsChange::Attrib { path, mode },
-    }
 }
 
 fn change_bytes(c: &FsChange) -> usize {
@@ -189,10 +175,10 @@ struct Agent {
 }
 
 impl Agent {
-    fn send(&mut self, tag: &str, changes: Vec<Change>) {
+    fn send(&mut self, tag: &str, changes: Vec<FsChange>) {
         let mut batch = Vec::new();
         let mut bytes = 0;
-        for c in changes.into_iter().map(to_proto) {
+        for c in changes {
             bytes += change_bytes(&c);
             batch.push(c);
             if bytes >= MAX_BATCH_BYTES {

@@ -1,6 +1,7 @@
 //! Watching a share's source on the host: inotify on every directory of
 //! the tree (new ones included as they appear), turned into the changes
-//! the guest agent replays (see `overlay::ECHO_GID_*`).
+//! the guest agent replays (`FsEvents` of the agent protocol; see
+//! `overlay::ECHO_GID_*`).
 //!
 //! Why inotify and not fanotify: fanotify's directory-entry events need
 //! `CAP_SYS_ADMIN` (a filesystem or mount mark); inotify works for any user
@@ -21,30 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 
-/// The type of an entry that arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    /// FIFO, socket or device node.
-    Other,
-}
-
-/// One change to the tree; paths are relative to its root, never empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Created, or moved in from outside the tree.
-    Arrive { path: Vec<u8>, kind: EntryKind },
-    /// Deleted, or moved out of the tree.
-    Leave { path: Vec<u8>, dir: bool },
-    /// Renamed within the tree.
-    Move { from: Vec<u8>, to: Vec<u8>, dir: bool },
-    /// A file's content changed; its size now.
-    Modify { path: Vec<u8>, size: u64 },
-    /// Mode, owner or times changed; the permission bits now.
-    Attrib { path: Vec<u8>, mode: u32 },
-}
+pub use mvm_agent::proto::{EntryKind, FsChange as Change};
 
 const MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE
