@@ -1,5 +1,6 @@
 //! PID 1 duties: the file systems every program expects, the console,
-//! host name, loopback, the host's shares and volumes, and DHCP.
+//! host name, loopback, the host's shares and volumes, the VM's user, and
+//! DHCP.
 //!
 //! Nothing here is fatal: a failure is logged and the agent goes on (a
 //! guest without /dev/shm is still better than a kernel panic).
@@ -231,6 +232,9 @@ pub fn apply(config: &Config) {
             None => say!("volume {}: no disk with serial {serial}", volume.name),
         }
     }
+    if let Some(user) = &config.user {
+        ensure_user(user);
+    }
     // The agent's own environment (the kernel gives init almost none);
     // nothing else runs yet, so setting it is not racy.
     std::env::set_var("PATH", crate::session::DEFAULT_PATH);
@@ -241,6 +245,22 @@ pub fn apply(config: &Config) {
     // waits for the agent anyway, so the network is ready when it serves.
     for ifname in &config.dhcp {
         configure_interface(ifname, &config.hostname);
+    }
+}
+
+/// The VM's user's account, home and sudo rule (on the root file system:
+/// with an image root, the VM's persistent layer keeps them).
+fn ensure_user(user: &crate::cmdline::UserSpec) {
+    match crate::passwd::ensure_user(&crate::passwd::Files::new("/"), user) {
+        Ok(done) => {
+            for note in &done.notes {
+                say!("{note}");
+            }
+            if !done.created.is_empty() {
+                say!("user {user}: created {}", done.created.join(", "));
+            }
+        }
+        Err(e) => say!("cannot set up user {}: {e}", user.name),
     }
 }
 
