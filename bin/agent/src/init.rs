@@ -235,6 +235,7 @@ pub fn apply(config: &Config) {
     if let Some(user) = &config.user {
         ensure_user(user);
     }
+    ensure_hosts_entry(Path::new("/etc/hosts"), &config.hostname);
     // The agent's own environment (the kernel gives init almost none);
     // nothing else runs yet, so setting it is not racy.
     std::env::set_var("PATH", crate::session::DEFAULT_PATH);
@@ -261,6 +262,51 @@ fn ensure_user(user: &crate::cmdline::UserSpec) {
             }
         }
         Err(e) => say!("cannot set up user {}: {e}", user.name),
+    }
+}
+
+/// The line `/etc/hosts` needs so that the host name resolves (sudo and
+/// others look it up and complain on every run when it does not): none
+/// when a line names it already.
+pub fn hosts_line(hosts: &str, hostname: &str) -> Option<String> {
+    let named = hosts.lines().any(|l| {
+        let l = l.split('#').next().unwrap_or_default();
+        l.split_whitespace().skip(1).any(|n| n.eq_ignore_ascii_case(hostname))
+    });
+    (!named).then(|| format!("127.0.1.1\t{hostname}"))
+}
+
+/// Add the host name to /etc/hosts (Debian's convention, 127.0.1.1) if
+/// it is missing; a guest without the file gets one with localhost too.
+fn ensure_hosts_entry(path: &Path, hostname: &str) {
+    use std::io::Write;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "127.0.0.1\tlocalhost\n".into(),
+        Err(e) => return say!("cannot read {}: {e}", path.display()),
+    };
+    let Some(line) = hosts_line(&text, hostname) else {
+        return;
+    };
+    let existed = path.exists();
+    let sep = if text.is_empty() || text.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    let add = if existed {
+        format!("{sep}{line}\n")
+    } else {
+        format!("{text}{line}\n")
+    };
+    let written = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(path)
+        .and_then(|mut f| f.write_all(add.as_bytes()));
+    if let Err(e) = written {
+        say!("cannot add {hostname} to {}: {e}", path.display());
     }
 }
 
@@ -326,6 +372,35 @@ mod tests {
         std::fs::create_dir_all(dir.join("d/e")).unwrap();
         assert!(remove_tree_on(&dir.join("d"), dev.wrapping_add(1)).is_err());
         assert!(dir.join("d/e").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hosts_entry_for_the_host_name() {
+        let debian = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+        assert_eq!(hosts_line(debian, "dev").as_deref(), Some("127.0.1.1\tdev"));
+        assert_eq!(hosts_line("127.0.1.1 other DEV\n", "dev"), None);
+        assert_eq!(
+            hosts_line("# 127.0.1.1 dev\n", "dev").as_deref(),
+            Some("127.0.1.1\tdev")
+        );
+        assert_eq!(hosts_line("dev 1.2.3.4\n", "dev").as_deref(), Some("127.0.1.1\tdev"));
+
+        let dir = std::env::temp_dir().join(format!("mvm-agent-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        ensure_hosts_entry(&hosts, "dev");
+        ensure_hosts_entry(&hosts, "dev");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1\tlocalhost\n127.0.1.1\tdev\n"
+        );
+        std::fs::write(&hosts, "127.0.0.1 localhost").unwrap();
+        ensure_hosts_entry(&hosts, "web");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1 localhost\n127.0.1.1\tweb\n"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
