@@ -52,58 +52,11 @@ impl AgentClient {
 
     /// Open one connection: connect, `CONNECT <port>`, `Hello` exchange.
     pub fn connect(vsock_uds: &Path, port: u32, timeout: Duration) -> Result<AgentConnection> {
-        let stream = UnixStream::connect(vsock_uds).map_err(|e| Error::Agent {
-            what: format!("cannot connect to {}: {e} (is the VM running?)", vsock_uds.display()),
-            source: None,
-        })?;
-        let set = |s: &UnixStream| {
-            s.set_read_timeout(Some(timeout))?;
-            s.set_write_timeout(Some(timeout))
-        };
-        set(&stream).map_err(Error::io("vsock socket timeout"))?;
-        let mut stream = stream;
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(Error::io(format!("writing to {}", vsock_uds.display())))?;
-        // Byte by byte: what follows the newline is the agent's.
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            match stream.read(&mut b) {
-                Ok(0) => {
-                    return Err(Error::Agent {
-                        what: format!("no answer on vsock port {port} (the guest agent is not listening, or the guest is still booting)"),
-                        source: None,
-                    })
-                }
-                Ok(_) if b[0] == b'\n' => break,
-                Ok(_) if line.len() < 32 => line.push(b[0]),
-                Ok(_) => {
-                    return Err(Error::Agent {
-                        what: "the vsock socket answered something other than `OK <port>`".into(),
-                        source: None,
-                    })
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Error::Agent {
-                        what: format!("waiting for the vsock handshake on port {port}: {e}"),
-                        source: None,
-                    })
-                }
-            }
+        match proto::connect_vsock(vsock_uds, port, timeout, &software()) {
+            Ok((stream, peer)) => Ok(AgentConnection { stream, peer }),
+            Err(proto::Error::Handshake(what)) => Err(Error::Agent { what, source: None }),
+            Err(e) => Err(Error::agent("hello")(e)),
         }
-        if !line.starts_with(b"OK ") {
-            return Err(Error::Agent {
-                what: format!(
-                    "the vsock socket answered {:?} instead of `OK <port>`",
-                    String::from_utf8_lossy(&line)
-                ),
-                source: None,
-            });
-        }
-        let peer = proto::hello(&mut stream, &software()).map_err(Error::agent("hello"))?;
-        Ok(AgentConnection { stream, peer })
     }
 
     /// Open one connection with this client's settings.

@@ -33,7 +33,8 @@ pub const DEFAULT_IMAGE: &str = "default";
 /// The Debian release images are built from unless told otherwise.
 pub const DEFAULT_SUITE: &str = "bookworm";
 /// What the default image has on top of Debian's minbase: a shell, the
-/// tools a developer reaches for first, a compiler, an editor.
+/// tools a developer reaches for first, a compiler, an editor, and sudo
+/// (the VM's user gets password-less sudo from the agent).
 pub const DEFAULT_PACKAGES: &[&str] = &[
     "bash",
     "build-essential",
@@ -45,6 +46,7 @@ pub const DEFAULT_PACKAGES: &[&str] = &[
     "less",
     "nano",
     "procps",
+    "sudo",
     "vim-tiny",
 ];
 /// The image file in an image's directory.

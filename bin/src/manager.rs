@@ -19,6 +19,7 @@ pub mod changes;
 mod definition;
 mod network;
 mod review;
+pub mod user;
 
 use definition::check_definition;
 pub use definition::default_cmdline;
@@ -26,6 +27,7 @@ pub use definition::default_cmdline;
 use definition::with_hostname;
 pub use network::{parse_host_port, ForwardInfo, NetworkChoice, PortSpec};
 pub use review::ApplyReport;
+pub use user::{GuestUser, UserChoice};
 
 use crate::agent::{AgentClient, Info, PowerAction, AGENT_PORT};
 use crate::image::ImageStore;
@@ -171,6 +173,8 @@ pub struct CreateOptions {
     pub network: NetworkChoice,
     /// Host ports forwarded to the guest, written to vm.toml.
     pub forwards: Vec<PortSpec>,
+    /// The guest user `shell` and `exec` run as (see [`user`]).
+    pub user: UserChoice,
 }
 
 /// What a new VM boots into.
@@ -232,6 +236,8 @@ pub struct VmInfo {
     pub ip: Option<String>,
     /// Host ports forwarded to it (vm.toml's and `mvm port`'s).
     pub forwards: Vec<ForwardInfo>,
+    /// The guest user `shell` and `exec` run as; `None`: root.
+    pub user: Option<GuestUser>,
     pub state_dir: PathBuf,
     /// Unix time of the start, while running.
     pub started_at: Option<u64>,
@@ -562,6 +568,7 @@ impl Manager {
             network: None,
             ip: None,
             forwards: Vec::new(),
+            user: None,
             state_dir: dir.clone(),
             started_at: run.started_at,
             uptime_s: run.started_at.map(|s| pidfile::unix_now().saturating_sub(s)),
@@ -581,6 +588,7 @@ impl Manager {
                 info.network = Self::vm_network(&c).map(str::to_string);
                 info.ip = self.vm_ip(name, &c);
                 info.forwards = self.forward_infos(name, &c).unwrap_or_default();
+                info.user = user::from_cmdline(&c.boot.cmdline);
             }
             Err(e) => {
                 info.error = Some(e.to_string());

@@ -413,3 +413,75 @@ fn image_options_and_commands_on_bad_input() {
     );
     expect(&e.mvm(&["image", "build", "--mirror", "deb.debian.org"]), 2, "mirror");
 }
+
+#[test]
+fn user_option_is_checked_stored_and_shown() {
+    let e = Env::new();
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec!["create", "--no-image", "--no-network", name, "--project"];
+        let p = e.project();
+        args.push(&p);
+        args.extend_from_slice(extra);
+        e.mvm(&args)
+    };
+    for (bad, want) in [
+        ("dev:0:5", "uid 0 is root's"),
+        ("dev:5:0", "gid 0 is root's"),
+        ("bad name:5", "a user name is"),
+        ("-x:5", "not starting with '-'"),
+        ("dev:five", "uid \"five\""),
+        ("nosuchuser-mvm", "the host has no user"),
+    ] {
+        expect(&create("u", &[&format!("--user={bad}")]), 2, want);
+    }
+    assert!(e.entries().is_empty());
+
+    let o = create("u", &["--user", "dev:1234:1235"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let toml = std::fs::read_to_string(e.state().join("u/vm.toml")).unwrap();
+    assert!(toml.contains(" mvm.user=dev:1234:1235\""), "{toml}");
+    let o = e.mvm(&["status", "u", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        json["user"],
+        serde_json::json!({"name": "dev", "uid": 1234, "gid": 1235})
+    );
+    let o = e.mvm(&["status", "u"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("user:      dev (uid 1234, gid 1235)"));
+
+    // `--user root`: no user. (These tests run as root over a project
+    // root owns, so the default is no user too.)
+    for (name, extra) in [("r", &["--user", "root"][..]), ("d", &[][..])] {
+        let o = create(name, extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = e.mvm(&["list", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let vm = json.as_array().unwrap().iter().find(|v| v["name"] == name).unwrap();
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(vm["user"], serde_json::Value::Null, "{name}");
+        }
+    }
+    // Under sudo: the user who ran it.
+    let o = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["create", "--no-image", "--no-network", "s"])
+        .env("MVM_STATE_DIR", e.state())
+        .env("MVM_KERNEL", e.dir.join("vmlinux"))
+        .env("MVM_INITRD", e.dir.join("initrd"))
+        .env("MVM_IMAGE_DIR", e.dir.join("images"))
+        .env("SUDO_USER", "alice")
+        .env("SUDO_UID", "1000")
+        .env("SUDO_GID", "1001")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let toml = std::fs::read_to_string(e.state().join("s/vm.toml")).unwrap();
+    // SAFETY: no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        assert!(toml.contains(" mvm.user=alice:1000:1001\""), "{toml}");
+    }
+
+    // --root is an option of exec and shell (the VM does not run here).
+    expect(&e.mvm(&["exec", "--root", "u", "--", "id"]), 1, "is not running");
+    expect(&e.mvm(&["shell", "--root", "u"]), 1, "is not running");
+}

@@ -4,7 +4,9 @@
 //!
 //! One scenario, four boots in two rounds of two: a VM whose root changes
 //! persist and an `--ephemeral` one, both from the default image over one
-//! git project; then both restarted. Plus the build's bad inputs.
+//! git project; then both restarted. The persistent one has a user (uid
+//! 1234, the project's owner) that `mvm exec` runs as. Plus the build's
+//! bad inputs.
 
 use std::path::Path;
 use std::process::Command;
@@ -44,9 +46,15 @@ fn git_project(dir: &Path) {
     }
 }
 
-/// Run `script` with bash in the guest; its stdout (and stderr on failure).
+/// Run `script` with bash in the guest (as the VM's user); its stdout (and
+/// stderr on failure).
 fn guest_bash(mvm: &Mvm, vm: &str, script: &str) -> String {
-    let out = mvm.run(&["exec", vm, "--", "bash", "-c", script]);
+    guest_bash_with(mvm, vm, &[], script)
+}
+
+/// [`guest_bash`] with `mvm exec` options.
+fn guest_bash_with(mvm: &Mvm, vm: &str, options: &[&str], script: &str) -> String {
+    let out = mvm.run(&[&["exec"][..], options, &[vm, "--", "bash", "-c", script]].concat());
     assert!(out.status.success(), "{vm}: bash -c {script:?}: {}", describe(&out));
     stdout(&out)
 }
@@ -69,6 +77,13 @@ fn debian_root_persistent_and_ephemeral() {
     let mvm = Mvm::new(dir.join("state"));
     let project = dir.join("project");
     git_project(&project);
+    // Owned by a user the guest gets too (the host needs no such user).
+    let out = Command::new("chown")
+        .args(["-R", "1234:1234"])
+        .arg(&project)
+        .output()
+        .expect("chown");
+    assert!(out.status.success(), "chown: {}", describe(&out));
     let p = project.to_str().unwrap();
 
     // Cached by its inputs: a second build is immediate.
@@ -102,6 +117,8 @@ fn debian_root_persistent_and_ephemeral() {
         "1",
         "--memory",
         "256",
+        "--user",
+        "dev:1234:1234",
     ]);
     mvm.ok(&[
         "create",
@@ -114,7 +131,11 @@ fn debian_root_persistent_and_ephemeral() {
         "--memory",
         "256",
         "--ephemeral",
+        "--user",
+        "root",
     ]);
+    let dev_user = &mvm.json(&["status", "dev", "--json"])["user"];
+    assert_eq!(dev_user, &serde_json::json!({"name": "dev", "uid": 1234, "gid": 1234}));
     let listed = mvm.json(&["image", "list", "--json"]);
     let users = &listed
         .as_array()
@@ -136,26 +157,58 @@ fn debian_root_persistent_and_ephemeral() {
     );
     eprintln!("two Debian boots: {:.1} s", t.elapsed().as_secs_f64());
 
-    // The userland: bash, git in the project, apt's package lists. (One
-    // exec: each dynamically linked program costs seconds of interpreted
-    // page faults on the development hosts, apt tens of seconds.)
+    // The userland: bash, git in the project, apt's package lists; and the
+    // VM's user: who runs, its home, the project's owner, sudo. (One exec:
+    // each dynamically linked program costs seconds of interpreted page
+    // faults on the development hosts, apt tens of seconds.)
     let out = guest_bash(
         &mvm,
         "dev",
         "set -e; bash --version | head -1; git --version; cat /etc/debian_version; \
-         cd /project && git status --short --branch && git log --format=%s; \
+         pwd; cd /project && git status --short --branch && git log --format=%s; \
          apt-cache show hello | grep -c '^Package: hello$'; \
-         findmnt -n -o FSTYPE /; echo persisted > /root/keep; sync",
+         findmnt -n -o FSTYPE /; \
+         id -un; id -u; id -g; echo \"$HOME $USER\"; stat -c %U:%u:%g $HOME /project/README; \
+         echo from-guest > /project/new-file; stat -c %u:%g /project/new-file; \
+         sudo -n true 2>&1 && echo sudo-ok; sudo -n sh -c 'echo persisted > /root/keep'; sync",
     );
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("GNU bash, version 5."), "{out}");
     assert!(lines[1].starts_with("git version 2."), "{out}");
     assert!(lines[2].starts_with("12."), "Debian 12 (bookworm): {out}");
-    assert_eq!(lines[3], "## main", "git status in /project: {out}");
-    assert_eq!(lines[4], "first", "{out}");
+    // Programs start in the project.
+    assert_eq!(lines[3], "/project", "{out}");
+    // As the project's owner git needs no safe.directory.
+    assert_eq!(lines[4], "## main", "git status in /project: {out}");
+    assert_eq!(lines[5], "first", "{out}");
     // apt reads the package lists (and the caches made from them) that
     // came with the image.
-    assert_eq!(&lines[5..7], ["1", "overlay"], "{out}");
+    assert_eq!(&lines[6..8], ["1", "overlay"], "{out}");
+    assert_eq!(
+        &lines[8..16],
+        [
+            "dev",
+            "1234",
+            "1234",
+            "/home/dev dev",
+            "dev:1234:1234",
+            "dev:1234:1234",
+            "1234:1234",
+            "sudo-ok"
+        ],
+        "{out}"
+    );
+    // The guest's new file is in the VM's upper layer, the host user's.
+    let new_file = dir.join("state/dev/overlay/project/new-file");
+    let meta = std::fs::metadata(&new_file).expect("the guest's file in the upper layer");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (1234, 1234));
+    assert!(!project.join("new-file").exists());
+    // Root stays possible.
+    assert_eq!(
+        guest_bash_with(&mvm, "dev", &["--root"], "id -u; echo $HOME"),
+        "0\n/root\n"
+    );
     // The second VM: its own root, nothing of the first one's.
     let out = guest_bash(
         &mvm,
@@ -172,7 +225,17 @@ fn debian_root_persistent_and_ephemeral() {
         &["restart", "eph", "--timeout", START_TIMEOUT_S],
     );
     eprintln!("two Debian restarts: {:.1} s", t.elapsed().as_secs_f64());
-    assert_eq!(guest_bash(&mvm, "dev", "cat /root/keep"), "persisted\n");
+    // The root's changes and the user's home (on the persistent layer)
+    // survive the restart.
+    assert_eq!(
+        guest_bash_with(
+            &mvm,
+            "dev",
+            &["--root"],
+            "cat /root/keep; ls -a /home/dev | grep -c bashrc; grep -c '^dev:' /etc/passwd"
+        ),
+        "persisted\n1\n1\n"
+    );
     assert_eq!(
         guest_bash(
             &mvm,

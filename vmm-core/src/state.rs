@@ -414,10 +414,18 @@ pub(crate) fn prepare_share(config: &VmConfig, share: &ShareConfig) -> Result<Sh
         });
     }
     let upper = upper_dir(config, share);
+    let fresh = !share.persist || !upper.exists();
     if !share.persist && upper.exists() {
         empty_dir(&upper).map_err(Error::host(format!("emptying the upper layer {}", upper.display())))?;
     }
     std::fs::create_dir_all(&upper).map_err(Error::host(format!("creating the upper layer {}", upper.display())))?;
+    if fresh {
+        like_lower_root(&share.source, &upper).map_err(Error::host(format!(
+            "giving {} the owner and mode of {}",
+            upper.display(),
+            share.source.display()
+        )))?;
+    }
     let work = match share.backend {
         ShareBackend::Virtiofsd => {
             let name = upper
@@ -440,6 +448,27 @@ pub(crate) fn prepare_share(config: &VmConfig, share: &ShareConfig) -> Result<Sh
         upper: Some(upper),
         work,
     })
+}
+
+/// The merged view's root is the upper layer's root directory: it gets
+/// the lower root's owner and mode, so that the guest sees the project
+/// directory as the host has it (the guest user who owns it may create
+/// files in it). A persistent upper layer keeps what the guest made of
+/// it. Ownership is given only when we may (as root).
+fn like_lower_root(lower: &Path, upper: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(lower)?;
+    match std::os::unix::fs::chown(upper, Some(meta.uid()), Some(meta.gid())) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        other => other?,
+    }
+    let mut mode = meta.mode() & 0o7777;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Without root's rights the file server needs its own access.
+        mode |= 0o700;
+    }
+    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(mode))
 }
 
 /// Remove everything inside `dir` (not `dir` itself), without following
@@ -608,6 +637,24 @@ mod tests {
         let upper = t.0.join("state/vm1/overlay/project");
         assert_eq!(layers.upper.as_deref(), Some(upper.as_path()));
         assert!(upper.is_dir());
+        // The merged root looks like the project's: its owner and mode.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let project = t.0.join("project");
+            std::fs::set_permissions(&project, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+            // SAFETY: no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if root {
+                std::os::unix::fs::chown(&project, Some(1234), Some(1235)).unwrap();
+            }
+            prepare_share(&c, &c.shares[0]).unwrap();
+            let meta = std::fs::metadata(&upper).unwrap();
+            // (Without root the server keeps rwx for itself: 0o750 has it.)
+            assert_eq!(meta.mode() & 0o777, 0o750);
+            if root {
+                assert_eq!((meta.uid(), meta.gid()), (1234, 1235));
+            }
+        }
         // Not persistent: emptied at the next start.
         std::fs::write(upper.join("leftover"), b"x").unwrap();
         prepare_share(&c, &c.shares[0]).unwrap();
@@ -640,8 +687,12 @@ mod tests {
         let layers = prepare_share(&c, &c.shares[0]).unwrap();
         let upper = layers.upper.unwrap();
         std::fs::write(upper.join("kept"), b"x").unwrap();
+        // What the guest made of the root directory stays too.
+        std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o751)).unwrap();
         let layers = prepare_share(&c, &c.shares[0]).unwrap();
-        assert!(layers.upper.unwrap().join("kept").exists());
+        assert!(layers.upper.as_ref().unwrap().join("kept").exists());
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(layers.upper.unwrap()).unwrap());
+        assert_eq!(mode & 0o777, 0o751);
         assert_eq!(layers.work.unwrap(), t.0.join("state/vm1/overlay/p.work"));
     }
 

@@ -12,10 +12,14 @@
 //! mvm.dhcp=<ifname>          configure network interface <ifname> by
 //!                            DHCPv4 (address, default route, DNS;
 //!                            repeatable)
+//! mvm.user=<name>:<uid>:<gid> the VM's user: created at boot if missing,
+//!                            and who `Exec`s run as by default
 //! ```
 //!
 //! The host writes these, but a bad value must not take the guest down: it
 //! is logged and skipped.
+
+pub use crate::passwd::UserSpec;
 
 /// A virtio-fs share to mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +51,8 @@ pub struct Config {
     pub volumes: Vec<Volume>,
     /// Network interfaces to configure by DHCP, in order.
     pub dhcp: Vec<String>,
+    /// The VM's user (its account is made at boot).
+    pub user: Option<UserSpec>,
 }
 
 pub const DEFAULT_HOSTNAME: &str = "mvm";
@@ -59,6 +65,7 @@ impl Default for Config {
             shares: Vec::new(),
             volumes: Vec::new(),
             dhcp: Vec::new(),
+            user: None,
         }
     }
 }
@@ -91,6 +98,7 @@ impl Config {
                         })
                     }),
                 "mvm.dhcp" => check_ifname(value).map(|name| config.dhcp.push(name.into())),
+                "mvm.user" => UserSpec::parse(value).map(|u| config.user = Some(u)),
                 k if k.starts_with("mvm.") => Err("unknown setting".into()),
                 _ => Ok(()),
             };
@@ -194,7 +202,7 @@ mod tests {
         let (c, problems) = Config::parse(
             "console=ttyS0 quiet mvm.hostname=myapp mvm.root=tmpfs mvm.share=project:/project \
              mvm.share=cache:/var/cache/x mvm.volume=data:/var/lib/data mvm.dhcp=eth0 mvm.dhcp=enp0s1.100 \
-             rdinit=/sbin/mvm-agent\n",
+             mvm.user=dev:1234:1235 rdinit=/sbin/mvm-agent\n",
         );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.hostname, "myapp");
@@ -222,6 +230,7 @@ mod tests {
         );
         assert_eq!(c.project_dir(), Some("/project"));
         assert_eq!(c.dhcp, ["eth0", "enp0s1.100"]);
+        assert_eq!(c.user.as_ref().map(|u| u.to_string()).as_deref(), Some("dev:1234:1235"));
     }
 
     #[test]
@@ -257,6 +266,12 @@ mod tests {
             "mvm.dhcp=eth0:1",
             "mvm.dhcp=a/b",
             "mvm.dhcp=sixteen-bytes-xx",
+            "mvm.user=",
+            "mvm.user=dev",
+            "mvm.user=dev:0:0",
+            "mvm.user=root:1:1",
+            "mvm.user=-dev:1:1",
+            "mvm.user=dev:1:x",
         ] {
             let (c, problems) = Config::parse(bad);
             assert_eq!(c, Config::default(), "{bad}");

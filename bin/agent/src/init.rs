@@ -1,5 +1,6 @@
 //! PID 1 duties: the file systems every program expects, the console,
-//! host name, loopback, the host's shares and volumes, and DHCP.
+//! host name, loopback, the host's shares and volumes, the VM's user, and
+//! DHCP.
 //!
 //! Nothing here is fatal: a failure is logged and the agent goes on (a
 //! guest without /dev/shm is still better than a kernel panic).
@@ -231,6 +232,10 @@ pub fn apply(config: &Config) {
             None => say!("volume {}: no disk with serial {serial}", volume.name),
         }
     }
+    if let Some(user) = &config.user {
+        ensure_user(user);
+    }
+    ensure_hosts_entry(Path::new("/etc/hosts"), &config.hostname);
     // The agent's own environment (the kernel gives init almost none);
     // nothing else runs yet, so setting it is not racy.
     std::env::set_var("PATH", crate::session::DEFAULT_PATH);
@@ -241,6 +246,67 @@ pub fn apply(config: &Config) {
     // waits for the agent anyway, so the network is ready when it serves.
     for ifname in &config.dhcp {
         configure_interface(ifname, &config.hostname);
+    }
+}
+
+/// The VM's user's account, home and sudo rule (on the root file system:
+/// with an image root, the VM's persistent layer keeps them).
+fn ensure_user(user: &crate::cmdline::UserSpec) {
+    match crate::passwd::ensure_user(&crate::passwd::Files::new("/"), user) {
+        Ok(done) => {
+            for note in &done.notes {
+                say!("{note}");
+            }
+            if !done.created.is_empty() {
+                say!("user {user}: created {}", done.created.join(", "));
+            }
+        }
+        Err(e) => say!("cannot set up user {}: {e}", user.name),
+    }
+}
+
+/// The line `/etc/hosts` needs so that the host name resolves (sudo and
+/// others look it up and complain on every run when it does not): none
+/// when a line names it already.
+pub fn hosts_line(hosts: &str, hostname: &str) -> Option<String> {
+    let named = hosts.lines().any(|l| {
+        let l = l.split('#').next().unwrap_or_default();
+        l.split_whitespace().skip(1).any(|n| n.eq_ignore_ascii_case(hostname))
+    });
+    (!named).then(|| format!("127.0.1.1\t{hostname}"))
+}
+
+/// Add the host name to /etc/hosts (Debian's convention, 127.0.1.1) if
+/// it is missing; a guest without the file gets one with localhost too.
+fn ensure_hosts_entry(path: &Path, hostname: &str) {
+    use std::io::Write;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "127.0.0.1\tlocalhost\n".into(),
+        Err(e) => return say!("cannot read {}: {e}", path.display()),
+    };
+    let Some(line) = hosts_line(&text, hostname) else {
+        return;
+    };
+    let existed = path.exists();
+    let sep = if text.is_empty() || text.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    let add = if existed {
+        format!("{sep}{line}\n")
+    } else {
+        format!("{text}{line}\n")
+    };
+    let written = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(path)
+        .and_then(|mut f| f.write_all(add.as_bytes()));
+    if let Err(e) = written {
+        say!("cannot add {hostname} to {}: {e}", path.display());
     }
 }
 
@@ -306,6 +372,35 @@ mod tests {
         std::fs::create_dir_all(dir.join("d/e")).unwrap();
         assert!(remove_tree_on(&dir.join("d"), dev.wrapping_add(1)).is_err());
         assert!(dir.join("d/e").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hosts_entry_for_the_host_name() {
+        let debian = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+        assert_eq!(hosts_line(debian, "dev").as_deref(), Some("127.0.1.1\tdev"));
+        assert_eq!(hosts_line("127.0.1.1 other DEV\n", "dev"), None);
+        assert_eq!(
+            hosts_line("# 127.0.1.1 dev\n", "dev").as_deref(),
+            Some("127.0.1.1\tdev")
+        );
+        assert_eq!(hosts_line("dev 1.2.3.4\n", "dev").as_deref(), Some("127.0.1.1\tdev"));
+
+        let dir = std::env::temp_dir().join(format!("mvm-agent-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        ensure_hosts_entry(&hosts, "dev");
+        ensure_hosts_entry(&hosts, "dev");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1\tlocalhost\n127.0.1.1\tdev\n"
+        );
+        std::fs::write(&hosts, "127.0.0.1 localhost").unwrap();
+        ensure_hosts_entry(&hosts, "web");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1 localhost\n127.0.1.1\tweb\n"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -149,6 +149,7 @@ fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
         reaper,
         config,
         passwd: "/etc/passwd".into(),
+        group: "/etc/group".into(),
         init,
     });
     server::serve(&listener, ctx)

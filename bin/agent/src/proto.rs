@@ -97,17 +97,22 @@ pub struct Tty {
 /// Run a program in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecRequest {
-    /// Program and arguments, looked up in `PATH`. Empty: the guest's
-    /// login shell (root's shell from /etc/passwd, else /bin/sh), started
-    /// as a login shell.
+    /// Program and arguments, looked up in `PATH`. Empty: the user's
+    /// login shell (from /etc/passwd, else /bin/sh), started as a login
+    /// shell.
     pub argv: Vec<Vec<u8>>,
     /// Added to (or replacing in) the agent's default environment.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Working directory; `None`: the VM's project mount if it has one,
-    /// else `/root`.
+    /// else the user's home.
     pub cwd: Option<Vec<u8>>,
     /// A PTY for stdin/stdout/stderr (output then comes as `Stdout` only).
     pub tty: Option<Tty>,
+    /// Who runs it: a user of the guest's /etc/passwd (ids, supplementary
+    /// groups, home, shell); `None`: root. The last field, absent when
+    /// `None`, so that agents and hosts that predate it still understand
+    /// each other's root requests.
+    pub user: Option<String>,
 }
 
 /// How a program ended.
@@ -339,6 +344,10 @@ impl Message {
                         e.bytes(t.term.as_bytes());
                     }
                 }
+                if let Some(user) = &req.user {
+                    e.u8(1);
+                    e.bytes(user.as_bytes());
+                }
             }
             Message::Started { pid } => {
                 e.u8(K_STARTED);
@@ -475,7 +484,27 @@ impl Message {
                 } else {
                     None
                 };
-                Message::Exec(ExecRequest { argv, env, cwd, tty })
+                // Absent (an older host) means root, like an explicit 0.
+                let user = if !d.buf.is_empty() && d.flag("user")? {
+                    let name = d.string("user")?;
+                    if name.is_empty() || name.contains(['\0', ':', '\n']) {
+                        return Err(Error::BadValue {
+                            kind: "Exec",
+                            field: "user (empty, or holds NUL, ':' or a newline)",
+                            value: name.len() as u64,
+                        });
+                    }
+                    Some(name)
+                } else {
+                    None
+                };
+                Message::Exec(ExecRequest {
+                    argv,
+                    env,
+                    cwd,
+                    tty,
+                    user,
+                })
             }
             K_STARTED => Message::Started { pid: d.u32("pid")? },
             K_STDIN => Message::Stdin(d.rest()),
@@ -946,6 +975,12 @@ mod tests {
                     cols: 80,
                     term: "xterm-256color".into(),
                 }),
+                user: None,
+            }),
+            Message::Exec(ExecRequest {
+                argv: vec![b"id".to_vec()],
+                user: Some("dev.user".into()),
+                ..Default::default()
             }),
             Message::Exec(ExecRequest::default()),
             Message::Started { pid: 42 },
@@ -1025,10 +1060,24 @@ mod tests {
             let frame = m.encode();
             for cut in 4..frame.len() {
                 let body = &frame[4..cut];
-                // Data frames accept any length; everything else must fail.
+                // Data frames accept any length; an Exec cut just before
+                // its optional user is a root Exec (what an older host
+                // sends); everything else must fail.
                 if let Ok(d) = Message::decode(body) {
+                    let rootless = match (&m, &d) {
+                        (Message::Exec(full), Message::Exec(cut)) => {
+                            cut.user.is_none()
+                                && *cut
+                                    == ExecRequest {
+                                        user: None,
+                                        ..full.clone()
+                                    }
+                        }
+                        _ => false,
+                    };
                     assert!(
                         matches!(d, Message::Stdin(_) | Message::Stdout(_) | Message::Stderr(_))
+                            || rootless
                             || body.len() == frame.len() - 4,
                         "{} cut at {cut} decoded as {d:?}",
                         m.name()
@@ -1038,6 +1087,10 @@ mod tests {
             // Trailing garbage is refused.
             if !matches!(m, Message::Stdin(_) | Message::Stdout(_) | Message::Stderr(_)) {
                 let mut long = frame[4..].to_vec();
+                // (After an Exec without a user, a 0 is its "no user" flag.)
+                if matches!(&m, Message::Exec(r) if r.user.is_none()) {
+                    long.push(0);
+                }
                 long.push(0);
                 assert!(
                     matches!(Message::decode(&long), Err(Error::Trailing(1, _))),
@@ -1117,6 +1170,21 @@ mod tests {
         let last = x.len() - 1;
         x[last] = 2;
         assert!(matches!(Message::decode(&x), Err(Error::BadValue { .. })));
+        // A user flag of 0 is root; a user name that cannot be a passwd
+        // name is refused.
+        let mut x = Message::Exec(ExecRequest::default()).encode()[4..].to_vec();
+        x.push(0);
+        assert_eq!(Message::decode(&x).unwrap(), Message::Exec(ExecRequest::default()));
+        for bad in ["", "a:b", "a\0b", "a\nb"] {
+            let m = Message::Exec(ExecRequest {
+                user: Some(bad.into()),
+                ..Default::default()
+            });
+            assert!(
+                matches!(Message::decode(&m.encode()[4..]), Err(Error::BadValue { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

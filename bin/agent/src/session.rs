@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cmdline::Config;
-use crate::passwd::{self, RootAccount};
+use crate::passwd::{self, Account};
 use crate::proto::{self, ExecRequest, ExitStatus, FrameDecoder, Message, MAX_CHUNK};
 use crate::reaper::{Reaper, Watch};
 use crate::{pty, sys};
@@ -52,8 +52,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub struct Context {
     pub reaper: Arc<Reaper>,
     pub config: Config,
-    /// /etc/passwd (a test may point elsewhere).
+    /// /etc/passwd and /etc/group (a test may point elsewhere).
     pub passwd: PathBuf,
+    pub group: PathBuf,
     /// The agent is the guest's init (it may power off).
     pub init: bool,
 }
@@ -62,7 +63,13 @@ pub struct Context {
 /// Errors are the connection's (the host went away); the program's own
 /// failures are reported to the host.
 pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> proto::Result<()> {
-    let account = passwd::root_account(&ctx.passwd);
+    let account = match req.user.as_deref() {
+        None => Account::root(&ctx.passwd),
+        Some(name) => match passwd::account(&ctx.passwd, &ctx.group, name) {
+            Ok(a) => a,
+            Err(why) => return proto::write_message(conn, &Message::Error(why)),
+        },
+    };
     let cwd = match resolve_cwd(req.cwd.as_deref(), ctx.config.project_dir(), &account.home) {
         Ok(c) => c,
         Err(why) => return proto::write_message(conn, &Message::Error(why)),
@@ -70,13 +77,17 @@ pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> 
     let (mut cmd, name) = command(&req, &account);
     cmd.env_clear().envs(environment(&req, &account)).current_dir(&cwd);
 
-    let mut streams = match prepare_stdio(&mut cmd, &req) {
+    let user = req.user.is_some().then_some(&account);
+    let mut streams = match prepare_stdio(&mut cmd, &req, user.map(|a| a.uid)) {
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot set up the program's terminal or pipes: {}", sys::error_text(&e));
             return proto::write_message(conn, &Message::Error(why));
         }
     };
+    if let Some(account) = user {
+        become_user(&mut cmd, account);
+    }
     let spawned = ctx.reaper.spawn(&mut cmd);
     // The Command holds our copies of the child's ends (PTY slave, pipe
     // ends); they must close now, or we never see EOF.
@@ -108,8 +119,25 @@ pub fn run(ctx: &Context, conn: &mut File, req: ExecRequest, start: Instant) -> 
     session.pump(start)
 }
 
-/// The program and its argv: the request's, or root's login shell.
-fn command(req: &ExecRequest, account: &RootAccount) -> (Command, String) {
+/// In the child, after the terminal is set up: the user's groups, group
+/// and user id, in that order (each needs root's rights until the last).
+fn become_user(cmd: &mut Command, account: &Account) {
+    let groups: Vec<libc::gid_t> = account.groups.clone();
+    let (uid, gid) = (account.uid, account.gid);
+    // SAFETY: the closure only makes async-signal-safe system calls on
+    // memory it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::cvt(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            sys::cvt(libc::setgid(gid))?;
+            sys::cvt(libc::setuid(uid))?;
+            Ok(())
+        })
+    };
+}
+
+/// The program and its argv: the request's, or the user's login shell.
+fn command(req: &ExecRequest, account: &Account) -> (Command, String) {
     match req.argv.split_first() {
         Some((program, args)) => {
             let mut cmd = Command::new(OsStr::from_bytes(program));
@@ -128,12 +156,12 @@ fn command(req: &ExecRequest, account: &RootAccount) -> (Command, String) {
 }
 
 /// The default environment, then the request's entries (which win).
-pub fn environment(req: &ExecRequest, account: &RootAccount) -> Vec<(OsString, OsString)> {
+pub fn environment(req: &ExecRequest, account: &Account) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), account.home.clone().into()),
-        ("USER".into(), "root".into()),
-        ("LOGNAME".into(), "root".into()),
+        ("USER".into(), account.name.clone().into()),
+        ("LOGNAME".into(), account.name.clone().into()),
         ("SHELL".into(), account.shell.clone().into()),
         // Built into glibc (no locales package needed): UTF-8 text in
         // git, editors and compilers' messages.
@@ -151,7 +179,7 @@ pub fn environment(req: &ExecRequest, account: &RootAccount) -> Vec<(OsString, O
 }
 
 /// The request's directory (which must exist), else the project, else
-/// root's home, else `/`.
+/// the user's home, else `/`.
 pub fn resolve_cwd(requested: Option<&[u8]>, project: Option<&str>, home: &str) -> Result<PathBuf, String> {
     if let Some(dir) = requested {
         let path = PathBuf::from(OsStr::from_bytes(dir));
@@ -202,7 +230,9 @@ fn set_nonblocking_or_log(fd: &impl AsRawFd) {
     }
 }
 
-fn prepare_stdio(cmd: &mut Command, req: &ExecRequest) -> io::Result<Streams> {
+/// `owner`: the uid the PTY is given to (a user's session), like a login
+/// does, so that the user's programs may change its settings.
+fn prepare_stdio(cmd: &mut Command, req: &ExecRequest, owner: Option<u32>) -> io::Result<Streams> {
     match &req.tty {
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -217,6 +247,10 @@ fn prepare_stdio(cmd: &mut Command, req: &ExecRequest) -> io::Result<Streams> {
         }
         Some(tty) => {
             let (master, slave) = pty::open()?;
+            if let Some(uid) = owner {
+                // SAFETY: a valid fd; -1 keeps the group (tty).
+                sys::cvt(unsafe { libc::fchown(slave.as_raw_fd(), uid, u32::MAX) })?;
+            }
             pty::set_size(&master, tty.rows, tty.cols)?;
             cmd.stdin(Stdio::from(slave.try_clone()?))
                 .stdout(Stdio::from(slave.try_clone()?))
@@ -538,8 +572,12 @@ mod tests {
     use super::*;
     use crate::proto::Tty;
 
-    fn account() -> RootAccount {
-        RootAccount {
+    fn account() -> Account {
+        Account {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
             home: "/root".into(),
             shell: "/bin/bash".into(),
         }
@@ -566,6 +604,18 @@ mod tests {
         assert_eq!(get("FOO").as_deref(), Some("bar"));
         assert_eq!(get("TERM").as_deref(), Some("xterm"));
         assert_eq!(get("SHELL").as_deref(), Some("/bin/bash"));
+        assert_eq!(get("USER").as_deref(), Some("root"));
+        let dev = Account {
+            name: "dev".into(),
+            uid: 1234,
+            gid: 1234,
+            groups: vec![1234],
+            home: "/home/dev".into(),
+            shell: "/bin/sh".into(),
+        };
+        let env = environment(&ExecRequest::default(), &dev);
+        let has = |k: &str, v: &str| env.iter().any(|(n, x)| n == k && x == v);
+        assert!(has("USER", "dev") && has("LOGNAME", "dev") && has("HOME", "/home/dev") && has("SHELL", "/bin/sh"));
         assert_eq!(env.iter().filter(|(n, _)| n == "PATH").count(), 1);
         let plain = environment(&ExecRequest::default(), &account());
         assert!(!plain.iter().any(|(n, _)| n == "TERM"));

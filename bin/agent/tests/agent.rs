@@ -313,11 +313,58 @@ fn env_and_cwd_from_the_request() {
             env: vec![(b"FOO".to_vec(), b"bar baz".to_vec())],
             cwd: Some(agent.dir.to_str().unwrap().as_bytes().to_vec()),
             tty: None,
+            user: None,
         },
     );
     let dir = agent.dir.canonicalize().unwrap();
     assert_eq!(o.out(), format!("{}\nbar baz\nroot\nno-term\n", dir.display()));
     assert_eq!(o.status, Some(ExitStatus::Code(0)));
+}
+
+#[test]
+fn runs_as_the_named_user() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing users needs root");
+        return;
+    }
+    let agent = Agent::start();
+    // The host's own /etc/passwd: `nobody` is in every distribution.
+    let o = run(
+        &agent,
+        ExecRequest {
+            argv: argv(&["sh", "-c", "id -un; id -u; id -G; echo $USER $LOGNAME $HOME"]),
+            cwd: Some(b"/".to_vec()),
+            user: Some("nobody".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(o.status, Some(ExitStatus::Code(0)), "{}", o.out());
+    let out = o.out();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["nobody", "65534"], "{out}");
+    assert!(!lines[2].split(' ').any(|g| g == "0"), "root's group kept: {out}");
+    assert!(lines[3].starts_with("nobody nobody /"), "{out}");
+    // With a terminal too (the PTY is handed to the user).
+    let o = run(
+        &agent,
+        ExecRequest {
+            argv: argv(&["sh", "-c", "id -u; stat -c %u $(tty)"]),
+            cwd: Some(b"/".to_vec()),
+            user: Some("nobody".into()),
+            ..tty_cmd(&[])
+        },
+    );
+    assert_eq!(o.out().replace('\r', ""), "65534\n65534\n");
+    let mut s = agent.exec(ExecRequest {
+        argv: argv(&["true"]),
+        user: Some("no-such-user-mvm".into()),
+        ..Default::default()
+    });
+    let Message::Error(e) = proto::read_message(&mut s).unwrap() else {
+        panic!("no error");
+    };
+    assert!(e.contains("no user \"no-such-user-mvm\""), "{e}");
 }
 
 #[test]

@@ -136,10 +136,14 @@ impl Manager {
                 });
             }
         }
-        let cmdline = match boot.get("cmdline") {
+        let mut cmdline = match boot.get("cmdline") {
             Some(Value::String(c)) => with_hostname(c, name),
             _ => default_cmdline(name),
         };
+        // A base file's own mvm.user stays unless a user is chosen.
+        if let Some(user) = opts.user.resolve(project)? {
+            cmdline = super::user::with_user(&cmdline, &user);
+        }
         boot.insert("cmdline".into(), Value::String(cmdline));
 
         let mut console = Table::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
 use mvm::image::{ImageSpec, Progress};
-use mvm::manager::{parse_host_port, NetworkChoice, PortSpec, RootChoice};
+use mvm::manager::{parse_host_port, NetworkChoice, PortSpec, RootChoice, UserChoice};
 use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
 use mvm::term;
 use mvm::{CreateOptions, Error, ImageInfo, Manager, StartOptions, StartOutcome, VmInfo, VmState, VolumeSpec};
@@ -99,6 +99,12 @@ enum Cmd {
         /// (ADDRESS defaults to 127.0.0.1); repeatable.
         #[arg(long, value_name = "SPEC")]
         forward: Vec<String>,
+        /// The guest user `shell` and `exec` run as: NAME[:UID[:GID]] (a
+        /// missing uid or gid is the host account's), or "root" for none
+        /// [default: you (under sudo, who ran sudo); as root, the project
+        /// directory's owner unless that is root].
+        #[arg(long, value_name = "NAME[:UID[:GID]]")]
+        user: Option<String>,
     },
     /// Forward host ports to a VM at run time (kept across restarts):
     /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
@@ -179,9 +185,14 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
-    /// An interactive login shell in the guest.
+    /// An interactive login shell in the guest, as the VM's user.
     #[command(after_help = EXIT_HELP)]
-    Shell { name: String },
+    Shell {
+        name: String,
+        /// As root instead of the VM's user.
+        #[arg(long)]
+        root: bool,
+    },
     /// Run a program in the guest: mvm exec <name> -- <program> [args...]
     #[command(after_help = EXIT_HELP)]
     Exec {
@@ -192,6 +203,9 @@ enum Cmd {
         /// Run the program on a pseudo-terminal.
         #[arg(short, long)]
         tty: bool,
+        /// As root instead of the VM's user.
+        #[arg(long)]
+        root: bool,
         /// The program and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -291,7 +305,7 @@ enum ImageCmd {
         suite: String,
         /// Packages on top of minbase, comma-separated [default: the
         /// default image's: bash, build-essential, ca-certificates,
-        /// coreutils, curl, git, iproute2, less, nano, procps, vim-tiny].
+        /// coreutils, curl, git, iproute2, less, nano, procps, sudo, vim-tiny].
         #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
         packages: Option<Vec<String>>,
         /// Debian mirror [default: mmdebstrap's, deb.debian.org].
@@ -346,7 +360,12 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             network,
             no_network,
             forward,
+            user,
         } => {
+            let user = match user {
+                Some(u) => u.parse::<UserChoice>()?,
+                None => UserChoice::Caller,
+            };
             let network = match (network, no_network) {
                 (_, true) => NetworkChoice::None,
                 (Some(n), false) => NetworkChoice::Named(n),
@@ -382,6 +401,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                     root_size_mib: root_size,
                     network,
                     forwards,
+                    user,
                 },
                 &mut progress,
             )?;
@@ -432,20 +452,21 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             Ok(0)
         }
         Cmd::Logs { name, follow } => logs(m, &name, follow),
-        Cmd::Shell { name } => {
+        Cmd::Shell { name, root } => {
             let stdin_tty = term::isatty(libc::STDIN_FILENO);
-            exec(m, &name, Vec::new(), true, true, stdin_tty)
+            exec(m, &name, Vec::new(), root, true, true, stdin_tty)
         }
         Cmd::Exec {
             name,
             interactive,
             tty,
+            root,
             command,
         } => {
             let stdin_tty = term::isatty(libc::STDIN_FILENO);
             let forward = interactive || !stdin_tty;
             let argv = command.iter().map(|a| a.as_bytes().to_vec()).collect();
-            exec(m, &name, argv, tty, forward, tty && forward && stdin_tty)
+            exec(m, &name, argv, root, tty, forward, tty && forward && stdin_tty)
         }
         Cmd::Diff { name, stat, paths } => {
             let stdout = std::io::stdout();
@@ -855,6 +876,13 @@ fn print_status(v: &VmInfo) {
         "project:   {}",
         v.project.as_ref().map_or("-".into(), |p| p.display().to_string())
     );
+    println!(
+        "user:      {}",
+        v.user.as_ref().map_or("root (no user)".into(), |u| format!(
+            "{} (uid {}, gid {})",
+            u.name, u.uid, u.gid
+        ))
+    );
     println!("mac:       {}", v.mac);
     if let Some(n) = &v.network {
         println!(
@@ -915,8 +943,17 @@ fn logs(m: &Manager, name: &str, follow: bool) -> mvm::Result<i32> {
     }
 }
 
-/// Run `argv` (empty: a login shell) in the guest; the program's status.
-fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: bool, raw: bool) -> mvm::Result<i32> {
+/// Run `argv` (empty: a login shell) in the guest, as the VM's user
+/// unless `as_root`; the program's status.
+fn exec(
+    m: &Manager,
+    name: &str,
+    argv: Vec<Vec<u8>>,
+    as_root: bool,
+    tty: bool,
+    forward_stdin: bool,
+    raw: bool,
+) -> mvm::Result<i32> {
     let info = m.status(name)?;
     if info.state != VmState::Running {
         return Err(Error::NotRunning { name: name.into() });
@@ -934,6 +971,7 @@ fn exec(m: &Manager, name: &str, argv: Vec<Vec<u8>>, tty: bool, forward_stdin: b
                 .filter(|t| !t.is_empty())
                 .unwrap_or_else(|| "xterm".into()),
         }),
+        user: if as_root { None } else { info.user.map(|u| u.name) },
     };
     // Signals are blocked before any thread starts, so only the signal
     // thread sees them.
