@@ -55,7 +55,7 @@ const META: &str = "image.json";
 /// Changes whenever the build steps below change what an image holds, so
 /// old cached images are not taken for new ones.
 const RECIPE: &str =
-    "mvm-image/3: mmdebstrap minbase, apt lists and caches kept, git trusts /project, ext4 without journal";
+    "mvm-image/4: mmdebstrap minbase, apt lists and caches kept, no safe.directory, ext4 without journal";
 /// Longest image name.
 const MAX_NAME_LEN: usize = 32;
 
@@ -417,11 +417,9 @@ impl ImageStore {
             // The guest's agent is its init; these only matter to a
             // systemd boot but keep tools like hostname happy.
             .arg("--customize-hook=echo localhost > \"$1/etc/hostname\"")
-            .arg("--customize-hook=mkdir -p \"$1/project\"")
-            // The project belongs to the host user, whose uid the guest's
-            // root does not share: git would refuse it as "dubious
-            // ownership" without this.
-            .arg("--customize-hook=printf '[safe]\\n\\tdirectory = /project\\n' >> \"$1/etc/gitconfig\"");
+            // No `safe.directory`: the VM's user has the host user's uid,
+            // so git sees the project as its own (docs/manager.md).
+            .arg("--customize-hook=mkdir -p \"$1/project\"");
         if !packages.is_empty() {
             cmd.arg(format!("--include={}", packages.join(",")));
         }

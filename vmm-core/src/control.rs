@@ -264,8 +264,6 @@ mod tests {
         ));
         let share = LiveShare {
             tag: "project".into(),
-            source: lower.clone(),
-            overlay: true,
             fs: fs.clone(),
         };
         let control = start(&dir, None, vec![share]).unwrap();

@@ -227,7 +227,7 @@ impl Vm {
         let mut attachments = Vec::new();
         let mut live_shares = Vec::new();
         let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares)?;
-        let watching = watch::start(&config)?;
+        let watching = watch::start(&config, &live_shares)?;
         let networking = match &state_dir {
             Some(dir) => network::start(&config, &dir.path, &attachments)?,
             None => None,

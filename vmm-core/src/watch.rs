@@ -5,23 +5,32 @@
 //! server answers those replays from the state the host already made
 //! (`mvm_storage::fs::overlay::ECHO_GID_*`), so nothing is written twice.
 //!
+//! While a share's every host change is replayed, its file server gives
+//! the guest long cache timeouts ([`OverlayOptions::WATCHED`]): the replays
+//! refresh what changed, and stats of what did not cost no request. If a
+//! change may have been missed (inotify queue overflow, watch limit), the
+//! timeouts go back to 1 s.
+//!
 //! One thread per VM polls every watcher. Events of a burst are gathered
 //! for up to [`GATHER`] (an editor's save is several events), then sent.
-//! Before the agent listens (early boot) a batch is dropped: the guest has
-//! cached nothing yet, so nothing of it is stale.
+//! Before the agent listens (early boot, a reboot) they are kept, up to
+//! [`MAX_PENDING`], and sent once it does.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mvm_agent::proto::{self, FsChange, Message};
+use mvm_storage::fs::locked;
+use mvm_storage::fs::overlay::{Overlay, OverlayOptions};
 use mvm_storage::fs::watch::TreeWatcher;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::devices::LiveShare;
 use crate::{Error, Result};
 
 /// How long a burst of events is gathered before it is sent: after the
@@ -32,8 +41,11 @@ const QUIET: Duration = Duration::from_millis(10);
 const MAX_BATCH_BYTES: usize = 256 << 10;
 /// How long the agent may take to replay one batch.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a failed connection, batches are dropped for this long.
+/// After a failed connection, the next attempt is this much later.
 const RETRY: Duration = Duration::from_secs(1);
+/// Changes kept for an agent that does not listen yet (a booting guest);
+/// beyond, they are dropped and the share's cache timeouts shortened.
+const MAX_PENDING: usize = 100_000;
 
 /// The watcher thread; stopped when dropped.
 pub(crate) struct Watching {
@@ -53,20 +65,54 @@ impl Drop for Watching {
 struct Watched {
     tag: String,
     watcher: TreeWatcher,
+    fs: Arc<Mutex<Overlay>>,
+    /// Changes not replayed yet (the agent is not listening yet).
+    pending: Vec<FsChange>,
+    /// Changes were dropped.
+    missed: bool,
+    /// The file server hands out long cache timeouts
+    /// ([`OverlayOptions::WATCHED`]) while no change can be missed.
+    long_cache: bool,
+}
+
+impl Watched {
+    /// Back to short cache timeouts once a change may have been missed
+    /// (queue overflow, directories left unwatched).
+    fn check_complete(&mut self) {
+        if self.long_cache && (self.missed || self.watcher.overflows > 0 || self.watcher.unwatched > 0) {
+            locked(&self.fs).set_options(OverlayOptions::default());
+            self.long_cache = false;
+            log::warn!(
+                "share {}: host changes may have been missed; the guest now caches entries for 1 s",
+                self.tag
+            );
+        }
+    }
 }
 
 /// Starts watching the shares with `watch = true` (none: no thread).
-pub(crate) fn start(config: &VmConfig) -> Result<Option<Watching>> {
+pub(crate) fn start(config: &VmConfig, live: &[LiveShare]) -> Result<Option<Watching>> {
     let mut watched = Vec::new();
     for share in config.shares.iter().filter(|s| s.watch) {
+        let Some(fs) = live.iter().find(|l| l.tag == share.tag).map(|l| Arc::clone(&l.fs)) else {
+            continue;
+        };
         let watcher = TreeWatcher::new(&share.source).map_err(|e| Error::Share {
             tag: share.tag.clone(),
             reason: e.to_string(),
         })?;
         log::debug!("share {}: watching {} directories", share.tag, watcher.watched());
+        let long_cache = watcher.unwatched == 0;
+        if long_cache {
+            locked(&fs).set_options(OverlayOptions::WATCHED);
+        }
         watched.push(Watched {
             tag: share.tag.clone(),
             watcher,
+            fs,
+            pending: Vec::new(),
+            missed: false,
+            long_cache,
         });
     }
     let Some(vsock) = config.vsock.as_ref().filter(|_| !watched.is_empty()) else {
@@ -111,26 +157,41 @@ fn poll(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Vec<bool> {
 
 fn run(watched: &mut [Watched], stop: &EventFd, agent: &mut Agent) {
     loop {
+        // Changes kept for an agent not listening yet are retried.
+        let waiting = watched.iter().any(|w| !w.pending.is_empty());
         let ready = {
             // SAFETY: the eventfd outlives this borrow.
             let mut fds = vec![unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) }];
             fds.extend(watched.iter().map(|w| w.watcher.fd()));
-            poll(&fds, None)
+            poll(&fds, waiting.then_some(RETRY))
         };
         if ready.first().copied().unwrap_or(true) {
             return;
         }
-        for (w, _) in watched.iter_mut().zip(&ready[1..]).filter(|(_, r)| **r) {
-            let start = Instant::now();
-            let changes = gather(&mut w.watcher);
-            log::trace!(
-                "share {}: gathered {} changes in {:?}",
-                w.tag,
-                changes.len(),
-                start.elapsed()
-            );
-            if !changes.is_empty() {
-                agent.send(&w.tag, changes);
+        for (w, ready) in watched.iter_mut().zip(&ready[1..]) {
+            if *ready {
+                let start = Instant::now();
+                let changes = gather(&mut w.watcher);
+                log::trace!(
+                    "share {}: gathered {} changes in {:?}",
+                    w.tag,
+                    changes.len(),
+                    start.elapsed()
+                );
+                w.pending.extend(changes);
+                if w.pending.len() > MAX_PENDING {
+                    log::warn!(
+                        "share {}: {} host changes waiting for the guest agent, dropped",
+                        w.tag,
+                        w.pending.len()
+                    );
+                    w.pending.clear();
+                    w.missed = true;
+                }
+                w.check_complete();
+            }
+            if !w.pending.is_empty() {
+                agent.deliver(&w.tag, &mut w.pending);
             }
         }
     }
@@ -175,48 +236,48 @@ struct Agent {
 }
 
 impl Agent {
-    fn send(&mut self, tag: &str, changes: Vec<FsChange>) {
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        for c in changes {
-            bytes += change_bytes(&c);
-            batch.push(c);
-            if bytes >= MAX_BATCH_BYTES {
-                self.send_batch(tag, std::mem::take(&mut batch));
-                bytes = 0;
+    /// Sends `pending` in batches; each one the agent answered leaves
+    /// it. What is left waits for a connection.
+    fn deliver(&mut self, tag: &str, pending: &mut Vec<FsChange>) {
+        while !pending.is_empty() {
+            let mut bytes = 0;
+            let count = pending
+                .iter()
+                .take_while(|c| {
+                    let fits = bytes < MAX_BATCH_BYTES;
+                    bytes += change_bytes(c);
+                    fits
+                })
+                .count();
+            let Some(conn) = self.connection() else {
+                log::debug!("share {tag}: {} host changes wait for the guest agent", pending.len());
+                return;
+            };
+            let msg = Message::FsEvents {
+                tag: tag.to_string(),
+                changes: pending[..count].to_vec(),
+            };
+            let start = Instant::now();
+            match proto::write_message(conn, &msg).and_then(|()| proto::read_message(conn)) {
+                Ok(Message::Ok) => log::debug!(
+                    "share {tag}: {count} host changes replayed in {:.1} ms",
+                    start.elapsed().as_secs_f64() * 1000.0
+                ),
+                Ok(Message::Error(e)) => {
+                    log::warn!("share {tag}: the guest agent did not replay host changes: {e}")
+                }
+                Ok(other) => {
+                    log::warn!("share {tag}: the guest agent answered {} to FsEvents", other.name());
+                    self.conn = None;
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("share {tag}: connection to the guest agent lost: {e}");
+                    self.conn = None;
+                    return;
+                }
             }
-        }
-        if !batch.is_empty() {
-            self.send_batch(tag, batch);
-        }
-    }
-
-    fn send_batch(&mut self, tag: &str, changes: Vec<FsChange>) {
-        let count = changes.len();
-        let Some(conn) = self.connection() else {
-            log::debug!("share {tag}: {count} host changes not replayed (the guest agent is not listening)");
-            return;
-        };
-        let msg = Message::FsEvents {
-            tag: tag.to_string(),
-            changes,
-        };
-        let start = Instant::now();
-        let result = proto::write_message(conn, &msg).and_then(|()| proto::read_message(conn));
-        match result {
-            Ok(Message::Ok) => log::debug!(
-                "share {tag}: {count} host changes replayed in {:.1} ms",
-                start.elapsed().as_secs_f64() * 1000.0
-            ),
-            Ok(Message::Error(e)) => log::warn!("share {tag}: the guest agent did not replay host changes: {e}"),
-            Ok(other) => {
-                log::warn!("share {tag}: the guest agent answered {} to FsEvents", other.name());
-                self.conn = None;
-            }
-            Err(e) => {
-                log::debug!("share {tag}: connection to the guest agent lost: {e}");
-                self.conn = None;
-            }
+            pending.drain(..count);
         }
     }
 

@@ -71,7 +71,20 @@ pub struct OverlayOptions {
     pub attr_timeout: Duration,
 }
 
+impl OverlayOptions {
+    /// While every host change to the lower layer is replayed in the
+    /// guest (`watch`), its caches are refreshed by the replays, and the
+    /// timeouts only bound how long a change the watcher missed stays
+    /// unseen. A stat then costs no request for a minute: a warm
+    /// `git status` is answered from the guest's cache.
+    pub const WATCHED: OverlayOptions = OverlayOptions {
+        entry_timeout: Duration::from_secs(60),
+        attr_timeout: Duration::from_secs(60),
+    };
+}
+
 impl Default for OverlayOptions {
+    /// 1 s: a host edit no one replays shows within a second.
     fn default() -> Self {
         OverlayOptions {
             entry_timeout: Duration::from_secs(1),
@@ -682,6 +695,12 @@ impl Overlay {
     }
 
     /// Open host descriptors held right now (for leak tests and benches).
+    /// Cache timeouts for answers from now on (answers already given keep
+    /// theirs).
+    pub fn set_options(&mut self, options: OverlayOptions) {
+        self.options = options;
+    }
+
     pub fn open_fds(&self) -> usize {
         let files = self
             .handles
