@@ -148,6 +148,19 @@ impl AgentConnection {
         }
     }
 
+    /// Have the agent replay changes to share `tag` (see `FsEvents`), so
+    /// that the guest's caches and file watchers follow them.
+    pub fn fs_events(self, tag: &str, changes: Vec<proto::FsChange>) -> Result<()> {
+        let msg = Message::FsEvents {
+            tag: tag.into(),
+            changes,
+        };
+        match self.request(&msg, "FsEvents")? {
+            Message::Ok => Ok(()),
+            other => Err(Self::unexpected("Ok", &other)),
+        }
+    }
+
     fn unexpected(expected: &str, got: &Message) -> Error {
         Error::Agent {
             what: format!("expected {expected}, the agent sent {}", got.name()),

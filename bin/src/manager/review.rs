@@ -9,12 +9,14 @@
 //! for the VM to stop.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use microvm_dev::control::FrozenShares;
 use microvm_dev::{ShareBackend, VmConfig};
 
-use super::changes::{self, Applied, ChangeSet, Layers};
+use mvm_agent::proto::{EntryKind, FsChange};
+
+use super::changes::{self, Applied, ChangeKind, ChangeSet, Layers};
 use super::{Manager, VmState, PROJECT_TAG, VM_TOML};
 use crate::{Error, Result};
 
@@ -143,14 +145,31 @@ impl Manager {
     /// returns the upper entries removed.
     pub fn reset(&self, name: &str, paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         let mut s = self.session(name, paths, Access::Write)?;
+        // What the running guest sees change, told to it afterwards.
+        let seen = match s.frozen {
+            Some(_) => Some(scan(&s.layers, &s.paths)?),
+            None => None,
+        };
         let removed = changes::reset(&s.layers, &s.paths)
             .map_err(Error::io(format!("resetting {}", s.layers.upper.display())))?
             .map_err(Error::Usage)?;
-        if let Some(frozen) = s.frozen.as_mut() {
+        if let Some(mut frozen) = s.frozen.take() {
             if !removed.is_empty() {
                 frozen.refresh().map_err(Error::io(format!(
                     "VM {name:?}: the changes were dropped, but its file server did not re-read them; restart the VM"
                 )))?;
+            }
+            // The agent's replay goes through the file server: thawed first.
+            drop(frozen);
+            if let Some(set) = seen.filter(|_| !removed.is_empty()) {
+                let replay = reset_replay(&s.layers, &set);
+                if let Err(e) = self
+                    .agent(name)
+                    .and_then(|a| a.open())
+                    .and_then(|c| c.fs_events(PROJECT_TAG, replay))
+                {
+                    log::warn!("VM {name:?}: the guest was not told of the reset ({e}); it sees it within its cache timeout (60 s)");
+                }
             }
         }
         Ok(removed)
@@ -163,4 +182,57 @@ fn scan(layers: &Layers, paths: &[PathBuf]) -> Result<ChangeSet> {
         layers.lower.display(),
         layers.upper.display()
     )))
+}
+
+/// The changes a reset makes to the running guest's view, as the agent
+/// replays them: what the VM added leaves, what it deleted or changed
+/// shows the host's entry again (arrives, then its content and size are
+/// refreshed). Replays that do not apply (an entry the guest still has)
+/// are skipped by the agent.
+fn reset_replay(layers: &Layers, set: &ChangeSet) -> Vec<FsChange> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = |p: &Path| p.as_os_str().as_bytes().to_vec();
+    let mut out = Vec::new();
+    let show_host = |p: &Path, out: &mut Vec<FsChange>| {
+        let Ok(md) = std::fs::symlink_metadata(layers.lower.join(p)) else {
+            return;
+        };
+        let kind = if md.is_dir() {
+            EntryKind::Dir
+        } else if md.is_file() {
+            EntryKind::File
+        } else if md.file_type().is_symlink() {
+            EntryKind::Symlink
+        } else {
+            EntryKind::Other
+        };
+        out.push(FsChange::Arrive { path: bytes(p), kind });
+        if kind == EntryKind::File {
+            out.push(FsChange::Modify {
+                path: bytes(p),
+                size: md.len(),
+            });
+        }
+    };
+    let leave = |p: &Path, out: &mut Vec<FsChange>| {
+        // Which of the two the guest has is not known: the other fails.
+        for dir in [false, true] {
+            out.push(FsChange::Leave { path: bytes(p), dir });
+        }
+    };
+    for c in &set.changes {
+        match &c.kind {
+            ChangeKind::Added => leave(&c.path, &mut out),
+            ChangeKind::Renamed { from } => {
+                leave(&c.path, &mut out);
+                show_host(from, &mut out);
+            }
+            ChangeKind::Deleted => show_host(&c.path, &mut out),
+            ChangeKind::Modified | ChangeKind::TypeChanged => {
+                leave(&c.path, &mut out);
+                show_host(&c.path, &mut out);
+            }
+        }
+    }
+    out
 }
