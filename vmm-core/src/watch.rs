@@ -37,10 +37,13 @@ use crate::{Error, Result};
 /// first event, until 10 ms pass without one, at most this long.
 const GATHER: Duration = Duration::from_millis(50);
 const QUIET: Duration = Duration::from_millis(10);
-/// A batch frame stays well under the protocol's 1 MiB frame limit.
+/// A batch frame stays well under the protocol's 1 MiB frame limit, and
+/// its replay short (each change is a few requests of the guest kernel:
+/// tens of milliseconds where it is interpreted).
 const MAX_BATCH_BYTES: usize = 256 << 10;
+const MAX_BATCH_CHANGES: usize = 128;
 /// How long the agent may take to replay one batch.
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(300);
 /// After a failed connection, the next attempt is this much later.
 const RETRY: Duration = Duration::from_secs(1);
 /// Changes kept for an agent that does not listen yet (a booting guest);
@@ -243,6 +246,7 @@ impl Agent {
             let mut bytes = 0;
             let count = pending
                 .iter()
+                .take(MAX_BATCH_CHANGES)
                 .take_while(|c| {
                     let fits = bytes < MAX_BATCH_BYTES;
                     bytes += change_bytes(c);
