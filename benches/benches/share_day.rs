@@ -184,7 +184,17 @@ fn tree_part(dir: &Path, rows: &mut Vec<Row>) {
     let mvm = Mvm::new(dir.join("state-big"));
     let p = project.to_str().unwrap();
     // As root over a root-owned tree (the benchmark's user): no extra user.
-    mvm.ok(&["create", "--no-network", "--user", "root", "big", "--project", p, "--memory", "1024"]);
+    mvm.ok(&[
+        "create",
+        "--no-network",
+        "--user",
+        "root",
+        "big",
+        "--project",
+        p,
+        "--memory",
+        "1024",
+    ]);
     mvm.ok(&["start", "big", "--timeout", "900"]);
     // Each walk three times: cold (first after the VMM started), again
     // with the guest's caches dropped (the file server warm: what a cold
@@ -208,14 +218,26 @@ fn tree_part(dir: &Path, rows: &mut Vec<Row>) {
         let fds_after = open_fds(pid);
         eprintln!("{what}: {out}; cold {cold:.1} s, guest caches dropped {server_warm:.1} s, warm {warm:.1} s; mvm-vmm fds {fds_before} -> {fds_after}");
         rows.push(Row::plain(&format!("{what} {files} files: cold"), "s", &[cold]));
-        rows.push(Row::plain(&format!("{what}: guest caches dropped"), "s", &[server_warm]));
+        rows.push(Row::plain(
+            &format!("{what}: guest caches dropped"),
+            "s",
+            &[server_warm],
+        ));
         rows.push(Row::plain(&format!("{what}: warm"), "s", &[warm]));
         rows.push(with_target(
             Row::plain(&format!("{what}: cold / dropped"), "x", &[cold / server_warm]),
             2.0,
         ));
-        rows.push(Row::plain(&format!("{what}: mvm-vmm fds before"), "fds", &[fds_before as f64]));
-        rows.push(Row::plain(&format!("{what}: mvm-vmm fds after"), "fds", &[fds_after as f64]));
+        rows.push(Row::plain(
+            &format!("{what}: mvm-vmm fds before"),
+            "fds",
+            &[fds_before as f64],
+        ));
+        rows.push(Row::plain(
+            &format!("{what}: mvm-vmm fds after"),
+            "fds",
+            &[fds_after as f64],
+        ));
     }
     mvm.ok(&["stop", "big"]);
 }

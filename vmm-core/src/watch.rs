@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use mvm_agent::proto::{self, FsChange, Message};
 use mvm_storage::fs::locked;
 use mvm_storage::fs::overlay::{Overlay, OverlayOptions};
-use mvm_storage::fs::watch::TreeWatcher;
+use mvm_storage::fs::watch::{self, TreeWatcher};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
@@ -217,7 +217,7 @@ fn gather(watcher: &mut TreeWatcher) -> Vec<FsChange> {
             break;
         }
     }
-    changes
+    watch::coalesce(changes)
 }
 
 fn change_bytes(c: &FsChange) -> usize {

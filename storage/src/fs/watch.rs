@@ -380,6 +380,50 @@ impl TreeWatcher {
     }
 }
 
+/// Folds what a burst of changes does to a file that did not outlive it:
+/// a non-directory created (and perhaps written) then deleted in the
+/// burst leaves no trace; one created then renamed (an editor's atomic
+/// save) is only renamed. The guest then replays fewer operations, each a
+/// few requests of its kernel.
+pub fn coalesce(changes: Vec<Change>) -> Vec<Change> {
+    let mut out: Vec<Option<Change>> = Vec::with_capacity(changes.len());
+    // Indexes in `out` of the Arrive/Modify/Attrib of each path.
+    let mut touched: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
+    let mut arrived: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut forget = |out: &mut Vec<Option<Change>>, touched: &mut HashMap<Vec<u8>, Vec<usize>>, path: &[u8]| {
+        for i in touched.remove(path).unwrap_or_default() {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = None;
+            }
+        }
+    };
+    for c in changes {
+        match &c {
+            Change::Arrive { path, kind } if *kind != EntryKind::Dir => {
+                arrived.insert(path.clone(), out.len());
+                touched.entry(path.clone()).or_default().push(out.len());
+            }
+            Change::Modify { path, .. } | Change::Attrib { path, .. } => {
+                touched.entry(path.clone()).or_default().push(out.len());
+            }
+            Change::Leave { path, dir: false } => {
+                let was_new = arrived.remove(path).is_some();
+                forget(&mut out, &mut touched, path);
+                if was_new {
+                    continue;
+                }
+            }
+            Change::Move { from, dir: false, .. } => {
+                arrived.remove(from);
+                forget(&mut out, &mut touched, from);
+            }
+            _ => {}
+        }
+        out.push(Some(c));
+    }
+    out.into_iter().flatten().collect()
+}
+
 trait ModeBits {
     fn mode_bits(&self) -> u32;
 }
@@ -528,6 +572,69 @@ mod tests {
         );
         collect(&mut w, |_| false);
         assert_eq!(w.watched(), 2);
+    }
+
+    #[test]
+    fn short_lived_files_fold_away() {
+        let arrive = |p: &str| Change::Arrive {
+            path: p.into(),
+            kind: EntryKind::File,
+        };
+        let modify = |p: &str| Change::Modify {
+            path: p.into(),
+            size: 1,
+        };
+        let folded = coalesce(vec![
+            arrive(".x.swp"),
+            modify(".x.swp"),
+            Change::Move {
+                from: p(".x.swp"),
+                to: p("x"),
+                dir: false,
+            },
+            arrive("tmp"),
+            modify("tmp"),
+            Change::Leave {
+                path: p("tmp"),
+                dir: false,
+            },
+            modify("kept"),
+            Change::Leave {
+                path: p("old"),
+                dir: false,
+            },
+            Change::Arrive {
+                path: p("d"),
+                kind: EntryKind::Dir,
+            },
+            Change::Leave {
+                path: p("d"),
+                dir: true,
+            },
+        ]);
+        assert_eq!(
+            folded,
+            vec![
+                Change::Move {
+                    from: p(".x.swp"),
+                    to: p("x"),
+                    dir: false
+                },
+                modify("kept"),
+                Change::Leave {
+                    path: p("old"),
+                    dir: false
+                },
+                Change::Arrive {
+                    path: p("d"),
+                    kind: EntryKind::Dir
+                },
+                Change::Leave {
+                    path: p("d"),
+                    dir: true
+                },
+            ]
+        );
     }
 
     #[test]
