@@ -390,7 +390,7 @@ pub fn coalesce(changes: Vec<Change>) -> Vec<Change> {
     // Indexes in `out` of the Arrive/Modify/Attrib of each path.
     let mut touched: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
     let mut arrived: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut forget = |out: &mut Vec<Option<Change>>, touched: &mut HashMap<Vec<u8>, Vec<usize>>, path: &[u8]| {
+    let forget = |out: &mut Vec<Option<Change>>, touched: &mut HashMap<Vec<u8>, Vec<usize>>, path: &[u8]| {
         for i in touched.remove(path).unwrap_or_default() {
             if let Some(slot) = out.get_mut(i) {
                 *slot = None;
