@@ -45,7 +45,10 @@ use std::path::{Component, Path, PathBuf};
 pub use patch::git_mode;
 
 /// The attribute the file server puts on copied-up entries.
-pub const ORIGIN_XATTR: &str = "user.mvm.origin";
+pub const ORIGIN_XATTR: &str = match mvm_storage::fs::overlay::ORIGIN_XATTR.to_str() {
+    Ok(name) => name,
+    Err(_) => panic!("the origin attribute's name is ASCII"),
+};
 const OPAQUE_XATTR: &str = "user.overlay.opaque";
 
 /// The two layers of a project share.
@@ -275,14 +278,11 @@ fn read_origin(path: &Path) -> io::Result<Option<Origin>> {
 
 /// The origin value for a host entry, as the file server writes it.
 fn origin_value(md: &Metadata) -> String {
-    format!(
-        "{} {} {}.{} {}.{}",
+    mvm_storage::fs::overlay::format_origin(
         md.ino(),
         md.size(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec()
+        (md.mtime(), md.mtime_nsec()),
+        (md.ctime(), md.ctime_nsec()),
     )
 }
 

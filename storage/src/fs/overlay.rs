@@ -218,10 +218,18 @@ fn is_private_xattr(name: &[u8]) -> bool {
 
 /// The value of [`ORIGIN_XATTR`] for a lower entry with stat `st`.
 pub fn origin_value(st: &libc::stat) -> String {
-    format!(
-        "{} {} {}.{} {}.{}",
-        st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec
+    format_origin(
+        st.st_ino,
+        st.st_size as u64,
+        (st.st_mtime, st.st_mtime_nsec),
+        (st.st_ctime, st.st_ctime_nsec),
     )
+}
+
+/// The [`ORIGIN_XATTR`] value: inode, size, mtime and ctime (seconds,
+/// nanoseconds), whoever reads the entry's identity.
+pub fn format_origin(ino: u64, size: u64, mtime: (i64, i64), ctime: (i64, i64)) -> String {
+    format!("{ino} {size} {}.{} {}.{}", mtime.0, mtime.1, ctime.0, ctime.1)
 }
 
 /// Records where an upper entry came from; best effort: without it the
