@@ -25,6 +25,10 @@ use crate::{Error, Result};
 
 /// How long a request waits for the agent's answer unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `Exec` waits for `Started`, at least: the agent answers once
+/// the program runs, and a busy guest whose caches were dropped may take
+/// many seconds to load it (on hosts where its kernel is interpreted).
+pub const EXEC_START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The software name this side sends in its `Hello`.
 fn software() -> String {
@@ -198,6 +202,12 @@ impl AgentConnection {
     /// stderr and that status.
     pub fn exec(self, request: ExecRequest) -> Result<ExecSession> {
         let stream = self.stream.try_clone().map_err(Error::io("cloning the agent socket"))?;
+        let current = stream.read_timeout().map_err(Error::io("agent socket timeout"))?;
+        if current.is_some_and(|t| t < EXEC_START_TIMEOUT) {
+            stream
+                .set_read_timeout(Some(EXEC_START_TIMEOUT))
+                .map_err(Error::io("agent socket timeout"))?;
+        }
         let mut pending = std::collections::VecDeque::new();
         let pid = match self.request(&Message::Exec(request), "Exec")? {
             Message::Started { pid } => pid,

@@ -78,6 +78,17 @@ impl ConfigSpace {
 /// Node id of the root directory (FUSE_ROOT_ID).
 pub const ROOT_ID: u64 = 1;
 
+impl Attr {
+    /// The inode number the guest sees.
+    pub fn inode(&self) -> u64 {
+        if self.st_ino != 0 {
+            self.st_ino
+        } else {
+            self.ino
+        }
+    }
+}
+
 /// Who sent a request (from the FUSE request header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Context {
@@ -90,6 +101,11 @@ pub struct Context {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Attr {
     pub ino: u64,
+    /// The inode number the guest's `stat` shows (and listings' `d_ino`),
+    /// when it is not the node id: a file system that passes the host's
+    /// numbers through keeps tools that record them (git's index) in
+    /// agreement with the host. 0: the node id.
+    pub st_ino: u64,
     pub size: u64,
     pub blocks: u64,
     pub atime: i64,

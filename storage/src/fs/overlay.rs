@@ -141,7 +141,10 @@ struct Node {
 #[derive(Debug)]
 struct Listed {
     name: CString,
+    /// The node id.
     ino: u64,
+    /// What the guest sees as its inode number.
+    d_ino: u64,
     kind: u32,
 }
 
@@ -177,6 +180,9 @@ impl Found {
 pub struct Overlay {
     upper: OwnedFd,
     lower: Option<OwnedFd>,
+    /// The layers' file systems (their roots' `st_dev`).
+    upper_dev: libc::dev_t,
+    lower_dev: Option<libc::dev_t>,
     options: OverlayOptions,
     /// Ownership of new entries is set to the caller's only when we may.
     as_root: bool,
@@ -184,6 +190,8 @@ pub struct Overlay {
     by_name: HashMap<(u64, CString), u64>,
     /// Never shrinks on `forget`: ids stay stable for the overlay's life.
     ids: HashMap<Ident, u64>,
+    /// Node id -> the inode number the guest was shown; kept as long.
+    guest_inos: HashMap<u64, u64>,
     next_id: u64,
     handles: HashMap<u64, Handle>,
     next_handle: u64,
@@ -259,9 +267,23 @@ fn encode_dev(rdev: u64) -> u32 {
     ((minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)) as u32
 }
 
+/// The guest's inode numbers: those of the lower layer's file system as
+/// they are (git's index on the host recorded them, so the first
+/// `git status` in the VM need not re-read every file); those of the
+/// upper layer's, when it is another file system, with this bit set.
+const UPPER_INO: u64 = 1 << 62;
+/// Entries of neither (a file system mounted inside the project, or
+/// numbers this large): the node id with this bit set, unique too.
+const NODE_INO: u64 = 1 << 63;
+
+fn node_ino(id: u64) -> u64 {
+    NODE_INO | id
+}
+
 fn to_attr(ino: u64, st: &libc::stat) -> Attr {
     Attr {
         ino,
+        st_ino: 0,
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
         atime: st.st_atime,
@@ -612,15 +634,31 @@ impl Overlay {
             Ok(value) => value == b"y",
             Err(_) => false,
         };
+        let layer_dev = |fd: &OwnedFd, path: &Path| {
+            sys::fstat(fd.as_fd())
+                .map(|st| st.st_dev)
+                .map_err(|source| crate::Error::Layer {
+                    path: path.into(),
+                    source,
+                })
+        };
+        let upper_dev = layer_dev(&upper_fd, upper)?;
+        let lower_dev = match (&lower_fd, lower) {
+            (Some(fd), Some(path)) => Some(layer_dev(fd, path)?),
+            _ => None,
+        };
         let mut overlay = Overlay {
             upper: upper_fd,
             lower: lower_fd,
+            upper_dev,
+            lower_dev,
             options,
             // SAFETY: geteuid has no preconditions.
             as_root: unsafe { libc::geteuid() } == 0,
             nodes: HashMap::new(),
             by_name: HashMap::new(),
             ids: HashMap::new(),
+            guest_inos: HashMap::new(),
             next_id: ROOT_ID + 1,
             handles: HashMap::new(),
             next_handle: 1,
@@ -662,6 +700,42 @@ impl Overlay {
             kind: libc::S_IFDIR,
             upper: true,
             lower,
+        }
+    }
+
+    /// `st` of node `id` as the guest sees it.
+    fn attr(&mut self, id: u64, st: &libc::stat) -> Attr {
+        Attr {
+            st_ino: self.guest_ino(id, st),
+            ..to_attr(id, st)
+        }
+    }
+
+    /// The inode number the guest sees for node `id` (see [`UPPER_INO`]):
+    /// the first one it was shown, so a copy-up does not change it.
+    fn guest_ino(&mut self, id: u64, st: &libc::stat) -> u64 {
+        if let Some(&ino) = self.guest_inos.get(&id) {
+            return ino;
+        }
+        let ino = self.host_ino(id, st);
+        self.guest_inos.insert(id, ino);
+        ino
+    }
+
+    fn host_ino(&self, id: u64, st: &libc::stat) -> u64 {
+        let ino = st.st_ino;
+        if ino >= UPPER_INO || ino == 0 {
+            node_ino(id)
+        } else if Some(st.st_dev) == self.lower_dev {
+            ino
+        } else if st.st_dev == self.upper_dev {
+            if self.lower_dev.is_none() {
+                ino
+            } else {
+                UPPER_INO | ino
+            }
+        } else {
+            node_ino(id)
         }
     }
 
@@ -1021,9 +1095,9 @@ impl Overlay {
         }
     }
 
-    fn entry(&self, id: u64, st: &libc::stat) -> Entry {
+    fn entry(&mut self, id: u64, st: &libc::stat) -> Entry {
         Entry {
-            attr: to_attr(id, st),
+            attr: self.attr(id, st),
             generation: 0,
             entry_timeout: self.options.entry_timeout,
             attr_timeout: self.options.attr_timeout,
@@ -1625,13 +1699,14 @@ impl Overlay {
         Ok(())
     }
 
-    fn dot_entry(&self, id: u64) -> Entry {
+    fn dot_entry(&mut self, id: u64) -> Entry {
         let st = self.stat_node(id).ok();
         match st {
             Some(st) => self.entry(id, &st),
             None => Entry {
                 attr: Attr {
                     ino: id,
+                    st_ino: node_ino(id),
                     mode: libc::S_IFDIR,
                     ..Attr::default()
                 },
@@ -1665,14 +1740,15 @@ impl FileSystem for Overlay {
         if let Some(h) = handle {
             match self.handles.get(&h) {
                 Some(Handle::File { ino: hino, file, .. }) => {
-                    return Ok((to_attr(*hino, &sys::fstat(file.as_fd())?), self.options.attr_timeout));
+                    let hino = *hino;
+                    return Ok((self.attr(hino, &sys::fstat(file.as_fd())?), self.options.attr_timeout));
                 }
                 Some(Handle::Dir { .. }) => {}
                 None => return Err(errno(libc::EBADF)),
             }
         }
         let st = self.stat_node(ino)?;
-        Ok((to_attr(ino, &st), self.options.attr_timeout))
+        Ok((self.attr(ino, &st), self.options.attr_timeout))
     }
 
     fn setattr(&mut self, ctx: Context, ino: u64, set: SetAttr) -> io::Result<(Attr, Duration)> {
@@ -2019,21 +2095,24 @@ impl FileSystem for Overlay {
         let merged = self.merged_names(ino)?;
         let parent = self.node(ino)?.names.first().map_or(ROOT_ID, |(p, _)| *p);
         let mut entries = Vec::with_capacity(merged.len() + 2);
-        entries.push(Listed {
-            name: c".".to_owned(),
-            ino,
-            kind: libc::S_IFDIR,
-        });
-        entries.push(Listed {
-            name: c"..".to_owned(),
-            ino: parent,
-            kind: libc::S_IFDIR,
-        });
+        for (name, id) in [(c".", ino), (c"..", parent)] {
+            let d_ino = match self.stat_node(id) {
+                Ok(st) => self.guest_ino(id, &st),
+                Err(_) => node_ino(id),
+            };
+            entries.push(Listed {
+                name: name.to_owned(),
+                ino: id,
+                d_ino,
+                kind: libc::S_IFDIR,
+            });
+        }
         for (name, found) in merged {
             let id = self.id_for(ino, &name, &found);
             entries.push(Listed {
                 kind: found.kind(),
                 ino: id,
+                d_ino: found.stat().map_or(node_ino(id), |st| self.guest_ino(id, st)),
                 name,
             });
         }
@@ -2055,7 +2134,7 @@ impl FileSystem for Overlay {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, e) in entries.iter().enumerate().skip(start) {
             let entry = DirEntry {
-                ino: e.ino,
+                ino: e.d_ino,
                 next_offset: i as u64 + 1,
                 kind: e.kind >> 12,
                 name: e.name.to_bytes(),
@@ -2100,7 +2179,7 @@ impl FileSystem for Overlay {
                 }
             };
             let de = DirEntry {
-                ino: entry.attr.ino,
+                ino: entry.attr.inode(),
                 next_offset: i as u64 + 1,
                 kind: (if dot { kind } else { entry.attr.mode & libc::S_IFMT }) >> 12,
                 name: name.to_bytes(),

@@ -817,7 +817,7 @@ fn set_attr(inp: &abi::SetattrIn) -> Result<SetAttr, Errno> {
 
 fn fuse_attr(a: &super::Attr) -> abi::Attr {
     abi::Attr {
-        ino: a.ino,
+        ino: a.inode(),
         size: a.size,
         blocks: a.blocks,
         // Two's complement on the wire: the kernel reads them back as s64.

@@ -59,6 +59,7 @@ impl Echo {
 fn gone_attr(id: u64, kind: u32) -> Attr {
     Attr {
         ino: id,
+        st_ino: super::node_ino(id),
         mode: kind | if kind == libc::S_IFDIR { 0o755 } else { 0o644 },
         nlink: 1,
         blksize: 4096,
@@ -199,7 +200,7 @@ impl Overlay {
         if kind_of(&st) != self.node(ino)?.kind {
             return Err(errno(libc::EBUSY));
         }
-        Ok((super::to_attr(ino, &st), self.options.attr_timeout))
+        Ok((self.attr(ino, &st), self.options.attr_timeout))
     }
 }
 

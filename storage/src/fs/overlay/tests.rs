@@ -665,10 +665,14 @@ fn merged_readdir_lists_each_name_once() {
     })
     .unwrap();
     fs.releasedir(dir, h).unwrap();
-    assert_eq!(seen[0], (".".to_string(), dir, libc::DT_DIR as u32));
-    assert_eq!(seen[1], ("..".to_string(), ROOT_ID, libc::DT_DIR as u32));
+    let inode = |fs: &mut Overlay, ino| fs.getattr(ctx(), ino, None).unwrap().0.inode();
+    assert_eq!(seen[0], (".".to_string(), inode(&mut fs, dir), libc::DT_DIR as u32));
+    assert_eq!(
+        seen[1],
+        ("..".to_string(), inode(&mut fs, ROOT_ID), libc::DT_DIR as u32)
+    );
     for (name, ino, _) in &seen[2..] {
-        assert_eq!(lookup(&mut fs, dir, name).unwrap().attr.ino, *ino, "{name}");
+        assert_eq!(lookup(&mut fs, dir, name).unwrap().attr.inode(), *ino, "{name}");
     }
     // readdirplus counts only what the callback accepted
     let (h, _) = fs.opendir(ctx(), dir, 0).unwrap();
@@ -677,7 +681,7 @@ fn merged_readdir_lists_each_name_once() {
         if taken.len() == 3 {
             return false;
         }
-        assert_eq!(e.ino, entry.attr.ino);
+        assert_eq!(e.ino, entry.attr.inode());
         taken.push((String::from_utf8(e.name.to_vec()).unwrap(), e.next_offset));
         true
     })
@@ -1404,5 +1408,75 @@ fn refresh_layers_after_the_upper_layer_changed() {
     let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap().attr.ino;
     assert_eq!(read_all(&mut fs, a), b"alpha");
     check_tables(&fs);
+    env.assert_lower_unchanged();
+}
+
+#[test]
+fn guest_inode_numbers_are_the_hosts_and_unique() {
+    let env = Env::new(fixture);
+    let mut fs = env.overlay();
+    let host_ino = |rel: &str| std::fs::symlink_metadata(env.lower.join(rel)).unwrap().ino();
+    // Lower entries show the host's numbers: git's index agrees.
+    let a = lookup(&mut fs, ROOT_ID, "a.txt").unwrap();
+    assert_eq!(a.attr.inode(), host_ino("a.txt"));
+    let dir = walk(&mut fs, "dir").unwrap().attr.ino;
+    assert_eq!(fs.getattr(ctx(), dir, None).unwrap().0.inode(), host_ino("dir"));
+    // Listings agree with stat, with and without attributes.
+    let (h, _) = fs.opendir(ctx(), dir, 0).unwrap();
+    let mut plain = BTreeMap::new();
+    fs.readdir(ctx(), dir, h, 0, &mut |e| {
+        plain.insert(String::from_utf8(e.name.to_vec()).unwrap(), e.ino);
+        true
+    })
+    .unwrap();
+    let mut plus = BTreeMap::new();
+    fs.readdirplus(ctx(), dir, h, 0, &mut |e, entry| {
+        assert_eq!(e.ino, entry.attr.inode());
+        plus.insert(String::from_utf8(e.name.to_vec()).unwrap(), e.ino);
+        true
+    })
+    .unwrap();
+    fs.releasedir(dir, h).unwrap();
+    assert_eq!(plain, plus);
+    assert_eq!(plain["b.txt"], host_ino("dir/b.txt"));
+    assert_eq!(plain["sub"], host_ino("dir/sub"));
+    assert_eq!(plain["."], host_ino("dir"));
+    assert_eq!(plain[".."], fs.getattr(ctx(), ROOT_ID, None).unwrap().0.inode());
+    // A copy-up keeps the number the guest was shown.
+    write_at(&mut fs, a.attr.ino, libc::O_WRONLY, 0, b"A");
+    assert!(upper_stat(&env, "a.txt").is_some());
+    assert_eq!(
+        fs.getattr(ctx(), a.attr.ino, None).unwrap().0.inode(),
+        host_ino("a.txt")
+    );
+    // New entries have numbers of their own, distinct from every other.
+    let (new, h, _) = fs
+        .create(
+            ctx(),
+            ROOT_ID,
+            &c("new.txt"),
+            libc::S_IFREG | 0o644,
+            libc::O_RDWR as u32,
+            0,
+        )
+        .unwrap();
+    fs.release(new.attr.ino, h).unwrap();
+    let mut seen = BTreeMap::new();
+    for path in [
+        "a.txt",
+        "new.txt",
+        "dir",
+        "dir/b.txt",
+        "dir/sub",
+        "dir/sub/c.txt",
+        "x.txt",
+        "link",
+    ] {
+        let inode = walk(&mut fs, path).unwrap().attr.inode();
+        assert_ne!(inode, 0);
+        if let Some(other) = seen.insert(inode, path) {
+            panic!("{path} and {other} share inode number {inode}");
+        }
+    }
     env.assert_lower_unchanged();
 }
