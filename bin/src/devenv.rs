@@ -38,7 +38,14 @@ const MAX_DEPTH: u32 = 128;
 /// The parser recurses without a limit on prefix `-` and `!`, on the
 /// right-associative `++`, `//`, `->`, `<|`, on list items and on `or`
 /// defaults; more of these tokens than this in one file is refused.
-const MAX_UNBOUNDED_TOKENS: usize = 4096;
+const MAX_UNBOUNDED_TOKENS: usize = 1024;
+
+/// rnix's tokenizer looks ahead over a run of path characters
+/// (`[A-Za-z0-9/_.+-]`) at each token, so a long run cut into many tokens
+/// costs the square of its length; longer runs and larger files are
+/// refused.
+const MAX_RUN: usize = 256;
+const MAX_FILE: usize = 256 << 10;
 
 /// Stack of the parsing thread: rnix's own limit (512 expression levels)
 /// plus [`MAX_UNBOUNDED_TOKENS`] levels need a few MiB in a debug build.
@@ -155,6 +162,29 @@ pub fn read(path: &Path) -> crate::Result<Devenv> {
 /// Parse the text of a `devenv.nix`.
 pub fn parse(text: &str) -> Result<Devenv, ParseError> {
     let index = LineIndex::new(text);
+    if text.len() > MAX_FILE {
+        return Err(index.error(
+            0,
+            format!(
+                "the file is larger than {} KiB; mvm does not read a devenv.nix this large",
+                MAX_FILE >> 10
+            ),
+        ));
+    }
+    let mut run = 0;
+    for (offset, c) in text.char_indices() {
+        if c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | '+' | '-') {
+            run += 1;
+            if run > MAX_RUN {
+                return Err(index.error(
+                    offset + 1 - run,
+                    format!("a word longer than {MAX_RUN} characters; mvm does not read a devenv.nix with one"),
+                ));
+            }
+        } else {
+            run = 0;
+        }
+    }
     let unbounded = rnix::tokenize(text)
         .iter()
         .filter(|(kind, _)| {
@@ -211,7 +241,10 @@ fn parse_on_this_thread(text: &str) -> Result<Devenv, ParseError> {
         return Err(index.error(bad.text_range().start().into(), "syntax error".into()));
     }
     let Some(expr) = root.children().find_map(ast::Expr::cast_node) else {
-        return Err(index.error(0, "the file is empty; devenv.nix must be an attribute set `{ ... }`".into()));
+        return Err(index.error(
+            0,
+            "the file is empty; devenv.nix must be an attribute set `{ ... }`".into(),
+        ));
     };
     let mut reader = Reader {
         index: &index,
@@ -1060,7 +1093,11 @@ fn lambda_names(lambda: &ast::Lambda) -> HashSet<String> {
 fn binding_names(set: &impl HasEntry) -> HashSet<String> {
     let mut names = HashSet::new();
     for apv in set.attrpath_values() {
-        if let Some(name) = apv.attrpath().and_then(|p| p.attrs().next()).and_then(|a| attr_name(&a)) {
+        if let Some(name) = apv
+            .attrpath()
+            .and_then(|p| p.attrs().next())
+            .and_then(|a| attr_name(&a))
+        {
             names.insert(name);
         }
     }
@@ -1153,7 +1190,11 @@ fn wrapper_name(function: &ast::Expr) -> Option<String> {
         }
         _ => return None,
     };
-    matches!(name.as_str(), "mkDefault" | "mkForce" | "mkOptionDefault" | "mkOverride").then_some(name)
+    matches!(
+        name.as_str(),
+        "mkDefault" | "mkForce" | "mkOptionDefault" | "mkOverride"
+    )
+    .then_some(name)
 }
 
 /// Why `expr` cannot be used where `expected` is needed: a literal of
@@ -1235,10 +1276,7 @@ fn env_value(expr: ast::Expr) -> Result<String, Skip> {
         Some(Ok(v)) => Ok(v.to_string()),
         _ => match &expr {
             ast::Expr::Str(s) => string_literal(s),
-            other => Err(skip(
-                other,
-                why("a string", other),
-            )),
+            other => Err(skip(other, why("a string", other))),
         },
     }
 }
@@ -1389,7 +1427,10 @@ fn package_name(item: &ast::Expr, scope: &ScopeRef) -> Result<String, Skip> {
                 ))
             }
             Resolved::OtherWith => {
-                return Err(skip(&item, format!("`{base_name}` comes from a `with` of something other than pkgs")))
+                return Err(skip(
+                    &item,
+                    format!("`{base_name}` comes from a `with` of something other than pkgs"),
+                ))
             }
             Resolved::Undefined => return Err(skip(&item, format!("`{base_name}` is not defined"))),
         }
@@ -1615,11 +1656,588 @@ fn indented_string(raw: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dump_fixtures() {
-        for name in ["postgres-let", "redis-mysql-nested", "with-pkgs", "wrappers-strings", "let-shadowing", "fullstack"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/devenv").join(format!("{name}.nix"));
-            println!("== {name}\n{:#?}", read(&path));
+    fn fixture(name: &str) -> Devenv {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/devenv")
+            .join(format!("{name}.nix"));
+        read(&path).unwrap()
+    }
+
+    fn service(name: &str, enabled: bool) -> DeclaredService {
+        DeclaredService {
+            name: name.into(),
+            kind: ServiceKind::from_devenv_name(name),
+            enabled,
+            port: None,
+            listen_addresses: None,
+            initial_databases: Vec::new(),
+            initial_script: None,
+            ignored: Vec::new(),
         }
+    }
+
+    fn db(name: &str, user: Option<&str>, pass: Option<&str>) -> InitialDatabase {
+        InitialDatabase {
+            name: name.into(),
+            user: user.map(Into::into),
+            pass: pass.map(Into::into),
+        }
+    }
+
+    fn skipped(attr: &str, line: u32, column: u32, reason: &str) -> Skipped {
+        Skipped {
+            attr: attr.into(),
+            line,
+            column,
+            reason: reason.into(),
+        }
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn parse_err(text: &str) -> ParseError {
+        parse(text).unwrap_err()
+    }
+
+    /// The value of the string literal `literal` (as `env.X`).
+    fn string(literal: &str) -> String {
+        let d = parse(&format!("{{ env.X = {literal}; }}")).unwrap();
+        assert_eq!(d.skipped, vec![], "{literal}");
+        d.env[0].1.clone()
+    }
+
+    #[test]
+    fn let_block_wrappers_and_indented_script() {
+        let postgres = DeclaredService {
+            port: Some(5433),
+            listen_addresses: Some("127.0.0.1".into()),
+            initial_databases: vec![db("shop", Some("shop"), Some("s3cr3t"))],
+            initial_script: Some(
+                "CREATE ROLE admin SUPERUSER;\n  -- indented two more\nCREATE EXTENSION IF NOT EXISTS pgcrypto;\n"
+                    .into(),
+            ),
+            ignored: strings(&["package"]),
+            ..service("postgres", true)
+        };
+        let not_static = "the variable `dbName` cannot be read without evaluating Nix";
+        assert_eq!(
+            fixture("postgres-let"),
+            Devenv {
+                services: vec![postgres],
+                env: pairs(&[("GREET", "devenv")]),
+                packages: strings(&["git", "nodejs_20", "python3Packages.pip"]),
+                processes: pairs(&[("web", "npm run dev")]),
+                skipped: vec![
+                    skipped("env.DATABASE_NAME", 10, 23, not_static),
+                    skipped("services.postgres.initialDatabases", 23, 16, not_static),
+                ],
+                other: strings(&["languages", "scripts", "enterShell"]),
+            }
+        );
+    }
+
+    #[test]
+    fn nested_sets_without_function_header() {
+        let redis = DeclaredService {
+            port: Some(6380),
+            listen_addresses: Some("0.0.0.0".into()),
+            ..service("redis", true)
+        };
+        let mysql = DeclaredService {
+            port: Some(3307),
+            initial_databases: vec![db("app", None, None)],
+            ignored: strings(&["settings", "initialDatabases.schema", "ensureUsers"]),
+            ..service("mysql", true)
+        };
+        assert_eq!(
+            fixture("redis-mysql-nested"),
+            Devenv {
+                services: vec![redis, mysql, service("memcached", false)],
+                env: pairs(&[("REDIS_DB", "0"), ("APP_ENV", "dev")]),
+                packages: vec![],
+                processes: pairs(&[("worker", "bin/worker --queue default")]),
+                skipped: vec![],
+                other: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn with_pkgs_concatenation_and_mk_if() {
+        let postgres = DeclaredService {
+            port: Some(5432),
+            ..service("postgres", false)
+        };
+        assert_eq!(
+            fixture("with-pkgs"),
+            Devenv {
+                services: vec![postgres],
+                env: vec![],
+                packages: strings(&["git", "jq", "nodePackages.pnpm", "curl"]),
+                processes: vec![],
+                skipped: vec![
+                    skipped(
+                        "packages",
+                        11,
+                        5,
+                        "`config` is a variable (argument, `let` or builtin), not a package of pkgs"
+                    ),
+                    skipped(
+                        "packages",
+                        12,
+                        8,
+                        "a function call cannot be read without evaluating Nix"
+                    ),
+                    skipped(
+                        "services.postgres.enable",
+                        19,
+                        30,
+                        "a function call cannot be read without evaluating Nix"
+                    ),
+                ],
+                other: strings(&["cachix", "dotenv", "languages", "pre-commit"]),
+            }
+        );
+    }
+
+    #[test]
+    fn wrappers_escapes_unknown_service_and_bad_port() {
+        let minio = DeclaredService {
+            ignored: strings(&["buckets"]),
+            ..service("minio", true)
+        };
+        assert_eq!(minio.kind, None, "an unknown service is kept, without a kind");
+        let postgres = DeclaredService {
+            initial_databases: vec![db("a\"b\\c", None, None)],
+            ..service("postgres", true)
+        };
+        let interpolation = "a string with `${...}` interpolation, which mvm cannot read without evaluating Nix";
+        assert_eq!(
+            fixture("wrappers-strings"),
+            Devenv {
+                services: vec![service("redis", true), minio, postgres],
+                env: pairs(&[
+                    ("QUOTED", "tab\there ${HOME} $${USER}"),
+                    ("INDENTED", "''quoted''\n  ${not} interpolated\tend\n"),
+                ]),
+                packages: vec![],
+                processes: vec![],
+                skipped: vec![
+                    skipped("services.redis.port", 7, 31, "port 70000 is not in 1-65535"),
+                    skipped("services.postgres.port", 13, 12, "expected an integer, found a string"),
+                    skipped("services.postgres.initialScript", 14, 38, interpolation),
+                    skipped(
+                        "env.FROM_LET",
+                        22,
+                        18,
+                        "the variable `name` cannot be read without evaluating Nix"
+                    ),
+                    skipped("processes.db.exec", 23, 36, interpolation),
+                ],
+                other: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn let_binding_shadows_with_pkgs() {
+        let mongodb = DeclaredService {
+            ignored: strings(&["additionalArgs"]),
+            ..service("mongodb", true)
+        };
+        assert_eq!(
+            fixture("let-shadowing"),
+            Devenv {
+                services: vec![mongodb],
+                env: vec![],
+                packages: strings(&["ripgrep", "fd"]),
+                processes: vec![],
+                skipped: vec![
+                    skipped(
+                        "packages",
+                        9,
+                        27,
+                        "`git` is a variable (argument, `let` or builtin), not a package of pkgs"
+                    ),
+                    skipped(
+                        "packages",
+                        9,
+                        47,
+                        "the variable `tools` cannot be read without evaluating Nix"
+                    ),
+                ],
+                other: strings(&["enterTest"]),
+            }
+        );
+    }
+
+    #[test]
+    fn full_stack_project() {
+        let postgres = DeclaredService {
+            listen_addresses: Some("*".into()),
+            initial_databases: vec![db("app", Some("app"), Some("p@ss:w/rd"))],
+            ..service("postgres", true)
+        };
+        let rabbitmq = DeclaredService {
+            ignored: strings(&["managementPlugin"]),
+            ..service("rabbitmq", true)
+        };
+        assert_eq!(
+            fixture("fullstack"),
+            Devenv {
+                services: vec![postgres, service("redis", true), rabbitmq],
+                env: vec![],
+                packages: vec![],
+                processes: pairs(&[("api", "npm run api"), ("ui", "npm run ui -- --port 3000\n")]),
+                skipped: vec![],
+                other: strings(&["name", "languages", "scripts", "enterTest"]),
+            }
+        );
+    }
+
+    #[test]
+    fn bare_mk_default_and_mk_option_default() {
+        let d = parse(
+            "{ lib, ... }: with lib; { services.redis = { enable = mkDefault true; port = mkOptionDefault 7000; }; }",
+        )
+        .unwrap();
+        let redis = DeclaredService {
+            port: Some(7000),
+            ..service("redis", true)
+        };
+        assert_eq!(d.services, vec![redis]);
+        assert_eq!(d.skipped, vec![]);
+    }
+
+    #[test]
+    fn enable_must_be_a_literal_true() {
+        let d = parse("{ services.postgres.enable = \"true\"; services.redis.enable = !false; }").unwrap();
+        assert_eq!(d.services, vec![service("postgres", false), service("redis", false)]);
+        assert_eq!(
+            d.skipped,
+            vec![
+                skipped(
+                    "services.postgres.enable",
+                    1,
+                    30,
+                    "expected `true` or `false`, found a string"
+                ),
+                skipped(
+                    "services.redis.enable",
+                    1,
+                    62,
+                    "an operator expression cannot be read without evaluating Nix"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_error_has_line_and_column() {
+        let e = parse_err("{ pkgs, ... }:\n{\n  services.postgres.enable = true\n  services.redis.enable = true;\n}\n");
+        assert_eq!((e.line, e.column), (4, 25), "{e}");
+        assert_eq!(e.message, "unexpected `=`, expected `;`");
+        assert_eq!(e.to_string(), "line 4, column 25: unexpected `=`, expected `;`");
+
+        let e = parse_err("{\n  env.A = \"unterminated;\n}\n");
+        assert_eq!((e.line, e.column), (2, 12), "{e}");
+        let e = parse_err("{ services.postgres = { enable = true; };");
+        assert_eq!((e.line, e.column), (1, 42), "{e}");
+        assert!(e.message.contains("end of file"), "{e}");
+    }
+
+    #[test]
+    fn not_an_attribute_set_is_an_error() {
+        let e = parse_err("{ pkgs, ... }:\nimport ./devenv-common.nix { inherit pkgs; }\n");
+        assert_eq!((e.line, e.column), (2, 1), "{e}");
+        assert!(e.message.contains("must be an attribute set"), "{e}");
+        let e = parse_err("  # only a comment\n");
+        assert_eq!(e.to_string(), "line 2, column 1: unexpected end of file");
+    }
+
+    #[test]
+    fn duplicate_definition_is_an_error_like_in_nix() {
+        let e = parse_err("{\n  services.redis.port = 1;\n  services.redis = { port = 2; };\n}");
+        assert_eq!((e.line, e.column), (3, 29), "{e}");
+        assert_eq!(
+            e.message,
+            "attribute `services.redis.port` already defined at line 2, column 25"
+        );
+        // A definition under a value that is not a set literal.
+        let e = parse_err("{ env = { }; env.A = \"1\"; services = x; services.redis.enable = true; }");
+        assert!(e.message.contains("`services` already defined"), "{e}");
+        // Set literals merge, as in Nix.
+        let d = parse("{ services.redis = { }; services.redis.port = 1; env = { }; }").unwrap();
+        let redis = DeclaredService {
+            port: Some(1),
+            ..service("redis", false)
+        };
+        assert_eq!(d.services, vec![redis]);
+    }
+
+    #[test]
+    fn ports_out_of_range_and_not_integers() {
+        let d = parse(
+            "{ services.a.port = 0; services.b.port = -1; services.c.port = 65536; \
+             services.d.port = 99999999999999999999; services.e.port = 5432.0; services.f.port = 65535; }",
+        )
+        .unwrap();
+        let reasons: Vec<(&str, &str)> = d.skipped.iter().map(|s| (s.attr.as_str(), s.reason.as_str())).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("services.a.port", "port 0 is not in 1-65535"),
+                ("services.b.port", "port -1 is not in 1-65535"),
+                ("services.c.port", "port 65536 is not in 1-65535"),
+                ("services.d.port", "the port is too large an integer"),
+                ("services.e.port", "expected an integer, found a number"),
+            ]
+        );
+        assert_eq!(d.services.last().and_then(|s| s.port), Some(65535));
+    }
+
+    #[test]
+    fn computed_names_inherit_and_odd_shapes_are_skipped() {
+        let d = parse(
+            "{ name, pkgs, ... }: rec {\n  services.${name}.enable = true;\n  env = { inherit name; B.c = \"x\"; };\n  \
+             packages = pkgs.lib.unique [ ];\n  processes.web = \"npm start\";\n  services.postgres = import ./pg.nix;\n}",
+        )
+        .unwrap();
+        assert_eq!(
+            d.skipped,
+            vec![
+                skipped(
+                    "services.${...}.enable",
+                    2,
+                    29,
+                    "the service name is computed with `${...}`"
+                ),
+                skipped(
+                    "env.name",
+                    3,
+                    19,
+                    "`inherit` takes the value of a variable, which mvm does not evaluate"
+                ),
+                skipped(
+                    "env.B.c",
+                    3,
+                    31,
+                    "an environment variable must be a string, not an attribute set"
+                ),
+                skipped(
+                    "packages",
+                    4,
+                    14,
+                    "a function call cannot be read without evaluating Nix"
+                ),
+                skipped(
+                    "processes.web",
+                    5,
+                    19,
+                    "expected an attribute set with `exec`, found a string"
+                ),
+                skipped(
+                    "services.postgres",
+                    6,
+                    23,
+                    "a function call cannot be read without evaluating Nix"
+                ),
+            ]
+        );
+        assert_eq!(d.services, vec![service("postgres", false)]);
+    }
+
+    #[test]
+    fn package_forms() {
+        let d = parse(
+            "{ pkgs, lib, ... }: { packages = [ pkgs.\"nodejs-18_x\" (pkgs.python3.withPackages (ps: [ ps.requests ])) \
+             pkgs.foo or pkgs.bar ] ++ (with pkgs.python3Packages; [ black ]) ++ (with pkgs; with lib; [ jq ]) \
+             ++ [ undefinedName ]; }",
+        )
+        .unwrap();
+        assert_eq!(d.packages, strings(&["nodejs-18_x", "python3Packages.black"]));
+        let reasons: Vec<&str> = d.skipped.iter().map(|s| s.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                "a function call cannot be read without evaluating Nix",
+                "an attribute of a variable cannot be read without evaluating Nix",
+                "`jq` comes from a `with` of something other than pkgs",
+                "`undefinedName` is not defined",
+            ]
+        );
+    }
+
+    #[test]
+    fn plain_string_escapes() {
+        assert_eq!(string(r#""a\nb\tc\rd\"e\\f\$g""#), "a\nb\tc\rd\"e\\f$g");
+        assert_eq!(string(r#""\${x} $${y} $z""#), "${x} $${y} $z");
+        assert_eq!(string("\"cr\r\nlf\rx\""), "cr\nlf\nx");
+        assert_eq!(string(r#""""#), "");
+    }
+
+    #[test]
+    fn indented_string_stripping() {
+        assert_eq!(string("''\n    a\n      b\n    c\n  ''"), "a\n  b\nc\n");
+        // Blank lines do not count for the indentation.
+        assert_eq!(string("''\n    a\n\n        \n    b''"), "a\n\n    \nb");
+        // The first line holds text: it counts with no indentation.
+        assert_eq!(string("''first\n    second''"), "first\n    second");
+        // Spaces after the opening quotes are part of the first line.
+        assert_eq!(string("''  \n  x\n''"), "x\n");
+        // Tabs are not indentation.
+        assert_eq!(string("''\n\tfoo\n  bar\n''"), "\tfoo\n  bar\n");
+        // Escapes end a line's indentation.
+        assert_eq!(
+            string("''\n    '''x'''\n    ''${y}\n    a''\\nb ''\\t'''\n''"),
+            "''x''\n${y}\na\nb \t''\n"
+        );
+        assert_eq!(string("''\n      ''$\n    z\n''"), "  $\nz\n");
+        // `$` and `'` on their own are text.
+        assert_eq!(string("''\n  it's $5 and $'\n''"), "it's $5 and $'\n");
+        assert_eq!(string("''  ''"), "");
+        assert_eq!(string("''''"), "");
+    }
+
+    #[test]
+    fn attribute_names_in_quotes_are_read() {
+        let d = parse("{ env.\"A B\" = \"1\"; env.${\"C\"} = \"2\"; }").unwrap();
+        assert_eq!(d.env, pairs(&[("A B", "1"), ("C", "2")]));
+    }
+
+    #[test]
+    fn hostile_nesting_is_an_error_not_a_crash() {
+        for text in [
+            "[".repeat(100_000),
+            "- ".repeat(100_000),
+            "-".repeat(100_000),
+            "a.".repeat(100_000),
+            "!".repeat(100_000),
+            "a ++ ".repeat(50_000),
+            "x".repeat(300 << 10),
+            "(".repeat(100_000),
+            "{ a = ".repeat(20_000),
+            "x: ".repeat(50_000),
+            "with a; ".repeat(30_000),
+            format!("{{ packages = {}[ ]; }}", "[ ] ++ ".repeat(500)),
+            format!("{{ x = {}1{}; }}", "{ a = ".repeat(300), "; }".repeat(300)),
+            format!("{{ x = {}1{}; }}", "(".repeat(500), ")".repeat(500)),
+            format!(
+                "{{ services.redis.port = {}1{}; }}",
+                "lib.mkDefault (".repeat(200),
+                ")".repeat(200)
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert!(e.line >= 1 && e.column >= 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn detect_and_read_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("mvm-devenv-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(detect(&dir), None);
+        std::fs::write(dir.join("devenv.nix"), "{ services.redis.enable = true }\n").unwrap();
+        std::fs::write(dir.join("devenv.yaml"), "inputs: {}\n").unwrap();
+        assert_eq!(
+            detect(&dir),
+            Some(DevenvFiles {
+                nix: dir.join("devenv.nix"),
+                yaml: Some(dir.join("devenv.yaml")),
+                lock: None,
+            })
+        );
+        let e = read(&dir.join("devenv.nix")).unwrap_err();
+        let text = e.to_string();
+        let expected = format!("{}: line 1, column 32: ", dir.join("devenv.nix").display());
+        assert!(text.starts_with(&expected), "{text}");
+        assert_eq!(e.exit_code(), 2);
+        assert!(matches!(read(&dir.join("missing.nix")), Err(crate::Error::Io { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn service_table() {
+        assert_eq!(ServiceKind::from_devenv_name("postgres"), Some(ServiceKind::Postgres));
+        assert_eq!(ServiceKind::from_devenv_name("mysql"), Some(ServiceKind::Mysql));
+        assert_eq!(ServiceKind::from_devenv_name("postgresql"), None);
+        for kind in ServiceKind::ALL {
+            for name in kind.devenv_names() {
+                assert_eq!(ServiceKind::from_devenv_name(name), Some(kind));
+            }
+        }
+        let ports: Vec<u16> = ServiceKind::ALL.iter().map(|k| k.default_port()).collect();
+        assert_eq!(ports, vec![5432, 6379, 3306, 27017, 11211, 5672, 9200, 9200]);
+        assert_eq!(ServiceKind::Postgres.debian_packages(), &["postgresql"]);
+        assert_eq!(ServiceKind::Redis.debian_packages(), &["redis-server"]);
+        assert_eq!(ServiceKind::Mysql.debian_packages(), &["mariadb-server"]);
+        assert!(ServiceKind::Mongodb.debian_packages().is_empty());
+        let guest: Vec<Option<&str>> = ServiceKind::ALL.iter().map(|k| k.guest_kind()).collect();
+        assert_eq!(
+            guest,
+            vec![
+                Some("postgresql"),
+                Some("redis"),
+                Some("mariadb"),
+                None,
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn connection_environment() {
+        assert_eq!(
+            ServiceKind::Postgres.connection_env("127.0.0.1", 5433, Some("my db"), "app", Some("p@ss:w/rd")),
+            pairs(&[
+                ("DATABASE_URL", "postgres://app:p%40ss%3Aw%2Frd@127.0.0.1:5433/my%20db"),
+                ("PGHOST", "127.0.0.1"),
+                ("PGPORT", "5433"),
+                ("PGUSER", "app"),
+                ("PGDATABASE", "my db"),
+                ("PGPASSWORD", "p@ss:w/rd"),
+            ])
+        );
+        assert_eq!(
+            ServiceKind::Postgres.connection_env("::1", 5432, None, "postgres", None),
+            pairs(&[
+                ("DATABASE_URL", "postgres://postgres@[::1]:5432"),
+                ("PGHOST", "::1"),
+                ("PGPORT", "5432"),
+                ("PGUSER", "postgres"),
+            ])
+        );
+        assert_eq!(
+            ServiceKind::Redis.connection_env("localhost", 6380, None, "ignored", None),
+            pairs(&[
+                ("REDIS_URL", "redis://localhost:6380"),
+                ("REDIS_HOST", "localhost"),
+                ("REDIS_PORT", "6380"),
+            ])
+        );
+        assert_eq!(
+            ServiceKind::Mysql.connection_env("127.0.0.1", 3306, Some("app"), "root", None),
+            pairs(&[
+                ("DATABASE_URL", "mysql://root@127.0.0.1:3306/app"),
+                ("MYSQL_HOST", "127.0.0.1"),
+                ("MYSQL_TCP_PORT", "3306"),
+                ("MYSQL_USER", "root"),
+                ("MYSQL_DATABASE", "app"),
+            ])
+        );
+        assert_eq!(
+            ServiceKind::Mongodb.connection_env("127.0.0.1", 27017, Some("app"), "admin", None),
+            pairs(&[("MONGODB_URI", "mongodb://127.0.0.1:27017/app")])
+        );
     }
 }
