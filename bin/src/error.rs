@@ -111,6 +111,14 @@ pub enum Error {
         name: String,
         conflicts: Vec<(PathBuf, String)>,
     },
+    /// A devenv.nix that does not parse or cannot be read without Nix.
+    #[error("{}: line {line}, column {column}: {message}; fix the file (mvm reads devenv.nix without evaluating Nix)", path.display())]
+    Devenv {
+        path: PathBuf,
+        line: u32,
+        column: u32,
+        message: String,
+    },
     /// A host file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -135,6 +143,7 @@ impl Error {
             | Error::Config { .. }
             | Error::Invalid(_)
             | Error::BaseFile { .. }
+            | Error::Devenv { .. }
             | Error::UnknownImage { .. } => 2,
             _ => 1,
         }

@@ -40,6 +40,7 @@
 //! [`Error::exit_code`] maps them to the CLI's exit statuses.
 
 pub mod agent;
+pub mod devenv;
 mod error;
 pub mod image;
 pub mod manager;
