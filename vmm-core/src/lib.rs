@@ -57,7 +57,7 @@ mod watch;
 pub mod x86_64;
 
 pub use config::{
-    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, RootConfig, RootUpper, ShareBackend,
+    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, EnvConfig, MachineConfig, RootConfig, RootUpper, ShareBackend,
     ShareConfig, VmConfig, VolumeConfig,
 };
 pub use error::{Error, Result};
