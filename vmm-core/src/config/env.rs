@@ -60,9 +60,7 @@ const NAME_RULE: &str = "a variable name is a letter or '_', then letters, digit
 /// `[A-Za-z_][A-Za-z0-9_]*`: what every shell accepts as a variable name.
 pub fn is_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
@@ -74,7 +72,9 @@ pub fn check_pattern(pattern: &str) -> std::result::Result<(), String> {
     }
     let first = pattern.as_bytes()[0];
     let ok = (first.is_ascii_alphabetic() || first == b'_' || first == b'*')
-        && pattern.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'*');
+        && pattern
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'*');
     if ok {
         Ok(())
     } else {
@@ -171,8 +171,9 @@ mod tests {
     #[test]
     fn section_defaults_and_values() {
         assert_eq!(parse("").unwrap().env, EnvConfig::default());
-        let c = parse("[env]\nset = { EDITOR = \"vim\", A_1 = \"x y\" }\npassthrough = [\"AWS_PROFILE\", \"GITHUB_*\"]\n")
-            .unwrap();
+        let c =
+            parse("[env]\nset = { EDITOR = \"vim\", A_1 = \"x y\" }\npassthrough = [\"AWS_PROFILE\", \"GITHUB_*\"]\n")
+                .unwrap();
         assert_eq!(c.env.set.get("EDITOR").map(String::as_str), Some("vim"));
         assert_eq!(c.env.set.len(), 2);
         assert!(c.env.passes("GITHUB_TOKEN") && c.env.passes("AWS_PROFILE"));
