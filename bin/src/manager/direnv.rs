@@ -15,8 +15,7 @@ use std::process::{Command, Stdio};
 
 use super::env::{export_lines, shell_quote};
 use super::{
-    check_project, validate_name, CreateOptions, Manager, VmInfo, VmState, GUEST_DIR, IMAGES_DIR, MAX_NAME_LEN,
-    VMM_PID, VM_TOML,
+    check_project, validate_name, CreateOptions, Manager, VmInfo, VmState, GUEST_DIR, IMAGES_DIR, MAX_NAME_LEN, VM_TOML,
 };
 use crate::{Error, Result};
 
@@ -308,7 +307,8 @@ pub struct Hook {
     pub action: HookAction,
     /// Variables to export (see [`Manager::env_exports`]).
     pub exports: Vec<(String, String)>,
-    /// Files whose change should make direnv load again.
+    /// Files whose change should make direnv load again (the definition:
+    /// a VM being created appears, an edit of `[env]`).
     pub watch: Vec<PathBuf>,
     /// The background start's log, when one was started.
     pub log: Option<PathBuf>,
@@ -433,7 +433,9 @@ impl Manager {
         }
         let vm_dir = self.vm_dir(&vm);
         Ok(Hook {
-            watch: vec![vm_dir.join(VM_TOML), vm_dir.join(VMM_PID)],
+            // Not the pid file: a start that keeps failing would be retried
+            // at every prompt.
+            watch: vec![vm_dir.join(VM_TOML)],
             vm,
             action,
             exports,
