@@ -40,6 +40,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once per run: the size of `Create` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Define a new VM (writes <state dir>/<name>/vm.toml; does not start it).
