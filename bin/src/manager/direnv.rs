@@ -89,7 +89,7 @@ mvm_run() {
   local mvm dir
   mvm=$(__mvm_program)
   dir="$(direnv_layout_dir)/mvm/bin"
-  "$mvm" direnv shim --dir "$dir" --project "${MVM_PROJECT:-$PWD}" "$MVM_VM" -- "$@" || return 1
+  "$mvm" direnv shim --dir "$dir" ${MVM_PROJECT:+--project "$MVM_PROJECT"} "$MVM_VM" -- "$@" || return 1
   PATH_add "$dir"
 }
 "#;
@@ -185,27 +185,37 @@ pub fn write_envrc(dir: &Path, name: Option<&str>, run: &[String], force: bool) 
 
 /// A shim's text: run `cmd` in `vm` (of state root `root`) with `mvm`, in
 /// the project subdirectory matching the caller's directory under
-/// `project`; a terminal gets a PTY, standard input is forwarded.
-pub fn shim(mvm: &Path, root: &Path, vm: &str, project: &Path, cmd: &str) -> String {
+/// `project` (without one: in the session's default directory); a
+/// terminal gets a PTY, standard input is forwarded.
+pub fn shim(mvm: &Path, root: &Path, vm: &str, project: Option<&Path>, cmd: &str) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
-    format!(
-        r#"#!/bin/sh
-{SHIM_MARK}: `{cmd}` in VM {vm} (from direnv's `mvm_run`; rewritten at each load)
-root={project}
+    let (locate, workdir) = match project {
+        Some(p) => (
+            format!(
+                r#"root={}
 here=$(pwd -P)
 case "$here/" in
 "$root"/*) sub=${{here#"$root"}}; sub=${{sub#/}}; [ -n "$sub" ] || sub=. ;;
 *) sub=. ;;
 esac
-flags=
+"#,
+                q(p)
+            ),
+            r#" -w "$sub""#,
+        ),
+        None => (String::new(), ""),
+    };
+    format!(
+        r#"#!/bin/sh
+{SHIM_MARK}: `{cmd}` in VM {vm} (from direnv's `mvm_run`; rewritten at each load)
+{locate}flags=
 if [ -t 0 ]; then
 	flags=-i
 	if [ -t 1 ]; then flags="-i -t"; fi
 fi
 # shellcheck disable=SC2086
-exec {mvm} --state-dir {root} exec $flags -w "$sub" {vmq} -- {cmdq} "$@"
+exec {mvm} --state-dir {root} exec $flags{workdir} {vmq} -- {cmdq} "$@"
 "#,
-        project = q(project),
         mvm = q(mvm),
         root = q(root),
         vmq = shell_quote(vm),
@@ -218,7 +228,7 @@ pub fn write_shims(
     mvm: &Path,
     root: &Path,
     vm: &str,
-    project: &Path,
+    project: Option<&Path>,
     dir: &Path,
     cmds: &[String],
 ) -> Result<Vec<PathBuf>> {
@@ -506,10 +516,8 @@ pub fn spawn_detached(program: &Path, args: &[&OsStr], log: &Path) -> Result<u32
     let child = cmd
         .spawn()
         .map_err(Error::io(format!("cannot run {}", program.display())))?;
-    let pid = child.id();
-    // Reaped by whoever outlives it; this process ends soon.
-    std::mem::forget(child);
-    Ok(pid)
+    // Not waited for: this process ends soon and init reaps it.
+    Ok(child.id())
 }
 
 /// The `mvm` program for detached starts and shims: this program when it
@@ -584,7 +592,15 @@ mod tests {
         std::fs::write(&fake, "#!/bin/sh\nfor a; do printf '[%s]' \"$a\"; done\n").unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let bin = d.join(".direnv").join(SHIM_DIR);
-        let made = write_shims(&fake, Path::new("/state"), "web", &project, &bin, &["make".into()]).unwrap();
+        let made = write_shims(
+            &fake,
+            Path::new("/state"),
+            "web",
+            Some(&project),
+            &bin,
+            &["make".into()],
+        )
+        .unwrap();
         assert_eq!(made, [bin.join("make")]);
         let run = |cwd: &Path| {
             let out = Command::new(bin.join("make"))
@@ -605,9 +621,20 @@ mod tests {
         std::fs::write(bin.join("mine"), "#!/bin/sh\n").unwrap();
         clear_shims(&bin);
         assert!(!bin.join("make").exists() && bin.join("mine").exists());
-        let e = write_shims(&fake, Path::new("/s"), "web", &project, &bin, &["mine".into()]).unwrap_err();
+        let e = write_shims(&fake, Path::new("/s"), "web", Some(&project), &bin, &["mine".into()]).unwrap_err();
         assert!(e.to_string().contains("not an mvm_run shim"), "{e}");
-        assert!(write_shims(&fake, Path::new("/s"), "web", &project, &bin, &["../x".into()]).is_err());
+        assert!(write_shims(&fake, Path::new("/s"), "web", None, &bin, &["../x".into()]).is_err());
+        // Without a project: no -w.
+        write_shims(&fake, Path::new("/s"), "web", None, &bin, &["ls".into()]).unwrap();
+        let out = Command::new(bin.join("ls"))
+            .arg("-l")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "[--state-dir][/s][exec][web][--][ls][-l]"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -327,7 +327,7 @@ enum DirenvCmd {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         #[arg(long, value_name = "DIR")]
-        project: PathBuf,
+        project: Option<PathBuf>,
         vm: String,
         #[arg(last = true, required = true)]
         commands: Vec<String>,
@@ -761,7 +761,14 @@ fn direnv(m: &Manager, cmd: DirenvCmd) -> mvm::Result<i32> {
             vm,
             commands,
         } => {
-            direnv::write_shims(&direnv::mvm_program(), m.root(), &vm, &project, &dir, &commands)?;
+            direnv::write_shims(
+                &direnv::mvm_program(),
+                m.root(),
+                &vm,
+                project.as_deref(),
+                &dir,
+                &commands,
+            )?;
             Ok(0)
         }
         DirenvCmd::Up { name, project } => {
