@@ -57,8 +57,8 @@ mod watch;
 pub mod x86_64;
 
 pub use config::{
-    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, EnvConfig, MachineConfig, RootConfig, RootUpper,
-    ShareBackend, ShareConfig, VmConfig, VolumeConfig,
+    BootConfig, ConsoleConfig, ConsoleInput, ConsoleOutput, MachineConfig, RootConfig, RootUpper, ShareBackend,
+    ShareConfig, VmConfig, VolumeConfig,
 };
 pub use error::{Error, Result};
 pub use vm::{CrashReport, StopReason, Vm, VmExit, VmHandle};
