@@ -26,6 +26,7 @@ packages=(
 	e2fsprogs          # mkfs.ext4 -d, debugfs
 	iproute2           # ip netns / tuntap for the virtio-net test
 	tmux               # drives `mvm shell` in the manager test
+	direnv             # `use mvm` (mvm direnv init) in the manager test
 	# Debian root file system images (`mvm image build`)
 	mmdebstrap
 	git                # the image test's project is a git repository

@@ -17,6 +17,8 @@ use serde::Serialize;
 
 pub mod changes;
 mod definition;
+pub mod direnv;
+mod env;
 mod network;
 mod review;
 pub mod user;
@@ -25,6 +27,7 @@ use definition::check_definition;
 pub use definition::default_cmdline;
 #[cfg(test)]
 use definition::with_hostname;
+pub use env::{export_lines, guest_workdir, session_env, shell_quote, EnvArg, SessionSettings};
 pub use network::{parse_host_port, ForwardInfo, NetworkChoice, PortSpec};
 pub use review::ApplyReport;
 pub use user::{GuestUser, UserChoice};
@@ -175,6 +178,11 @@ pub struct CreateOptions {
     pub forwards: Vec<PortSpec>,
     /// The guest user `shell` and `exec` run as (see [`user`]).
     pub user: UserChoice,
+    /// `[env].set` entries: set in every `shell`/`exec` session.
+    pub env: Vec<(String, String)>,
+    /// `[env].passthrough` patterns: host variables copied into sessions
+    /// at exec time (only the patterns are written, never values).
+    pub pass_env: Vec<String>,
 }
 
 /// What a new VM boots into.
@@ -911,7 +919,7 @@ fn unique() -> u32 {
     nanos ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9)
 }
 
-fn check_project(p: &Path) -> Result<PathBuf> {
+pub(crate) fn check_project(p: &Path) -> Result<PathBuf> {
     let bad = |reason: String| Error::Project {
         path: p.to_path_buf(),
         reason,

@@ -7,7 +7,9 @@
 //! `kill -9` of one VMM and its restart, `rm` refused while running,
 //! `mvm diff` / `apply` / `reset` of a running VM's project changes, host
 //! edits firing a recursive inotify watcher in the other VM (and shared
-//! writable mmap of a project file there), and a clean stop of both.
+//! writable mmap of a project file there), session environments (`[env]`
+//! set and passthrough, `-e`, `-w`) and direnv (`mvm direnv init`, `use
+//! mvm`, an `mvm_run` shim), and a clean stop of both.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -92,23 +94,35 @@ fn manager_runs_vms_from_create_to_rm() {
     std::fs::create_dir_all(&project).unwrap();
     std::fs::write(project.join("README"), "the project\n").unwrap();
     std::fs::write(project.join("script.sh"), "echo from-project\n").unwrap();
+    std::fs::create_dir_all(project.join("sub")).unwrap();
     let before = project_listing(&project);
     let mvm = Mvm::new(dir.join("state"));
     let p = project.to_str().unwrap();
 
-    // Two copies of one project.
-    mvm.ok(&[
-        "create",
-        "--no-image",
-        "--no-network",
-        "alpha",
-        "--project",
-        p,
-        "--cpus",
-        "1",
-        "--memory",
-        "128",
-    ]);
+    // Two copies of one project; alpha's sessions get an environment.
+    let out = mvm
+        .command(&[
+            "create",
+            "--no-image",
+            "--no-network",
+            "alpha",
+            "--project",
+            p,
+            "--cpus",
+            "1",
+            "--memory",
+            "128",
+            "--env",
+            "MVM_SET=fixed value",
+            "--env",
+            "MVM_PASS_ORDER=from-set",
+            "--pass-env",
+            "MVM_PASS_*",
+        ])
+        .env("MVM_PASS_TOKEN", SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mvm create alpha: {}", describe(&out));
     mvm.ok(&[
         "create",
         "--no-image",
@@ -123,6 +137,10 @@ fn manager_runs_vms_from_create_to_rm() {
     ]);
     let definition = std::fs::read_to_string(mvm.root.join("alpha/vm.toml")).unwrap();
     assert!(definition.contains("rdinit=/sbin/mvm-agent"), "{definition}");
+    assert!(
+        definition.contains("[env]") && definition.contains("passthrough = [\"MVM_PASS_*\"]"),
+        "{definition}"
+    );
     microvm_dev::VmConfig::from_file(mvm.root.join("alpha/vm.toml")).expect("the definition is a valid vm.toml");
 
     // Start both at once, alpha twice: it must start once.
@@ -196,6 +214,8 @@ fn manager_runs_vms_from_create_to_rm() {
         describe(&out)
     );
 
+    session_environment(&mvm);
+
     // The guest clock follows the host's (set by `mvm start`).
     let guest: i64 = mvm
         .ok(&["exec", "alpha", "--", "date", "+%s"])
@@ -248,6 +268,7 @@ fn manager_runs_vms_from_create_to_rm() {
             l.round_trip.as_secs_f64() * 1000.0
         );
     }
+    direnv_in_the_project(&mvm, &project, &dir);
     let before = project_listing(&project);
 
     // kill -9 of beta's VMM: crashed, then it starts again.
@@ -325,6 +346,151 @@ fn manager_runs_vms_from_create_to_rm() {
     assert_eq!(project_listing(&project), before, "rm touched the project");
     drop(mvm);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A value passed through from the host: it must reach alpha's sessions
+/// and never any file of the VM.
+const SECRET: &str = "s3cret-passed-through";
+
+fn env_lines(out: &Output) -> Vec<String> {
+    assert!(out.status.success(), "{}", describe(out));
+    stdout(out).lines().map(str::to_string).collect()
+}
+
+/// alpha's `[env]` (set: MVM_SET, MVM_PASS_ORDER; passthrough: MVM_PASS_*),
+/// host variables, `-e` and `-w`; beta has no `[env]`.
+fn session_environment(mvm: &Mvm) {
+    let run = |args: &[&str]| {
+        mvm.command(args)
+            .env("MVM_PASS_TOKEN", SECRET)
+            .env("MVM_PASS_ORDER", "from-host")
+            .env("MVM_OTHER", "not-passed")
+            .output()
+            .unwrap()
+    };
+    let env = env_lines(&run(&["exec", "alpha", "--", "env"]));
+    let has = |env: &[String], line: &str| env.iter().any(|l| l == line);
+    assert!(has(&env, &format!("MVM_PASS_TOKEN={SECRET}")), "passthrough: {env:?}");
+    assert!(has(&env, "MVM_SET=fixed value"), "[env].set: {env:?}");
+    assert!(has(&env, "MVM_PASS_ORDER=from-host"), "the host wins over set: {env:?}");
+    assert!(
+        !env.iter().any(|l| l.starts_with("MVM_OTHER=")),
+        "outside the allowlist: {env:?}"
+    );
+    assert!(!env.iter().any(|l| l.starts_with("MVM_STATE_DIR=")), "{env:?}");
+    let env = env_lines(&run(&[
+        "exec",
+        "alpha",
+        "-e",
+        "MVM_PASS_ORDER=from-e",
+        "-e",
+        "MVM_OTHER",
+        "--env",
+        "MVM_NEW=a b",
+        "--",
+        "env",
+    ]));
+    assert!(has(&env, "MVM_PASS_ORDER=from-e"), "-e wins: {env:?}");
+    assert!(has(&env, "MVM_OTHER=not-passed"), "-e NAME copies mvm's: {env:?}");
+    assert!(has(&env, "MVM_NEW=a b"), "{env:?}");
+    let env = env_lines(&run(&["exec", "beta", "--", "env"]));
+    assert!(
+        !env.iter()
+            .any(|l| l.starts_with("MVM_PASS_") || l.starts_with("MVM_SET=")),
+        "beta has no [env]: {env:?}"
+    );
+    assert_eq!(
+        stdout(&run(&["exec", "alpha", "-w", "sub", "--", "pwd"])),
+        "/project/sub\n"
+    );
+    assert_eq!(
+        stdout(&run(&["exec", "alpha", "--workdir", "/tmp", "--", "pwd"])),
+        "/tmp\n"
+    );
+    let out = run(&["exec", "alpha", "-w", "missing", "--", "pwd"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(stderr(&out).contains("/project/missing"), "{}", describe(&out));
+
+    // Never written down on the host.
+    for file in ["vm.toml", "vmm.log", "console.log"] {
+        let text = std::fs::read_to_string(mvm.root.join("alpha").join(file)).unwrap_or_default();
+        assert!(!text.contains(SECRET), "alpha/{file} holds the passed-through value");
+    }
+
+    let exports = mvm.ok(&["env", "alpha"]);
+    assert!(exports.contains("export MVM_VM='alpha'\n"), "{exports}");
+    let json = mvm.json(&["env", "alpha", "--json"]);
+    assert_eq!(json["MVM_VM"], "alpha", "{json}");
+    assert!(json["MVM_PROJECT"]
+        .as_str()
+        .is_some_and(|p| exports.contains(&format!("export MVM_PROJECT='{p}'\n"))));
+}
+
+/// Real direnv in the project: `mvm direnv init --run pwd`, `direnv
+/// allow`, the exported variables, and the `pwd` shim run from a
+/// subdirectory. HOME and the XDG directories are scratch ones (direnv's
+/// library directory and allow database), and the test's `mvm` is first
+/// on PATH so the library calls it.
+fn direnv_in_the_project(mvm: &Mvm, project: &Path, scratch: &Path) {
+    let home = scratch.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let bin_dir = mvm.bin.parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let command = |program: &Path, args: &[&str], cwd: &Path| {
+        let mut c = Command::new(program);
+        c.args(args)
+            .current_dir(cwd)
+            .envs(mvm.env())
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("XDG_CACHE_HOME", home.join(".cache"))
+            .env("PATH", &path)
+            .stdin(Stdio::null());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("DIRENV_") {
+                c.env_remove(k);
+            }
+        }
+        c
+    };
+    let direnv = mvm_tests::system_tool("direnv", "direnv");
+    let run = |program: &Path, args: &[&str], cwd: &Path| {
+        let out = command(program, args, cwd).output().expect("run");
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            program.display(),
+            describe(&out)
+        );
+        out
+    };
+    let p = project.to_str().unwrap();
+    let out = run(&mvm.bin, &["direnv", "init", p, "--run", "pwd"], scratch);
+    assert!(
+        stderr(&out).contains("the project's VM: alpha (running)"),
+        "{}",
+        describe(&out)
+    );
+    let envrc = std::fs::read_to_string(project.join(".envrc")).unwrap();
+    assert!(envrc.contains("\nuse mvm\nmvm_run pwd\n"), "{envrc}");
+    assert!(home.join(".config/direnv/lib/mvm.sh").is_file());
+    run(&direnv, &["allow", p], scratch);
+
+    let t = Instant::now();
+    let env = env_lines(&run(&direnv, &["exec", p, "env"], scratch));
+    eprintln!(
+        "direnv exec (use mvm) took {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(env.iter().any(|l| l == "MVM_VM=alpha"), "{env:?}");
+    assert!(env.iter().any(|l| *l == format!("MVM_PROJECT={p}")), "{env:?}");
+
+    // The shim runs `pwd` in alpha, in the subdirectory matching ours.
+    let out = run(&direnv, &["exec", p, "pwd"], &project.join("sub"));
+    assert_eq!(stdout(&out), "/project/sub\n", "{}", describe(&out));
+    let out = run(&direnv, &["exec", p, "pwd"], project);
+    assert_eq!(stdout(&out), "/project\n", "{}", describe(&out));
 }
 
 /// `mvm diff`, `apply` and `reset` on running alpha, which has already

@@ -81,6 +81,11 @@
 //! output = "stdio"    # "stdio" (default), "file" or "none"
 //! file = "console.log"
 //! input = "auto"      # "auto" (default), "stdin" or "none"
+//!
+//! [env]               # optional: `mvm shell`/`exec` sessions (the VMM ignores it)
+//! set = { EDITOR = "vim" }   # default {}: set in every session
+//! passthrough = ["AWS_PROFILE", "GITHUB_*"]  # default []: host variables
+//!                     # copied into sessions at exec time (`*`: any text)
 //! ```
 
 use std::fmt;
@@ -90,6 +95,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::{Error, Result};
+
+mod env;
+use env::FileEnv;
+pub use env::{check_pattern, is_env_name, pattern_matches, EnvConfig};
 
 /// The only `version` of the file format so far.
 pub const CONFIG_VERSION: u32 = 1;
@@ -157,6 +166,8 @@ pub struct VmConfig {
     pub root: Option<RootConfig>,
     /// Where the VM's state directory lives: `<state_root>/<name>`.
     pub state_root: PathBuf,
+    /// The environment of `mvm shell`/`exec` sessions (not the VMM's).
+    pub env: EnvConfig,
 }
 
 /// A root file system image with a per-VM writable layer (`[root]`).
@@ -470,6 +481,7 @@ impl VmConfig {
             volumes: Vec::new(),
             root: None,
             state_root: default_state_root(),
+            env: EnvConfig::default(),
         }
     }
 
@@ -654,6 +666,7 @@ impl VmConfig {
             shares,
             volumes,
             state_root: file.state_root.map(&resolve).unwrap_or_else(default_state_root),
+            env: EnvConfig::from_file(file.env)?,
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -858,6 +871,8 @@ struct FileConfig {
     volume: Vec<FileVolume>,
     root: Option<FileRoot>,
     state_root: Option<PathBuf>,
+    #[serde(default)]
+    env: FileEnv,
 }
 
 #[derive(Deserialize)]

@@ -21,6 +21,7 @@
 //! field is checked, trailing bytes and unknown kinds are errors. It never
 //! panics, whatever the input (fuzzed by `fuzz/fuzz_targets/agent_frames.rs`).
 
+use std::fmt;
 use std::io::{self, Read, Write};
 
 /// Protocol version; both ends must speak the same.
@@ -94,8 +95,9 @@ pub struct Tty {
     pub term: String,
 }
 
-/// Run a program in the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Run a program in the guest. Its `Debug` shows environment names
+/// only: values may be secrets passed through from the host.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct ExecRequest {
     /// Program and arguments, looked up in `PATH`. Empty: the user's
     /// login shell (from /etc/passwd, else /bin/sh), started as a login
@@ -113,6 +115,20 @@ pub struct ExecRequest {
     /// `None`, so that agents and hosts that predate it still understand
     /// each other's root requests.
     pub user: Option<String>,
+}
+
+impl fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let env: Vec<String> = self.env.iter().map(|(k, _)| format!("{}=…", lossy(k))).collect();
+        f.debug_struct("ExecRequest")
+            .field("argv", &self.argv.iter().map(|a| lossy(a)).collect::<Vec<_>>())
+            .field("env", &env)
+            .field("cwd", &self.cwd.as_deref().map(lossy))
+            .field("tty", &self.tty)
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 /// How a program ended.
@@ -1039,6 +1055,17 @@ mod tests {
             Message::Ok,
             Message::Error("no such file".into()),
         ]
+    }
+
+    #[test]
+    fn exec_request_debug_hides_environment_values() {
+        let req = ExecRequest {
+            argv: vec![b"env".to_vec()],
+            env: vec![(b"TOKEN".to_vec(), b"s3cret".to_vec())],
+            ..Default::default()
+        };
+        let shown = format!("{:?}", Message::Exec(req));
+        assert!(shown.contains("TOKEN") && !shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

@@ -209,6 +209,8 @@ impl Manager {
             forwards.push(table);
         }
 
+        let env = super::env::env_table(section(&mut doc, "env")?, &opts.env, &opts.pass_env);
+
         let quote = |s: &str| Value::String(s.into()).to_string();
         let mut out = String::new();
         out.push_str(&format!(
@@ -232,6 +234,7 @@ impl Manager {
             ("console", &console, &["output", "file"][..]),
             ("vsock", &vsock, &["guest_cid", "uds_path"][..]),
             ("root", &root, &["image", "upper", "size_mib"][..]),
+            ("env", &env, &["set", "passthrough"][..]),
         ] {
             if table.is_empty() {
                 continue;

@@ -165,7 +165,7 @@ fn clashes(a: &ForwardConfig, b: &ForwardConfig) -> bool {
 }
 
 impl Manager {
-    fn vm_config(&self, name: &str) -> Result<VmConfig> {
+    pub(super) fn vm_config(&self, name: &str) -> Result<VmConfig> {
         let file = self.existing(name)?.join(VM_TOML);
         VmConfig::from_file(&file).map_err(|source| Error::Config { path: file, source })
     }

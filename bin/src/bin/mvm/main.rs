@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
 use mvm::image::{ImageSpec, Progress};
+use mvm::manager::{direnv, export_lines, EnvArg, SessionSettings};
 use mvm::manager::{parse_host_port, NetworkChoice, PortSpec, RootChoice, UserChoice};
 use mvm::manager::{CONSOLE_LOG, DEFAULT_STOP_TIMEOUT};
 use mvm::term;
@@ -39,6 +40,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once per run: the size of `Create` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Define a new VM (writes <state dir>/<name>/vm.toml; does not start it).
@@ -105,6 +108,15 @@ enum Cmd {
         /// directory's owner unless that is root].
         #[arg(long, value_name = "NAME[:UID[:GID]]")]
         user: Option<String>,
+        /// Set a variable in every `shell`/`exec` session ([env].set);
+        /// repeatable.
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Copy host variables matching PATTERN (`*`: any text, e.g.
+        /// GITHUB_*) into sessions at exec time ([env].passthrough; values
+        /// are never stored); repeatable.
+        #[arg(long = "pass-env", value_name = "PATTERN")]
+        pass_env: Vec<String>,
     },
     /// Forward host ports to a VM at run time (kept across restarts):
     /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
@@ -192,6 +204,8 @@ enum Cmd {
         /// As root instead of the VM's user.
         #[arg(long)]
         root: bool,
+        #[command(flatten)]
+        session: SessionArgs,
     },
     /// Run a program in the guest: mvm exec <name> -- <program> [args...]
     #[command(after_help = EXIT_HELP)]
@@ -206,6 +220,8 @@ enum Cmd {
         /// As root instead of the VM's user.
         #[arg(long)]
         root: bool,
+        #[command(flatten)]
+        session: SessionArgs,
         /// The program and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -240,11 +256,114 @@ enum Cmd {
         /// Paths relative to the project.
         paths: Vec<PathBuf>,
     },
+    /// Print the host-side variables of a VM as shell `export` lines
+    /// (MVM_VM, MVM_PROJECT, its services'): eval "$(mvm env web)"
+    #[command(after_help = EXIT_HELP)]
+    Env {
+        name: String,
+        /// Print a JSON object instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// direnv integration: `mvm direnv init` writes the project's .envrc
+    /// (`use mvm`, `mvm_run CMD...`) and installs the `use_mvm` library.
+    #[command(subcommand, after_help = EXIT_HELP)]
+    Direnv(DirenvCmd),
     /// Print a shell completion script: mvm completions bash > /etc/bash_completion.d/mvm
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Environment and working directory of a `shell`/`exec` session.
+#[derive(clap::Args)]
+struct SessionArgs {
+    /// Set a variable in the session: NAME=VALUE, or NAME to copy mvm's
+    /// own; wins over [env] and passed-through host variables; repeatable.
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<OsString>,
+    /// Guest working directory; a relative one is relative to the project
+    /// mount (/project) [default: /project, else the user's home].
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DirenvCmd {
+    /// Write DIR/.envrc (`use mvm`, and `mvm_run` for --run commands) and
+    /// install the library that defines `use_mvm` and `mvm_run` in
+    /// ${XDG_CONFIG_HOME:-~/.config}/direnv/lib/mvm.sh. Then `direnv allow DIR`.
+    Init {
+        /// The project directory [default: the current one].
+        dir: Option<PathBuf>,
+        /// Use this VM [default: the VM whose project is DIR, else a new
+        /// one named after DIR].
+        #[arg(long, value_name = "VM")]
+        name: Option<String>,
+        /// A command that runs in the VM when typed in the project
+        /// (a shim on PATH); repeatable.
+        #[arg(long, value_name = "CMD")]
+        run: Vec<String>,
+        /// Replace an existing .envrc.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the direnv library (use_mvm, mvm_run).
+    Lib,
+    /// For `use mvm`: find, create or start the project's VM, and print
+    /// shell code for direnv's bash.
+    #[command(hide = true)]
+    Hook {
+        #[arg(long, value_name = "DIR")]
+        layout_dir: PathBuf,
+        #[arg(long, value_name = "VM")]
+        name: Option<String>,
+        dir: PathBuf,
+    },
+    /// For `mvm_run`: write shims into DIR.
+    #[command(hide = true)]
+    Shim {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        project: Option<PathBuf>,
+        vm: String,
+        #[arg(last = true, required = true)]
+        commands: Vec<String>,
+    },
+    /// Create VM NAME for --project if missing, then start it (what `use
+    /// mvm` runs in the background).
+    #[command(hide = true)]
+    Up {
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        project: Option<PathBuf>,
+    },
+}
+
+/// `create-microvm-env`: `mvm direnv init` under its own name.
+#[derive(Parser)]
+#[command(
+    name = "create-microvm-env",
+    version,
+    about = "Set up direnv for a project: write DIR/.envrc (`use mvm`) and install the use_mvm library; the same as `mvm direnv init`"
+)]
+struct CreateEnvCli {
+    /// The project directory [default: the current one].
+    dir: Option<PathBuf>,
+    /// Use this VM [default: the VM whose project is DIR, else a new one].
+    #[arg(long, value_name = "VM")]
+    name: Option<String>,
+    /// A command that runs in the VM when typed in the project; repeatable.
+    #[arg(long, value_name = "CMD")]
+    run: Vec<String>,
+    /// Replace an existing .envrc.
+    #[arg(long)]
+    force: bool,
+    /// State directory holding the VMs (overrides MVM_STATE_DIR).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -325,6 +444,22 @@ enum ImageCmd {
 }
 
 fn main() {
+    let invoked = std::env::args_os().next().map(PathBuf::from);
+    if invoked.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("create-microvm-env")) {
+        let cli = CreateEnvCli::parse();
+        let manager = match &cli.state_dir {
+            Some(dir) => Manager::new(dir.clone()),
+            None => Manager::from_env(),
+        };
+        let code = match direnv_init(&manager, cli.dir, cli.name, cli.run, cli.force) {
+            Ok(code) => code,
+            Err(e) => {
+                mvm::report("create-microvm-env", &e);
+                e.exit_code()
+            }
+        };
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     let manager = match &cli.state_dir {
         Some(dir) => Manager::new(dir.clone()),
@@ -361,7 +496,17 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             no_network,
             forward,
             user,
+            env,
+            pass_env,
         } => {
+            let env = env
+                .iter()
+                .map(|a| parse_assignment(a))
+                .collect::<mvm::Result<Vec<_>>>()?;
+            for p in &pass_env {
+                microvm_dev::config::check_pattern(p)
+                    .map_err(|why| Error::Usage(format!("--pass-env {p:?}: {why}")))?;
+            }
             let user = match user {
                 Some(u) => u.parse::<UserChoice>()?,
                 None => UserChoice::Caller,
@@ -402,6 +547,8 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                     network,
                     forwards,
                     user,
+                    env,
+                    pass_env,
                 },
                 &mut progress,
             )?;
@@ -452,22 +599,46 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             Ok(0)
         }
         Cmd::Logs { name, follow } => logs(m, &name, follow),
-        Cmd::Shell { name, root } => {
+        Cmd::Shell { name, root, session } => {
             let stdin_tty = term::isatty(libc::STDIN_FILENO);
-            exec(m, &name, Vec::new(), root, true, true, stdin_tty)
+            let settings = session_settings(m, &name, &session)?;
+            exec(m, &name, Vec::new(), settings, root, true, true, stdin_tty)
         }
         Cmd::Exec {
             name,
             interactive,
             tty,
             root,
+            session,
             command,
         } => {
             let stdin_tty = term::isatty(libc::STDIN_FILENO);
             let forward = interactive || !stdin_tty;
             let argv = command.iter().map(|a| a.as_bytes().to_vec()).collect();
-            exec(m, &name, argv, root, tty, forward, tty && forward && stdin_tty)
+            let settings = session_settings(m, &name, &session)?;
+            exec(
+                m,
+                &name,
+                argv,
+                settings,
+                root,
+                tty,
+                forward,
+                tty && forward && stdin_tty,
+            )
         }
+        Cmd::Env { name, json } => {
+            let vars = m.env_exports(&name)?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> =
+                    vars.into_iter().map(|(k, v)| (k, v.into())).collect();
+                println!("{}", to_json(&map)?);
+            } else {
+                print!("{}", export_lines(&vars));
+            }
+            Ok(0)
+        }
+        Cmd::Direnv(cmd) => direnv(m, cmd),
         Cmd::Diff { name, stat, paths } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -505,6 +676,111 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mvm", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+/// `NAME=VALUE` of `create --env`.
+fn parse_assignment(arg: &str) -> mvm::Result<(String, String)> {
+    match arg.split_once('=') {
+        Some((name, value)) if microvm_dev::config::is_env_name(name) => Ok((name.into(), value.into())),
+        _ => Err(Error::Usage(format!(
+            "--env {arg:?}: expected NAME=VALUE, where NAME is a letter or '_', then letters, digits and '_'"
+        ))),
+    }
+}
+
+fn session_settings(m: &Manager, name: &str, args: &SessionArgs) -> mvm::Result<SessionSettings> {
+    let env = args
+        .env
+        .iter()
+        .map(|a| EnvArg::parse(a))
+        .collect::<mvm::Result<Vec<_>>>()?;
+    m.session_settings(name, &env, args.workdir.as_deref())
+}
+
+fn direnv_init(
+    m: &Manager,
+    dir: Option<PathBuf>,
+    name: Option<String>,
+    run: Vec<String>,
+    force: bool,
+) -> mvm::Result<i32> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+    let report = direnv::write_envrc(&dir, name.as_deref(), &run, force)?;
+    if report.envrc_written {
+        eprintln!("wrote {}", report.envrc.display());
+    } else {
+        eprintln!("{} is up to date", report.envrc.display());
+    }
+    let mvm = direnv::mvm_program();
+    match direnv::install_library(&mvm) {
+        Ok(lib) => eprintln!("installed the direnv library (use_mvm, mvm_run) as {}", lib.display()),
+        Err(e) => {
+            eprintln!("mvm: cannot install the direnv library: {e}");
+            eprintln!(
+                "mvm: install it yourself: mvm direnv lib > ~/.config/direnv/lib/{}",
+                direnv::LIB_FILE
+            );
+        }
+    }
+    let vm = match &name {
+        Some(n) => m.status(n).ok(),
+        None => m.vms_for_project(&dir)?.into_iter().next(),
+    };
+    match vm {
+        Some(vm) => eprintln!("the project's VM: {} ({})", vm.name, vm.state.as_str()),
+        None => eprintln!(
+            "no VM for it yet: `use mvm` creates {} (like `mvm create NAME --project DIR`) and starts it",
+            name.map_or_else(|| m.name_for_project(&dir), Ok)?
+        ),
+    }
+    eprintln!(
+        "next: direnv allow {}",
+        report.envrc.parent().map_or(String::new(), |d| d.display().to_string())
+    );
+    Ok(0)
+}
+
+fn direnv(m: &Manager, cmd: DirenvCmd) -> mvm::Result<i32> {
+    match cmd {
+        DirenvCmd::Init { dir, name, run, force } => direnv_init(m, dir, name, run, force),
+        DirenvCmd::Lib => {
+            print!("{}", direnv::library(&direnv::mvm_program()));
+            Ok(0)
+        }
+        DirenvCmd::Hook { layout_dir, name, dir } => {
+            let hook = m.direnv_hook(&dir, name.as_deref(), &layout_dir, &direnv::mvm_program())?;
+            print!("{}", hook.script());
+            Ok(0)
+        }
+        DirenvCmd::Shim {
+            dir,
+            project,
+            vm,
+            commands,
+        } => {
+            direnv::write_shims(
+                &direnv::mvm_program(),
+                m.root(),
+                &vm,
+                project.as_deref(),
+                &dir,
+                &commands,
+            )?;
+            Ok(0)
+        }
+        DirenvCmd::Up { name, project } => {
+            match m.direnv_up(&name, project.as_deref())? {
+                StartOutcome::Started { ready_after, .. } => {
+                    eprintln!(
+                        "{name} is running (agent ready after {:.1} s)",
+                        ready_after.as_secs_f64()
+                    )
+                }
+                StartOutcome::AlreadyRunning { pid } => eprintln!("{name} is already running (pid {pid})"),
+            }
             Ok(0)
         }
     }
@@ -945,10 +1221,12 @@ fn logs(m: &Manager, name: &str, follow: bool) -> mvm::Result<i32> {
 
 /// Run `argv` (empty: a login shell) in the guest, as the VM's user
 /// unless `as_root`; the program's status.
+#[allow(clippy::too_many_arguments)]
 fn exec(
     m: &Manager,
     name: &str,
     argv: Vec<Vec<u8>>,
+    settings: SessionSettings,
     as_root: bool,
     tty: bool,
     forward_stdin: bool,
@@ -961,8 +1239,8 @@ fn exec(
     let (rows, cols) = term::window_size().unwrap_or((24, 80));
     let request = ExecRequest {
         argv,
-        env: Vec::new(),
-        cwd: None,
+        env: settings.env,
+        cwd: settings.cwd,
         tty: tty.then(|| Tty {
             rows,
             cols,
