@@ -157,6 +157,8 @@ pub struct VmConfig {
     pub root: Option<RootConfig>,
     /// Where the VM's state directory lives: `<state_root>/<name>`.
     pub state_root: PathBuf,
+    /// Servers the guest agent runs (`[[service]]`; the VMM ignores them).
+    pub services: Vec<crate::service::ServiceConfig>,
 }
 
 /// A root file system image with a per-VM writable layer (`[root]`).
@@ -470,6 +472,7 @@ impl VmConfig {
             volumes: Vec::new(),
             root: None,
             state_root: default_state_root(),
+            services: Vec::new(),
         }
     }
 
@@ -612,6 +615,7 @@ impl VmConfig {
                     .into(),
             });
         }
+        let services = crate::service::parse_services(file.service)?;
         let vsock = file.vsock.map(|v| VsockConfig {
             guest_cid: v.guest_cid,
             uds_path: resolve(v.uds_path),
@@ -654,6 +658,7 @@ impl VmConfig {
             shares,
             volumes,
             state_root: file.state_root.map(&resolve).unwrap_or_else(default_state_root),
+            services,
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -858,6 +863,8 @@ struct FileConfig {
     volume: Vec<FileVolume>,
     root: Option<FileRoot>,
     state_root: Option<PathBuf>,
+    #[serde(default)]
+    service: Vec<crate::service::FileService>,
 }
 
 #[derive(Deserialize)]

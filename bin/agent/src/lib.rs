@@ -38,6 +38,7 @@ pub mod proto;
 pub mod pty;
 pub mod reaper;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod sys;
 
