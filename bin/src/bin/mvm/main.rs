@@ -105,6 +105,12 @@ enum Cmd {
         /// directory's owner unless that is root].
         #[arg(long, value_name = "NAME[:UID[:GID]]")]
         user: Option<String>,
+        /// Run a server from Debian's packages in the VM, its data on the
+        /// `services` volume, forwarded from 127.0.0.1 on the host (the same
+        /// port, or the next free one): KIND[:PORT][:DB,DB...] with KIND
+        /// postgresql, redis or mariadb, e.g. postgresql:5432:app; repeatable.
+        #[arg(long, value_name = "KIND[:PORT][:DBS]")]
+        service: Vec<String>,
     },
     /// Forward host ports to a VM at run time (kept across restarts):
     /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
@@ -361,7 +367,12 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             no_network,
             forward,
             user,
+            service,
         } => {
+            let services = service
+                .iter()
+                .map(|s| mvm::manager::services::parse_service_arg(s))
+                .collect::<mvm::Result<Vec<_>>>()?;
             let user = match user {
                 Some(u) => u.parse::<UserChoice>()?,
                 None => UserChoice::Caller,
@@ -402,6 +413,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                     network,
                     forwards,
                     user,
+                    services,
                 },
                 &mut progress,
             )?;
@@ -411,6 +423,19 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                 info.state_dir.join(mvm::manager::VM_TOML).display(),
                 info.name
             );
+            for s in &info.services {
+                let host = s.host.as_deref().unwrap_or("-");
+                let note = match s.host.as_deref().and_then(|h| h.rsplit_once(':')) {
+                    Some((_, p)) if p != s.guest_port.to_string() => {
+                        format!(" (host port {} was taken)", s.guest_port)
+                    }
+                    _ => String::new(),
+                };
+                println!(
+                    "service {}: {} on guest port {}, reached from the host at {host}{note}, as user {}",
+                    s.name, s.kind, s.guest_port, s.user
+                );
+            }
             Ok(0)
         }
         Cmd::Image(cmd) => image(m, cmd),
@@ -892,6 +917,9 @@ fn print_status(v: &VmInfo) {
     }
     for f in &v.forwards {
         println!("forward:   {f} ({})", f.origin);
+    }
+    for s in &v.services {
+        println!("service:   {s}");
     }
     println!("state dir: {}", v.state_dir.display());
     if let Some(e) = &v.last_exit {
