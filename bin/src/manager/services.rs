@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn image_and_tables() {
         let pg = parse_service_arg("postgresql:5432:app").unwrap();
-        let spec = services_image_spec(&[pg.clone()]);
+        let spec = services_image_spec(std::slice::from_ref(&pg));
         assert!(spec.packages.contains(&"postgresql".to_string()));
         assert!(spec.packages.contains(&"bash".to_string()));
         assert_ne!(spec.id(), ImageSpec::default().id());

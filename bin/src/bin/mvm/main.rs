@@ -39,6 +39,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Create's many options make it the big variant; parsed once per run.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Define a new VM (writes <state dir>/<name>/vm.toml; does not start it).
