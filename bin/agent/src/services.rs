@@ -9,6 +9,7 @@
 //! ```text
 //! <data_dir>/data            the server's data directory
 //! <data_dir>/<kind>.log      its stdout and stderr (appended)
+//! <data_dir>/.mvm-datadir   written once the data directory is made
 //! <data_dir>/.mvm-initialized  written once the databases, role and
 //!                            initial script are done (never redone)
 //! ```
@@ -35,6 +36,8 @@ use crate::{say, sys};
 
 /// Marker of a finished first-start setup.
 pub const MARKER: &str = ".mvm-initialized";
+/// Marker of a finished data directory.
+pub const DATADIR_MARKER: &str = ".mvm-datadir";
 /// How long a server may take to accept connections after it starts
 /// (the first start of MariaDB on a slow guest takes a while).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -112,7 +115,8 @@ pub struct Plan {
     /// The server's data directory (`<data_dir>/data`).
     pub data: PathBuf,
     pub log: PathBuf,
-    /// Present when the data directory was made already.
+    /// Written once `init` succeeded: a data directory without it is a
+    /// first start cut short, removed and made again.
     pub initialized_file: PathBuf,
     /// Makes the data directory (when `initialized_file` is missing).
     pub init: Vec<Step>,
@@ -142,8 +146,9 @@ fn my_ident(name: &str) -> String {
 }
 
 /// The plan for `spec`; `pg_bin` is PostgreSQL's program directory
-/// (`/usr/lib/postgresql/<major>/bin`).
-pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
+/// (`/usr/lib/postgresql/<major>/bin`), `pg_template` the cluster Debian's
+/// package made in the image (`/var/lib/postgresql/<major>/main`), if any.
+pub fn plan(spec: &ServiceSpec, pg_bin: &Path, pg_template: Option<&Path>) -> Result<Plan, String> {
     let kind = Kind::parse(&spec.kind).ok_or_else(|| format!("unknown service kind {:?}", spec.kind))?;
     if !spec.data_dir.starts_with('/') || spec.data_dir.contains("/../") {
         return Err(format!("data directory {:?} is not an absolute path", spec.data_dir));
@@ -170,6 +175,42 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
                 s("--auth-local=trust"),
             ];
             init_argv.push(s("--auth-host=trust"));
+            // Its many fsyncs cost minutes on a slow guest; the agent syncs
+            // at power-off, and a first start cut short is redone from
+            // scratch (see `Plan::initialized_file`).
+            init_argv.push(s("--no-sync"));
+            // A copy of the package's cluster takes a second; initdb runs
+            // the server half a dozen times, minutes on a slow guest. Its
+            // configuration lives in /etc (Debian's way): the copy gets
+            // empty files, the command line below sets what matters.
+            let init = match pg_template {
+                Some(template) => vec![
+                    Step {
+                        user,
+                        argv: vec![
+                            s("cp"),
+                            s("-a"),
+                            template.to_string_lossy().into_owned(),
+                            data_s.clone(),
+                        ],
+                        stdin: None,
+                    },
+                    Step {
+                        user,
+                        argv: vec![
+                            s("touch"),
+                            data.join("postgresql.conf").to_string_lossy().into_owned(),
+                            data.join("pg_ident.conf").to_string_lossy().into_owned(),
+                        ],
+                        stdin: None,
+                    },
+                ],
+                None => vec![Step {
+                    user,
+                    argv: init_argv,
+                    stdin: None,
+                }],
+            };
             let psql = |db: &str, role: &str| -> Vec<String> {
                 vec![
                     bin("psql"),
@@ -217,8 +258,10 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
             for db in &spec.databases {
                 let mut argv = psql("postgres", "postgres");
                 argv.push(s("-c"));
+                // UTF-8 whatever the template cluster was made with (the
+                // image's, in the C locale of the build: SQL_ASCII).
                 argv.push(format!(
-                    "CREATE DATABASE {} OWNER {}",
+                    "CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'",
                     pg_ident(db),
                     pg_ident(&spec.user)
                 ));
@@ -238,12 +281,8 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
             }
             Plan {
                 kind,
-                initialized_file: data.join("PG_VERSION"),
-                init: vec![Step {
-                    user,
-                    argv: init_argv,
-                    stdin: None,
-                }],
+                initialized_file: dir.join(DATADIR_MARKER),
+                init,
                 server: Step {
                     user,
                     argv: vec![
@@ -290,7 +329,7 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
             }
             Plan {
                 kind,
-                initialized_file: data.clone(),
+                initialized_file: dir.join(DATADIR_MARKER),
                 init: Vec::new(),
                 server: Step {
                     user,
@@ -338,7 +377,7 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path) -> Result<Plan, String> {
             }
             Plan {
                 kind,
-                initialized_file: data.join("mysql"),
+                initialized_file: dir.join(DATADIR_MARKER),
                 init: vec![Step {
                     user: None,
                     argv: vec![
@@ -549,7 +588,12 @@ impl Services {
                 st.version = version;
             }
         }
-        let plan = match plan(&spec, &pg_bin) {
+        let template = pg_bin
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|major| Path::new("/var/lib/postgresql").join(major).join("main"))
+            .filter(|t| t.join("PG_VERSION").is_file());
+        let plan = match plan(&spec, &pg_bin, template.as_deref()) {
             Ok(p) => p,
             Err(why) => return fail(why),
         };
@@ -561,16 +605,34 @@ impl Services {
             Ok(a) => a,
             Err(why) => return fail(why),
         };
+        let fresh = !plan.initialized_file.exists();
+        if fresh && plan.data.exists() {
+            say!(
+                "service {name}: {} is from a first start cut short; making it again",
+                plan.data.display()
+            );
+            if let Err(e) = std::fs::remove_dir_all(&plan.data) {
+                return fail(format!("cannot remove {}: {e}", plan.data.display()));
+            }
+        }
         if let Err(why) = prepare_dirs(&plan, &spec, &account) {
             return fail(why);
         }
-        if !plan.initialized_file.exists() {
+        if fresh {
             self.set(&name, ServiceRun::Starting, "making the data directory");
+            let t = Instant::now();
             for step in &plan.init {
                 if let Err(why) = run_step(reaper, step, &account, &plan.log) {
                     return fail(format!("first-start setup failed: {why} (see {})", plan.log.display()));
                 }
             }
+            if let Err(e) = std::fs::write(&plan.initialized_file, b"") {
+                return fail(format!("cannot write {}: {e}", plan.initialized_file.display()));
+            }
+            say!(
+                "service {name}: data directory made in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
         }
         let marker = Path::new(&spec.data_dir).join(MARKER);
         let mut backoff = Duration::from_secs(1);
@@ -822,12 +884,13 @@ mod tests {
 
     #[test]
     fn postgres_plan() {
-        let p = plan(&spec("postgresql"), Path::new("/usr/lib/postgresql/15/bin")).unwrap();
+        let p = plan(&spec("postgresql"), Path::new("/usr/lib/postgresql/15/bin"), None).unwrap();
         assert_eq!(p.data, Path::new("/var/lib/mvm-services/postgresql/data"));
         assert_eq!(
             p.initialized_file,
-            Path::new("/var/lib/mvm-services/postgresql/data/PG_VERSION")
+            Path::new("/var/lib/mvm-services/postgresql/.mvm-datadir")
         );
+        assert!(p.init[0].argv.contains(&"--no-sync".to_string()));
         assert_eq!(p.init[0].argv[0], "/usr/lib/postgresql/15/bin/initdb");
         assert_eq!(p.init[0].user, Some("postgres"));
         assert_eq!(p.server.user, Some("postgres"));
@@ -842,7 +905,10 @@ mod tests {
             p.first[0].stdin.as_deref(),
             Some("CREATE ROLE \"dev\" LOGIN SUPERUSER;\n")
         );
-        assert_eq!(p.first[1].argv.last().unwrap(), "CREATE DATABASE \"app\" OWNER \"dev\"");
+        assert_eq!(
+            p.first[1].argv.last().unwrap(),
+            "CREATE DATABASE \"app\" OWNER \"dev\" TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'"
+        );
         // The script runs as the user, in the first database.
         let a = &p.first[2].argv;
         assert_eq!(&a[a.len() - 4..], ["-U", "dev", "-d", "app"]);
@@ -852,13 +918,28 @@ mod tests {
         s.password = Some("it's".into());
         s.initial_script = None;
         s.databases.clear();
-        let p = plan(&s, Path::new("/b")).unwrap();
+        let p = plan(&s, Path::new("/b"), None).unwrap();
         assert_eq!(p.first.len(), 1);
         assert_eq!(
             p.first[0].stdin.as_deref(),
             Some("ALTER ROLE postgres PASSWORD 'it''s';\n")
         );
         assert!(pg_hba(true).contains("host all all samenet scram-sha-256"));
+        // With the package's cluster: a copy, not initdb.
+        let p = plan(&s, Path::new("/b"), Some(Path::new("/var/lib/postgresql/15/main"))).unwrap();
+        assert_eq!(
+            p.init[0].argv,
+            [
+                "cp",
+                "-a",
+                "/var/lib/postgresql/15/main",
+                "/var/lib/mvm-services/postgresql/data"
+            ]
+        );
+        assert_eq!(
+            p.init[1].argv[1],
+            "/var/lib/mvm-services/postgresql/data/postgresql.conf"
+        );
         assert!(pg_hba(false).contains("host all all samenet trust"));
     }
 
@@ -868,13 +949,13 @@ mod tests {
         r.databases.clear();
         r.initial_script = None;
         r.port = 6380;
-        let p = plan(&r, Path::new("")).unwrap();
+        let p = plan(&r, Path::new(""), None).unwrap();
         assert!(p.init.is_empty() && p.first.is_empty());
         assert_eq!(p.server.user, Some("redis"));
         assert_eq!(&p.server.argv[..3], ["/usr/bin/redis-server", "--port", "6380"]);
         assert!(p.server.argv.ends_with(&["--protected-mode".into(), "no".into()]));
 
-        let p = plan(&spec("mariadb"), Path::new("")).unwrap();
+        let p = plan(&spec("mariadb"), Path::new(""), None).unwrap();
         assert_eq!(p.init[0].argv[0], "/usr/bin/mariadb-install-db");
         assert_eq!(p.server.user, Some("mysql"));
         assert!(p.server.argv.contains(&"--port=5432".to_string()));
@@ -883,10 +964,10 @@ mod tests {
         assert!(sql.contains("CREATE DATABASE IF NOT EXISTS `app`;"));
         assert_eq!(p.first[1].argv.last().unwrap(), "app");
 
-        assert!(plan(&spec("mongodb"), Path::new("")).is_err());
+        assert!(plan(&spec("mongodb"), Path::new(""), None).is_err());
         let mut bad = spec("redis");
         bad.data_dir = "relative".into();
-        assert!(plan(&bad, Path::new("")).is_err());
+        assert!(plan(&bad, Path::new(""), None).is_err());
     }
 
     #[test]
