@@ -247,6 +247,9 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
         Message::Power(action) => return Some(action),
         Message::Services(specs) => {
             let services = crate::services::registry();
+            if ctx.init {
+                crate::services::save(&specs, std::path::Path::new(crate::services::SAVED));
+            }
             services.ensure(&ctx.reaper, specs);
             Message::ServicesReply(services.states())
         }

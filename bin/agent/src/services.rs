@@ -47,6 +47,47 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How long a one-shot setup command may run.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The last list the host sent, kept on the services volume (where `mvm`
+/// mounts it) so that the next boot starts them at once, before the host
+/// asks (and after a reboot in place, when it does not).
+pub const SAVED: &str = "/var/lib/mvm-services/.mvm-services";
+
+/// Keep `specs` in [`SAVED`] when they all live on that volume.
+pub fn save(specs: &[ServiceSpec], path: &Path) {
+    let Some(dir) = path.parent() else { return };
+    if specs.is_empty() || !dir.is_dir() || !specs.iter().all(|s| Path::new(&s.data_dir).starts_with(dir)) {
+        return;
+    }
+    let frame = crate::proto::Message::Services(specs.to_vec()).encode();
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        // It may hold passwords.
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &frame))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        say!("cannot keep the services in {}: {e}", path.display());
+    }
+}
+
+/// The list [`save`] kept, if any.
+pub fn load(path: &Path) -> Vec<ServiceSpec> {
+    let Ok(frame) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    match frame.get(4..).map(crate::proto::Message::decode) {
+        Some(Ok(crate::proto::Message::Services(specs))) => specs,
+        _ => {
+            say!("{}: not a list of services; ignored", path.display());
+            Vec::new()
+        }
+    }
+}
+
 /// The three kinds, and what differs between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -968,6 +1009,24 @@ mod tests {
         let mut bad = spec("redis");
         bad.data_dir = "relative".into();
         assert!(plan(&bad, Path::new(""), None).is_err());
+    }
+
+    #[test]
+    fn saved_list() {
+        let dir = std::env::temp_dir().join(format!("mvm-agent-saved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(".mvm-services");
+        let mut a = spec("postgresql");
+        a.data_dir = dir.join("postgresql").to_string_lossy().into_owned();
+        save(&[a.clone()], &file);
+        assert_eq!(load(&file), [a.clone()]);
+        // Data elsewhere: not kept (the list stays as it was).
+        save(&[spec("redis")], &file);
+        assert_eq!(load(&file), [a]);
+        std::fs::write(&file, b"junk").unwrap();
+        assert!(load(&file).is_empty());
+        assert!(load(&dir.join("none")).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
