@@ -547,6 +547,10 @@ fn managed_network_end_to_end() {
     let json = mvm.json(&["status", "e", "--json"]);
     assert_eq!(json["services"][0]["runs_from"], "debian-package", "{json}");
     assert_eq!(json["services"][0]["restarts"], 0, "{json}");
+    let console = std::fs::read_to_string(dir.join("state/e/console.log")).unwrap_or_default();
+    for line in console.lines().filter(|l| l.contains("service")) {
+        eprintln!("e console: {line}");
+    }
     mvm.ok(&["stop", "e"]);
     mvm.ok(&["rm", "e"]);
 
