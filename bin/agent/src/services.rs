@@ -168,6 +168,10 @@ pub struct Plan {
     /// The data directory is an overlay of this (read-only) directory
     /// under `<data_dir>/upper`, mounted at every start.
     pub overlay: Option<PathBuf>,
+    /// Succeeds once the server takes queries (PostgreSQL listens while
+    /// it still starts up and turns clients away); `None`: an open port
+    /// is enough.
+    pub ready: Option<Step>,
 }
 
 fn s(v: &str) -> String {
@@ -336,6 +340,18 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path, pg_template: Option<&Path>) -> Re
                 },
                 first,
                 overlay: pg_template.map(Path::to_path_buf),
+                ready: Some(Step {
+                    user,
+                    argv: vec![
+                        bin("pg_isready"),
+                        s("-q"),
+                        s("-h"),
+                        s(kind.run_dir()),
+                        s("-p"),
+                        port.clone(),
+                    ],
+                    stdin: None,
+                }),
                 data,
                 log,
             }
@@ -373,6 +389,7 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path, pg_template: Option<&Path>) -> Re
                 },
                 first: Vec::new(),
                 overlay: None,
+                ready: None,
                 data,
                 log,
             }
@@ -441,6 +458,7 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path, pg_template: Option<&Path>) -> Re
                 },
                 first,
                 overlay: None,
+                ready: None,
                 data,
                 log,
             }
@@ -701,7 +719,12 @@ impl Services {
                     exit = Some(e);
                     break;
                 }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                    && plan
+                        .ready
+                        .as_ref()
+                        .is_none_or(|step| run_step(reaper, step, &account, &plan.log).is_ok())
+                {
                     ready = true;
                     break;
                 }
@@ -966,6 +989,9 @@ mod tests {
         assert_eq!(p.init[0].argv[0], "/usr/lib/postgresql/15/bin/initdb");
         assert_eq!(p.init[0].user, Some("postgres"));
         assert_eq!(p.server.user, Some("postgres"));
+        let ready = &p.ready.as_ref().unwrap().argv;
+        assert_eq!(ready[0], "/usr/lib/postgresql/15/bin/pg_isready");
+        assert!(ready.contains(&"/run/postgresql".to_string()));
         assert!(p.server.argv.contains(&"listen_addresses=*".to_string()));
         assert!(p.server.argv.contains(&"port=5432".to_string()));
         assert!(p
