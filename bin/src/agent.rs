@@ -96,6 +96,12 @@ impl AgentClient {
         self.open()?.exec(request)
     }
 
+    /// Have the agent run `specs` (those it does not run yet; an empty
+    /// list only asks) and report every service's state.
+    pub fn services(&self, specs: Vec<proto::ServiceSpec>) -> Result<Vec<proto::ServiceState>> {
+        self.open()?.services(specs)
+    }
+
     /// Run a program without input and collect its output.
     pub fn exec_output<S: AsRef<[u8]>>(&self, argv: &[S]) -> Result<Output> {
         let session = self.exec(ExecRequest {
@@ -169,6 +175,14 @@ impl AgentConnection {
         Error::Agent {
             what: format!("expected {expected}, the agent sent {}", got.name()),
             source: None,
+        }
+    }
+
+    /// See [`AgentClient::services`].
+    pub fn services(self, specs: Vec<proto::ServiceSpec>) -> Result<Vec<proto::ServiceState>> {
+        match self.request(&Message::Services(specs), "Services")? {
+            Message::ServicesReply(states) => Ok(states),
+            m => Err(Self::unexpected("ServicesReply", &m)),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod direnv;
 mod env;
 mod network;
 mod review;
+pub mod services;
 pub mod user;
 
 use definition::check_definition;
@@ -183,6 +184,10 @@ pub struct CreateOptions {
     /// `[env].passthrough` patterns: host variables copied into sessions
     /// at exec time (only the patterns are written, never values).
     pub pass_env: Vec<String>,
+    /// Servers the agent runs from Debian packages (see [`services`]):
+    /// each gets a `[[service]]` table and a host forward, the VM the
+    /// `services` volume and an image with the packages.
+    pub services: Vec<microvm_dev::service::ServiceConfig>,
 }
 
 /// What a new VM boots into.
@@ -246,6 +251,8 @@ pub struct VmInfo {
     pub forwards: Vec<ForwardInfo>,
     /// The guest user `shell` and `exec` run as; `None`: root.
     pub user: Option<GuestUser>,
+    /// Its `[[service]]`s; their states come from the agent in `status`.
+    pub services: Vec<services::ServiceInfo>,
     pub state_dir: PathBuf,
     /// Unix time of the start, while running.
     pub started_at: Option<u64>,
@@ -547,7 +554,13 @@ impl Manager {
 
     /// One VM; an error if its definition cannot be read.
     pub fn status(&self, name: &str) -> Result<VmInfo> {
-        let info = self.info(name)?;
+        let mut info = self.info(name)?;
+        if info.state == VmState::Running && !info.services.is_empty() {
+            if let Ok(config) = VmConfig::from_file(info.state_dir.join(VM_TOML)) {
+                let states = self.service_states(name).ok();
+                info.services = services::service_infos(&config, info.state, states.as_deref());
+            }
+        }
         if info.state == VmState::Broken {
             let file = info.state_dir.join(VM_TOML);
             return Err(match VmConfig::from_file(&file) {
@@ -577,6 +590,7 @@ impl Manager {
             ip: None,
             forwards: Vec::new(),
             user: None,
+            services: Vec::new(),
             state_dir: dir.clone(),
             started_at: run.started_at,
             uptime_s: run.started_at.map(|s| pidfile::unix_now().saturating_sub(s)),
@@ -597,6 +611,7 @@ impl Manager {
                 info.ip = self.vm_ip(name, &c);
                 info.forwards = self.forward_infos(name, &c).unwrap_or_default();
                 info.user = user::from_cmdline(&c.boot.cmdline);
+                info.services = services::service_infos(&c, info.state, None);
             }
             Err(e) => {
                 info.error = Some(e.to_string());
@@ -728,6 +743,12 @@ impl Manager {
         // The guest's clock starts from the RTC and lags on slow hosts.
         if let Err(e) = client.sync_clock() {
             log::warn!("VM {name}: cannot set the guest clock: {e}");
+        }
+        // The agent starts them in the background; `status` follows them.
+        if !config.services.is_empty() {
+            if let Err(e) = self.send_services(name, &config) {
+                log::warn!("VM {name}: cannot have the agent start its services: {e}");
+            }
         }
         // Reap the VMM when it ends, for long-lived library users.
         std::thread::spawn(move || child.wait());
@@ -1548,5 +1569,79 @@ mod tests {
         assert_eq!(tail_lines(&p, 0, 2), ["l28", "l29"]);
         assert_eq!(tail_lines(&p, text.len() as u64 - 4, 5), ["l29"]);
         assert!(tail_lines(&f.dir.join("none"), 0, 5).is_empty());
+    }
+
+    #[test]
+    fn services_in_the_definition() {
+        use microvm_dev::service::ServiceKind;
+        let f = Fixture::new();
+        // A free port, then one taken on the host.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let free = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut pg = services::parse_service_arg(&format!("postgresql:{free}:app")).unwrap();
+        pg.user = Some("dev".into());
+        let mut redis = services::parse_service_arg(&format!("redis:{busy}")).unwrap();
+        redis.name = "cache".into();
+        let image = f.image(
+            services::SERVICES_IMAGE,
+            &services::services_image_spec(&[pg.clone(), redis.clone()]).id(),
+        );
+        let mut o = f.opts("svc");
+        o.root = RootChoice::DefaultImage;
+        o.services = vec![pg.clone(), redis.clone()];
+        let info = f.m.create(&o).unwrap();
+        let text = std::fs::read_to_string(f.m.vm_dir("svc").join(VM_TOML)).unwrap();
+        assert!(
+            text.contains(&format!(
+                "[[service]]\nkind = \"postgresql\"\nport = {free}\ndatabases = [\"app\"]\nuser = \"dev\"\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("[[volume]]\nname = \"services\"\nsize_mib = 8192\nmount = \"/var/lib/mvm-services\"\n"),
+            "{text}"
+        );
+        let c = VmConfig::from_file(f.m.vm_dir("svc").join(VM_TOML)).unwrap();
+        assert_eq!(c.root.as_ref().unwrap().image, image);
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[1].kind, ServiceKind::Redis);
+        // The free port is kept; the busy one moves up.
+        assert_eq!(c.forwards[0].host_port, free);
+        assert_eq!(c.forwards[0].guest_port, free);
+        assert!(c.forwards[1].host_port > busy, "{:?}", c.forwards);
+        assert_eq!(c.forwards[1].guest_port, busy);
+        assert_eq!(
+            info.services[0].host.as_deref(),
+            Some(format!("127.0.0.1:{free}").as_str())
+        );
+        assert_eq!(info.services[0].state, "stopped");
+        assert_eq!(info.services[0].user, "dev");
+        let specs = services::service_specs(&c);
+        assert_eq!(specs[1].data_dir, "/var/lib/mvm-services/cache");
+        // Another VM's forward counts as taken too.
+        let mut o = f.opts("svc2");
+        o.root = RootChoice::DefaultImage;
+        o.services = vec![pg.clone(), redis.clone()];
+        f.m.create(&o).unwrap();
+        let c2 = VmConfig::from_file(f.m.vm_dir("svc2").join(VM_TOML)).unwrap();
+        assert!(c2.forwards[0].host_port > free, "{:?}", c2.forwards);
+        drop(taken);
+
+        // No image, or no network: refused, with what to do.
+        let mut o = f.opts("bad");
+        o.services = vec![pg.clone()];
+        let e = f.m.create(&o).unwrap_err().to_string();
+        assert!(e.contains("drop --no-image"), "{e}");
+        let mut o = f.opts("bad");
+        o.root = RootChoice::DefaultImage;
+        o.network = NetworkChoice::None;
+        o.services = vec![pg];
+        let e = f.m.create(&o).unwrap_err().to_string();
+        assert!(e.contains("drop --no-network"), "{e}");
+        assert!(!f.m.vm_dir("bad").exists());
     }
 }

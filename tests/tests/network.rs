@@ -5,8 +5,11 @@
 //! back to the guests (only NAT gets replies home); a "lan" namespace
 //! stands for another machine on the host's LAN.
 //!
-//! One scenario, five boots: VMs `a` and `b` start together, then `a`
-//! again with `c` and `d` on a shared segment. It checks the DHCP address and its pin, names through
+//! One scenario, seven boots: VMs `a`, `b` and `e` start together, then
+//! `a` and `e` again with `c` and `d` on a shared segment. `e` boots the
+//! Debian image with PostgreSQL (`--service postgresql:5432:app`): the
+//! host's psql writes a row through the forward, and reads it back after
+//! the restart. It checks the DHCP address and its pin, names through
 //! dnsmasq, NAT with and without a drop FORWARD policy (as Docker leaves
 //! it), isolation between the VMs (directly and routed via the host),
 //! declared and run-time forwards (TCP from 127.0.0.1 and from the LAN, UDP),
@@ -243,6 +246,46 @@ for _ in range(4):
         pass
 "#;
 
+/// The image `mvm create --service postgresql` picks, built outside the
+/// namespaces (mmdebstrap needs the real Debian archive); cached.
+const SERVICES_PACKAGES: &str =
+    "bash,build-essential,ca-certificates,coreutils,curl,git,iproute2,less,nano,procps,sudo,vim-tiny,postgresql";
+
+/// Wait until VM `vm`'s first service is running; the time it took.
+fn service_running(mvm: &Mvm, vm: &str) -> Duration {
+    let t = std::time::Instant::now();
+    let mut last = serde_json::Value::Null;
+    let up = wait_until(Duration::from_secs(900), || {
+        last = mvm.json(&["status", vm, "--json"])["services"][0].clone();
+        assert_ne!(last["state"], "failed", "{vm}: {last}");
+        last["state"] == "running"
+    });
+    assert!(up, "{vm}: the service is not running: {last}");
+    t.elapsed()
+}
+
+/// psql on the host side (namespace `ns`) through the forward, as the VM's
+/// user, in database `app`: its output.
+fn psql(ns: &str, sql: &str) -> String {
+    let out = in_ns(
+        ns,
+        &[
+            "env",
+            "PGCONNECT_TIMEOUT=20",
+            "psql",
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "postgresql://dev@127.0.0.1:5432/app",
+            "-c",
+            sql,
+        ],
+    );
+    assert!(out.status.success(), "psql {sql:?}: {}", describe(&out));
+    stdout(&out)
+}
+
 #[test]
 fn managed_network_end_to_end() {
     let dir = scratch_dir("network");
@@ -259,9 +302,33 @@ fn managed_network_end_to_end() {
     mvm.ok(&create_b);
     let toml = std::fs::read_to_string(dir.join("state/a/vm.toml")).unwrap();
     assert!(toml.contains("network = \"default\""), "{toml}");
+    // e: PostgreSQL from the Debian package, data on the services volume.
+    let t = std::time::Instant::now();
+    let built =
+        Mvm::new(dir.join("state")).run(&["image", "build", "--name", "services", "--packages", SERVICES_PACKAGES]);
+    assert!(built.status.success(), "{}", describe(&built));
+    eprintln!("services image: {:.1} s", t.elapsed().as_secs_f64());
+    let created = mvm.ok(&[
+        "create",
+        "e",
+        "--cpus",
+        "1",
+        "--memory",
+        "512",
+        "--user",
+        "dev:1500:1500",
+        "--service",
+        "postgresql:5432:app",
+    ]);
+    assert!(
+        created.contains("service postgresql: postgresql on guest port 5432, reached from the host at 127.0.0.1:5432"),
+        "{created}"
+    );
 
-    // Both at once: two attaches race for the network's lock.
-    start_together(&mvm, &["a", "b"]);
+    // All at once: the attaches race for the network's lock.
+    let t = std::time::Instant::now();
+    start_together(&mvm, &["a", "b", "e"]);
+    let e_started = t.elapsed();
     let net = mvm.json(&["network", "status", "--json"]);
     let net = &net[0];
     assert_eq!(net["up"], true, "{net}");
@@ -398,9 +465,27 @@ fn managed_network_end_to_end() {
     let out = mvm.run(&["port", "a", "--rm", "18080"]);
     assert!(stderr(&out).contains("declared in its vm.toml"), "{}", describe(&out));
 
+    // The database through the forward, as the VM's user.
+    let ready = service_running(&mvm, "e");
+    eprintln!(
+        "e: started in {:.1} s, PostgreSQL running {:.1} s later",
+        e_started.as_secs_f64(),
+        ready.as_secs_f64()
+    );
+    let status = mvm.ok(&["status", "e"]);
+    assert!(
+        status.contains("(Debian package) on guest port 5432, host 127.0.0.1:5432: running"),
+        "{status}"
+    );
+    psql(&h, "create table t (x text); insert into t values ('kept')");
+    assert_eq!(psql(&h, "select x from t").trim(), "kept");
+    assert_eq!(psql(&h, "select current_user").trim(), "dev");
+
     // Restart: same address by DHCP, run-time forwards back. At the same
-    // time c and d boot on a shared segment, where VMs may talk.
+    // time c and d boot on a shared segment, where VMs may talk, and e
+    // comes back with its data.
     mvm.ok(&["stop", "a"]);
+    mvm.ok(&["stop", "e"]);
     let lab = mvm.json(&[
         "network",
         "up",
@@ -421,7 +506,9 @@ fn managed_network_end_to_end() {
         create.extend_from_slice(&common);
         mvm.ok(&create);
     }
-    start_together(&mvm, &["a", "c", "d"]);
+    let t = std::time::Instant::now();
+    start_together(&mvm, &["a", "c", "d", "e"]);
+    let e_started = t.elapsed();
     let ip_d = ip("d");
     assert!(ip_d.starts_with("10.214.0."), "{ip_d}");
     guest_ok(&mvm, "d", "echo d-open > /tmp/index.html && httpd -p 8080 -h /tmp");
@@ -449,6 +536,23 @@ fn managed_network_end_to_end() {
         None,
         "removed forward came back"
     );
+
+    let ready = service_running(&mvm, "e");
+    eprintln!(
+        "e again: started in {:.1} s, PostgreSQL running {:.1} s later",
+        e_started.as_secs_f64(),
+        ready.as_secs_f64()
+    );
+    assert_eq!(psql(&h, "select x from t").trim(), "kept", "the row after the restart");
+    let json = mvm.json(&["status", "e", "--json"]);
+    assert_eq!(json["services"][0]["runs_from"], "debian-package", "{json}");
+    assert_eq!(json["services"][0]["restarts"], 0, "{json}");
+    let console = std::fs::read_to_string(dir.join("state/e/console.log")).unwrap_or_default();
+    for line in console.lines().filter(|l| l.contains("service")) {
+        eprintln!("e console: {line}");
+    }
+    mvm.ok(&["stop", "e"]);
+    mvm.ok(&["rm", "e"]);
 
     // dnsmasq is supervised: killed, it comes back.
     let pid = mvm.json(&["network", "status", "--json"])[0]["dnsmasq_pid"]

@@ -168,6 +168,8 @@ pub struct VmConfig {
     pub state_root: PathBuf,
     /// The environment of `mvm shell`/`exec` sessions (not the VMM's).
     pub env: EnvConfig,
+    /// Servers the guest agent runs (`[[service]]`; the VMM ignores them).
+    pub services: Vec<crate::service::ServiceConfig>,
 }
 
 /// A root file system image with a per-VM writable layer (`[root]`).
@@ -482,6 +484,7 @@ impl VmConfig {
             root: None,
             state_root: default_state_root(),
             env: EnvConfig::default(),
+            services: Vec::new(),
         }
     }
 
@@ -624,6 +627,7 @@ impl VmConfig {
                     .into(),
             });
         }
+        let services = crate::service::parse_services(file.service)?;
         let vsock = file.vsock.map(|v| VsockConfig {
             guest_cid: v.guest_cid,
             uds_path: resolve(v.uds_path),
@@ -667,6 +671,7 @@ impl VmConfig {
             volumes,
             state_root: file.state_root.map(&resolve).unwrap_or_else(default_state_root),
             env: EnvConfig::from_file(file.env)?,
+            services,
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -873,6 +878,8 @@ struct FileConfig {
     state_root: Option<PathBuf>,
     #[serde(default)]
     env: FileEnv,
+    #[serde(default)]
+    service: Vec<crate::service::FileService>,
 }
 
 #[derive(Deserialize)]

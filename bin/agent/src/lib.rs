@@ -38,6 +38,7 @@ pub mod proto;
 pub mod pty;
 pub mod reaper;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod sys;
 
@@ -122,6 +123,15 @@ fn run(args: Vec<OsString>, is_pid1: bool) -> i32 {
     if let Err(e) = reaper.start() {
         say!("cannot start the reaper thread: {e}");
         return 1;
+    }
+    if init {
+        // What the host asked for last time, at once: the host sends the
+        // list again once it sees the agent (a repeat changes nothing).
+        let saved = services::load(std::path::Path::new(services::SAVED));
+        if !saved.is_empty() {
+            say!("starting {} service(s) kept from the last start", saved.len());
+            services::registry().ensure(&reaper, saved);
+        }
     }
     let mut warned = false;
     let listener = loop {

@@ -90,6 +90,8 @@ pub fn watch_signals() {
 
 /// Take the guest down. Returns only if the kernel refused.
 pub fn shut_down(action: PowerAction) {
+    // Servers first, each with its own clean-stop signal.
+    crate::services::registry().stop_all(Duration::from_secs(10));
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
     signal_all(libc::SIGTERM);

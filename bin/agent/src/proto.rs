@@ -209,6 +209,61 @@ pub enum FsChange {
     Attrib { path: Vec<u8>, mode: u32 },
 }
 
+/// A server the agent runs from the guest's packages (`Services`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// `postgresql`, `redis` or `mariadb`.
+    pub kind: String,
+    /// Unique among the VM's services.
+    pub name: String,
+    pub port: u16,
+    /// Databases made at the first start.
+    pub databases: Vec<String>,
+    /// The role the host connects as.
+    pub user: String,
+    pub password: Option<String>,
+    /// SQL run once after the databases are made.
+    pub initial_script: Option<String>,
+    /// Where its data lives (on a persistent volume).
+    pub data_dir: String,
+}
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceRun {
+    /// Being set up or started (or waiting to be restarted).
+    Starting,
+    /// Accepting connections on its port.
+    Running,
+    /// Gave up, or cannot run at all; `detail` says why.
+    Failed,
+}
+
+impl ServiceRun {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceRun::Starting => "starting",
+            ServiceRun::Running => "running",
+            ServiceRun::Failed => "failed",
+        }
+    }
+}
+
+/// One service's state, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceState {
+    pub name: String,
+    pub kind: String,
+    pub port: u16,
+    pub run: ServiceRun,
+    /// The server's version (`15` for PostgreSQL 15), when known.
+    pub version: String,
+    /// Why it failed or restarts, or empty.
+    pub detail: String,
+    /// How often it was restarted after dying.
+    pub restarts: u32,
+}
+
 /// One frame's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -261,6 +316,11 @@ pub enum Message {
         tag: String,
         changes: Vec<FsChange>,
     },
+    /// Host: run these services (those not running yet; an empty list
+    /// only asks). Answer: `ServicesReply`.
+    Services(Vec<ServiceSpec>),
+    /// Agent: every service's state.
+    ServicesReply(Vec<ServiceState>),
     /// Success without data.
     Ok,
     /// The request failed, or a frame could not be understood.
@@ -282,6 +342,8 @@ const K_EXITED: u8 = 0x18;
 const K_POWER: u8 = 0x20;
 const K_SET_CLOCK: u8 = 0x21;
 const K_FS_EVENTS: u8 = 0x30;
+const K_SERVICES: u8 = 0x40;
+const K_SERVICES_REPLY: u8 = 0x41;
 const K_OK: u8 = 0x7e;
 const K_ERROR: u8 = 0x7f;
 
@@ -304,6 +366,8 @@ impl Message {
             Message::Power(_) => "Power",
             Message::SetClock { .. } => "SetClock",
             Message::FsEvents { .. } => "FsEvents",
+            Message::Services(_) => "Services",
+            Message::ServicesReply(_) => "ServicesReply",
             Message::Ok => "Ok",
             Message::Error(_) => "Error",
         }
@@ -422,6 +486,40 @@ impl Message {
                 e.u32(changes.len() as u32);
                 for c in changes {
                     e.fs_change(c);
+                }
+            }
+            Message::Services(specs) => {
+                e.u8(K_SERVICES);
+                e.u32(specs.len() as u32);
+                for s in specs {
+                    e.bytes(s.kind.as_bytes());
+                    e.bytes(s.name.as_bytes());
+                    e.u16(s.port);
+                    e.u32(s.databases.len() as u32);
+                    for d in &s.databases {
+                        e.bytes(d.as_bytes());
+                    }
+                    e.bytes(s.user.as_bytes());
+                    e.opt_string(s.password.as_deref());
+                    e.opt_string(s.initial_script.as_deref());
+                    e.bytes(s.data_dir.as_bytes());
+                }
+            }
+            Message::ServicesReply(states) => {
+                e.u8(K_SERVICES_REPLY);
+                e.u32(states.len() as u32);
+                for s in states {
+                    e.bytes(s.name.as_bytes());
+                    e.bytes(s.kind.as_bytes());
+                    e.u16(s.port);
+                    e.u8(match s.run {
+                        ServiceRun::Starting => 0,
+                        ServiceRun::Running => 1,
+                        ServiceRun::Failed => 2,
+                    });
+                    e.bytes(s.version.as_bytes());
+                    e.bytes(s.detail.as_bytes());
+                    e.u32(s.restarts);
                 }
             }
             Message::Ok => e.u8(K_OK),
@@ -573,6 +671,63 @@ impl Message {
                 }
                 Message::FsEvents { tag, changes }
             }
+            K_SERVICES => {
+                // The smallest spec: five empty strings, a port, two counts/flags.
+                let count = d.count("services", 4 * 5 + 2 + 4 + 2)?;
+                let mut specs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let kind = d.string("kind")?;
+                    let name = d.string("name")?;
+                    let port = d.u16("port")?;
+                    let n = d.count("databases", 4)?;
+                    let mut databases = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        databases.push(d.string("database")?);
+                    }
+                    specs.push(ServiceSpec {
+                        kind,
+                        name,
+                        port,
+                        databases,
+                        user: d.string("user")?,
+                        password: d.opt_string("password")?,
+                        initial_script: d.opt_string("initial_script")?,
+                        data_dir: d.string("data_dir")?,
+                    });
+                }
+                Message::Services(specs)
+            }
+            K_SERVICES_REPLY => {
+                let count = d.count("services", 4 * 4 + 2 + 1 + 4)?;
+                let mut states = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = d.string("name")?;
+                    let kind = d.string("kind")?;
+                    let port = d.u16("port")?;
+                    let run = match d.u8("run")? {
+                        0 => ServiceRun::Starting,
+                        1 => ServiceRun::Running,
+                        2 => ServiceRun::Failed,
+                        other => {
+                            return Err(Error::BadValue {
+                                kind: "ServicesReply",
+                                field: "run",
+                                value: other.into(),
+                            })
+                        }
+                    };
+                    states.push(ServiceState {
+                        name,
+                        kind,
+                        port,
+                        run,
+                        version: d.string("version")?,
+                        detail: d.string("detail")?,
+                        restarts: d.u32("restarts")?,
+                    });
+                }
+                Message::ServicesReply(states)
+            }
             K_OK => Message::Ok,
             K_ERROR => Message::Error(d.string("message")?),
             _ => return Err(Error::UnknownKind(kind)),
@@ -601,6 +756,8 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         K_POWER => "Power",
         K_SET_CLOCK => "SetClock",
         K_FS_EVENTS => "FsEvents",
+        K_SERVICES => "Services",
+        K_SERVICES_REPLY => "ServicesReply",
         K_OK => "Ok",
         K_ERROR => "Error",
         _ => return None,
@@ -625,6 +782,15 @@ impl Encoder {
     fn bytes(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
+    }
+    fn opt_string(&mut self, v: Option<&str>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.bytes(v.as_bytes());
+            }
+        }
     }
     fn fs_change(&mut self, c: &FsChange) {
         match c {
@@ -736,6 +902,13 @@ impl<'a> Decoder<'a> {
         std::str::from_utf8(b)
             .map(str::to_owned)
             .map_err(|_| Error::NotUtf8 { kind: self.kind, field })
+    }
+    fn opt_string(&mut self, field: &'static str) -> Result<Option<String>> {
+        Ok(if self.flag(field)? {
+            Some(self.string(field)?)
+        } else {
+            None
+        })
     }
     /// Bytes that become a C string in the guest (argv, env, paths).
     fn c_bytes(&mut self, field: &'static str) -> Result<Vec<u8>> {
@@ -1052,6 +1225,26 @@ mod tests {
                 tag: "t".into(),
                 changes: Vec::new(),
             },
+            Message::Services(Vec::new()),
+            Message::Services(vec![ServiceSpec {
+                kind: "postgresql".into(),
+                name: "db".into(),
+                port: 5432,
+                databases: vec!["app".into(), "test".into()],
+                user: "dev".into(),
+                password: Some("pw".into()),
+                initial_script: Some("create table t (x int);".into()),
+                data_dir: "/var/lib/mvm-services/db".into(),
+            }]),
+            Message::ServicesReply(vec![ServiceState {
+                name: "db".into(),
+                kind: "postgresql".into(),
+                port: 5432,
+                run: ServiceRun::Failed,
+                version: "15".into(),
+                detail: "initdb failed".into(),
+                restarts: 3,
+            }]),
             Message::Ok,
             Message::Error("no such file".into()),
         ]

@@ -245,6 +245,14 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
             Err(e) => Message::Error(format!("cannot set the clock: {}", sys::error_text(&e))),
         },
         Message::Power(action) => return Some(action),
+        Message::Services(specs) => {
+            let services = crate::services::registry();
+            if ctx.init {
+                crate::services::save(&specs, std::path::Path::new(crate::services::SAVED));
+            }
+            services.ensure(&ctx.reaper, specs);
+            Message::ServicesReply(services.states())
+        }
         Message::FsEvents { tag, changes } => {
             fs_events(ctx, conn, tag, changes);
             return None;
@@ -256,7 +264,7 @@ fn exchange(ctx: &Context, conn: &mut File) -> Option<PowerAction> {
             return None;
         }
         other => Message::Error(format!(
-            "expected a request (Info, Exec, Power, SetClock or FsEvents), got {}",
+            "expected a request (Info, Exec, Power, SetClock, FsEvents or Services), got {}",
             other.name()
         )),
     };

@@ -70,6 +70,27 @@ impl Manager {
             }
         };
 
+        // Checked before an image is built for them.
+        let no_image = || {
+            Error::Usage(
+                "--service runs a server from the image's Debian packages: an initramfs-only VM has none; drop --no-image (or pick a Debian image with --image)".into(),
+            )
+        };
+        let no_network = || {
+            Error::Usage(
+                "--service is reached from the host through a port forward, which needs a managed network: drop --no-network (or use --network NAME)".into(),
+            )
+        };
+        if !opts.services.is_empty() {
+            if opts.root == RootChoice::Initramfs {
+                return Err(no_image());
+            }
+            let base_network = matches!(doc.get("net"), Some(Value::Array(a))
+                if a.iter().any(|n| n.as_table().is_some_and(|t| t.contains_key("network"))));
+            if opts.network.name().is_none() && !base_network {
+                return Err(no_network());
+            }
+        }
         let mut machine = section(&mut doc, "machine")?;
         let cpus = opts
             .cpus
@@ -107,6 +128,12 @@ impl Manager {
             }
             RootChoice::Image(reference) => Some(self.resolve_image(reference, progress)?),
             RootChoice::DefaultImage if root.contains_key("image") => None,
+            // Services need their servers' packages: the default packages
+            // and those, an image of its own (built once, then cached).
+            RootChoice::DefaultImage if !opts.services.is_empty() => {
+                let spec = super::services::services_image_spec(&opts.services);
+                Some(self.images().build(&spec, progress)?.0.path)
+            }
             RootChoice::DefaultImage => Some(self.resolve_image(crate::image::DEFAULT_IMAGE, progress)?),
         };
         if let Some(image) = image {
@@ -202,11 +229,59 @@ impl Manager {
             }
         }
         let mut forwards = list(&mut doc, "forward");
+        let mut own_forwards = Vec::new();
         for f in &opts.forwards {
             // The same table the run-time forwards file holds.
             let table = Table::try_from(super::network::file_forward(&f.to_config()))
                 .map_err(|e| Error::Usage(format!("cannot write the forward: {e}")))?;
             forwards.push(table);
+            own_forwards.push(f.to_config());
+        }
+        let mut services = list(&mut doc, "service");
+        if !opts.services.is_empty() {
+            if root.is_empty() {
+                return Err(no_image());
+            }
+            if !nets.iter().any(|n| n.contains_key("network")) {
+                return Err(no_network());
+            }
+            for svc in &opts.services {
+                if services
+                    .iter()
+                    .any(|t| t.get("name").or_else(|| t.get("kind")).and_then(Value::as_str) == Some(svc.name.as_str()))
+                {
+                    return Err(Error::Usage(format!(
+                        "two services named {:?}: give the second another name",
+                        svc.name
+                    )));
+                }
+                services.push(super::services::service_table(svc));
+                let host_port = self.pick_host_port(name, svc.port, &own_forwards)?;
+                let f = microvm_dev::config::ForwardConfig {
+                    protocol: mvm_net::forward::Protocol::Tcp,
+                    host_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                    host_port,
+                    guest_port: svc.port,
+                };
+                let table = Table::try_from(super::network::file_forward(&f))
+                    .map_err(|e| Error::Usage(format!("cannot write the forward: {e}")))?;
+                forwards.push(table);
+                own_forwards.push(f);
+            }
+            let volume = super::services::SERVICES_VOLUME;
+            if !volumes
+                .iter()
+                .any(|t| t.get("name").and_then(Value::as_str) == Some(volume))
+            {
+                let mut t = Table::new();
+                t.insert("name".into(), volume.into());
+                t.insert(
+                    "size_mib".into(),
+                    Value::Integer(super::services::SERVICES_VOLUME_MIB as i64),
+                );
+                t.insert("mount".into(), super::services::SERVICES_MOUNT.into());
+                volumes.push(t);
+            }
         }
 
         let env = super::env::env_table(section(&mut doc, "env")?, &opts.env, &opts.pass_env);
@@ -250,6 +325,19 @@ impl Manager {
                 "forward",
                 forwards,
                 &["host_port", "guest_port", "host_address", "protocol"][..],
+            ),
+            (
+                "service",
+                services,
+                &[
+                    "kind",
+                    "name",
+                    "port",
+                    "databases",
+                    "user",
+                    "password",
+                    "initial_script",
+                ][..],
             ),
         ] {
             for item in items {

@@ -209,7 +209,7 @@ impl Manager {
 
     /// The first other VM (running ones only, if `running_only`) with a
     /// forward that clashes with `f`.
-    fn forward_owner(&self, except: &str, f: &ForwardConfig, running_only: bool) -> Result<Option<String>> {
+    pub(super) fn forward_owner(&self, except: &str, f: &ForwardConfig, running_only: bool) -> Result<Option<String>> {
         for vm in self.list()? {
             if vm.name == except || (running_only && vm.state != VmState::Running) {
                 continue;

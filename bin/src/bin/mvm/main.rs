@@ -117,6 +117,12 @@ enum Cmd {
         /// are never stored); repeatable.
         #[arg(long = "pass-env", value_name = "PATTERN")]
         pass_env: Vec<String>,
+        /// Run a server from Debian's packages in the VM, its data on the
+        /// `services` volume, forwarded from 127.0.0.1 on the host (the same
+        /// port, or the next free one): KIND[:PORT][:DB,DB...] with KIND
+        /// postgresql, redis or mariadb, e.g. postgresql:5432:app; repeatable.
+        #[arg(long, value_name = "KIND[:PORT][:DBS]")]
+        service: Vec<String>,
     },
     /// Forward host ports to a VM at run time (kept across restarts):
     /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
@@ -498,6 +504,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             user,
             env,
             pass_env,
+            service,
         } => {
             let env = env
                 .iter()
@@ -507,6 +514,10 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                 microvm_dev::config::check_pattern(p)
                     .map_err(|why| Error::Usage(format!("--pass-env {p:?}: {why}")))?;
             }
+            let services = service
+                .iter()
+                .map(|s| mvm::manager::services::parse_service_arg(s))
+                .collect::<mvm::Result<Vec<_>>>()?;
             let user = match user {
                 Some(u) => u.parse::<UserChoice>()?,
                 None => UserChoice::Caller,
@@ -549,6 +560,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                     user,
                     env,
                     pass_env,
+                    services,
                 },
                 &mut progress,
             )?;
@@ -558,6 +570,19 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                 info.state_dir.join(mvm::manager::VM_TOML).display(),
                 info.name
             );
+            for s in &info.services {
+                let host = s.host.as_deref().unwrap_or("-");
+                let note = match s.host.as_deref().and_then(|h| h.rsplit_once(':')) {
+                    Some((_, p)) if p != s.guest_port.to_string() => {
+                        format!(" (host port {} was taken)", s.guest_port)
+                    }
+                    _ => String::new(),
+                };
+                println!(
+                    "service {}: {} on guest port {}, reached from the host at {host}{note}, as user {}",
+                    s.name, s.kind, s.guest_port, s.user
+                );
+            }
             Ok(0)
         }
         Cmd::Image(cmd) => image(m, cmd),
@@ -1168,6 +1193,9 @@ fn print_status(v: &VmInfo) {
     }
     for f in &v.forwards {
         println!("forward:   {f} ({})", f.origin);
+    }
+    for s in &v.services {
+        println!("service:   {s}");
     }
     println!("state dir: {}", v.state_dir.display());
     if let Some(e) = &v.last_exit {
