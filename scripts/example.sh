@@ -29,12 +29,13 @@ bindir=/usr/local/bin
 "${sudo[@]}" install -m 0755 target/release/mvm target/release/mvm-vmm "$bindir/"
 # `create-microvm-env` is `mvm direnv init` under its own name.
 "${sudo[@]}" ln -sf mvm "$bindir/create-microvm-env"
+"${sudo[@]}" ln -sf mvm "$bindir/mvm-devenv"
 state_root=${MVM_STATE_DIR:-/var/lib/microvm-dev}
 # mvm create's default guest: <state root>/guest/{vmlinux,initramfs.cpio}.
 "${sudo[@]}" mkdir -p "$state_root/guest"
 "${sudo[@]}" install -m 0644 "$guest_vmlinux" "$state_root/guest/vmlinux"
 "${sudo[@]}" install -m 0644 "$guest_initramfs" "$state_root/guest/initramfs.cpio"
-echo "example: installed $bindir/mvm (and create-microvm-env), $bindir/mvm-vmm and the guest kernel and initramfs in $state_root/guest/" >&2
+echo "example: installed $bindir/mvm (and create-microvm-env, mvm-devenv), $bindir/mvm-vmm and the guest kernel and initramfs in $state_root/guest/" >&2
 
 mvm=("${sudo[@]}" "$bindir/mvm")
 # A fresh example VM each time.

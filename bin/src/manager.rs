@@ -17,6 +17,7 @@ use serde::Serialize;
 
 pub mod changes;
 mod definition;
+mod devenv_plan;
 pub mod direnv;
 mod env;
 mod network;
@@ -28,6 +29,7 @@ use definition::check_definition;
 pub use definition::default_cmdline;
 #[cfg(test)]
 use definition::with_hostname;
+pub use devenv_plan::{plan as devenv_plan, DevenvPlan};
 pub use env::{export_lines, guest_workdir, session_env, shell_quote, EnvArg, SessionSettings};
 pub use network::{parse_host_port, ForwardInfo, NetworkChoice, PortSpec};
 pub use review::ApplyReport;
@@ -181,6 +183,9 @@ pub struct CreateOptions {
     pub user: UserChoice,
     /// `[env].set` entries: set in every `shell`/`exec` session.
     pub env: Vec<(String, String)>,
+    /// The project's devenv.nix, recorded as `[devenv] file` (see
+    /// [`CreateOptions::apply_devenv`]).
+    pub devenv: Option<PathBuf>,
     /// `[env].passthrough` patterns: host variables copied into sessions
     /// at exec time (only the patterns are written, never values).
     pub pass_env: Vec<String>,
@@ -253,6 +258,8 @@ pub struct VmInfo {
     pub user: Option<GuestUser>,
     /// Its `[[service]]`s; their states come from the agent in `status`.
     pub services: Vec<services::ServiceInfo>,
+    /// The devenv.nix its services and variables came from.
+    pub devenv: Option<PathBuf>,
     pub state_dir: PathBuf,
     /// Unix time of the start, while running.
     pub started_at: Option<u64>,
@@ -591,6 +598,7 @@ impl Manager {
             forwards: Vec::new(),
             user: None,
             services: Vec::new(),
+            devenv: None,
             state_dir: dir.clone(),
             started_at: run.started_at,
             uptime_s: run.started_at.map(|s| pidfile::unix_now().saturating_sub(s)),
@@ -612,6 +620,7 @@ impl Manager {
                 info.forwards = self.forward_infos(name, &c).unwrap_or_default();
                 info.user = user::from_cmdline(&c.boot.cmdline);
                 info.services = services::service_infos(&c, info.state, None);
+                info.devenv = c.devenv.clone();
             }
             Err(e) => {
                 info.error = Some(e.to_string());

@@ -264,6 +264,67 @@ fn service_running(mvm: &Mvm, vm: &str) -> Duration {
     t.elapsed()
 }
 
+/// The devenv.nix of VM e's project: PostgreSQL with a database, a
+/// variable, and what mvm reports and leaves out.
+const DEVENV_NIX: &str = r#"{ pkgs, lib, ... }:
+let redisPort = 6380; in {
+  packages = [ pkgs.git ];
+  env.APP_MODE = "dev";
+  # The database the app uses.
+  services.postgres = {
+    enable = lib.mkDefault true;
+    initialDatabases = [ { name = "app"; } ];
+  };
+  services.redis = {
+    enable = false;
+    port = redisPort;
+  };
+}
+"#;
+
+/// Real direnv (Debian's) on the host side (namespace `ns`): `mvm direnv
+/// init` in `project`, `direnv allow`, then `psql "$DATABASE_URL" -c sql`
+/// under `direnv exec`. HOME and the XDG directories are scratch ones.
+fn direnv_psql(mvm: &Mvm, ns: &str, project: &Path, scratch: &Path, sql: &str) -> String {
+    let home = scratch.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let bin_dir = mvm.bin.parent().unwrap().to_path_buf();
+    let path = format!(
+        "PATH={}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut env: Vec<String> = mvm
+        .env()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={}", v.display()))
+        .collect();
+    env.push(format!("HOME={}", home.display()));
+    env.push(format!("XDG_CONFIG_HOME={}", home.join(".config").display()));
+    env.push(format!("XDG_DATA_HOME={}", home.join(".local/share").display()));
+    env.push(format!("XDG_CACHE_HOME={}", home.join(".cache").display()));
+    env.push(path);
+    let p = project.to_str().unwrap();
+    let direnv = mvm_tests::system_tool("direnv", "direnv");
+    let mvm_bin = mvm.bin.to_string_lossy().into_owned();
+    let direnv = direnv.to_string_lossy().into_owned();
+    let script = format!("psql -X -At \"$DATABASE_URL\" -c '{sql}'");
+    let mut out = String::new();
+    for args in [
+        vec![mvm_bin.as_str(), "direnv", "init", p],
+        vec![direnv.as_str(), "allow", p],
+        vec![direnv.as_str(), "exec", p, "sh", "-c", script.as_str()],
+    ] {
+        let mut all = vec!["env"];
+        all.extend(env.iter().map(String::as_str));
+        all.extend(args.iter().copied());
+        let o = in_ns(ns, &all);
+        assert!(o.status.success(), "{args:?}: {}", describe(&o));
+        out = stdout(&o);
+    }
+    out.trim().to_string()
+}
+
 /// psql on the host side (namespace `ns`) through the forward, as the VM's
 /// user, in database `app`: its output.
 fn psql(ns: &str, sql: &str) -> String {
@@ -308,22 +369,32 @@ fn managed_network_end_to_end() {
         Mvm::new(dir.join("state")).run(&["image", "build", "--name", "services", "--packages", SERVICES_PACKAGES]);
     assert!(built.status.success(), "{}", describe(&built));
     eprintln!("services image: {:.1} s", t.elapsed().as_secs_f64());
+    // Its project declares the database in a devenv.nix, as devenv.sh
+    // users write it; create reads it (no --service).
+    let pg = dir.join("pg");
+    std::fs::create_dir_all(&pg).unwrap();
+    std::fs::write(pg.join("devenv.nix"), DEVENV_NIX).unwrap();
     let created = mvm.ok(&[
         "create",
         "e",
+        "--project",
+        pg.to_str().unwrap(),
         "--cpus",
         "1",
         "--memory",
         "512",
         "--user",
         "dev:1500:1500",
-        "--service",
-        "postgresql:5432:app",
     ]);
-    assert!(
-        created.contains("service postgresql: postgresql on guest port 5432, reached from the host at 127.0.0.1:5432"),
-        "{created}"
-    );
+    for expected in [
+        "service postgresql: postgresql on guest port 5432, reached from the host at 127.0.0.1:5432",
+        "devenv: read",
+        "1 service(s), 1 variable(s)",
+        "devenv: services.redis.port (line 12, column 12): skipped",
+        "devenv: packages (git): Nix packages",
+    ] {
+        assert!(created.contains(expected), "{expected:?} not in:\n{created}");
+    }
 
     // All at once: the attaches race for the network's lock.
     let t = std::time::Instant::now();
@@ -480,6 +551,15 @@ fn managed_network_end_to_end() {
     psql(&h, "create table t (x text); insert into t values ('kept')");
     assert_eq!(psql(&h, "select x from t").trim(), "kept");
     assert_eq!(psql(&h, "select current_user").trim(), "dev");
+    // devenv's env.* in the VM's sessions; the connection variables on the
+    // host through direnv (`use mvm`), and psql with them.
+    assert!(mvm.ok(&["exec", "e", "--", "env"]).contains("APP_MODE=dev\n"));
+    let env = mvm.ok(&["env", "e"]);
+    assert!(
+        env.contains("export DATABASE_URL='postgres://dev@127.0.0.1:5432/app'"),
+        "{env}"
+    );
+    assert_eq!(direnv_psql(&mvm, &h, &pg, &dir, "select count(*) from t"), "1");
 
     // Restart: same address by DHCP, run-time forwards back. At the same
     // time c and d boot on a shared segment, where VMs may talk, and e

@@ -82,6 +82,9 @@
 //! file = "console.log"
 //! input = "auto"      # "auto" (default), "stdin" or "none"
 //!
+//! [devenv]            # optional, written by `mvm create` (the VMM ignores it)
+//! file = "/home/me/src/app/devenv.nix"   # the devenv.nix it read
+//!
 //! [env]               # optional: `mvm shell`/`exec` sessions (the VMM ignores it)
 //! set = { EDITOR = "vim" }   # default {}: set in every session
 //! passthrough = ["AWS_PROFILE", "GITHUB_*"]  # default []: host variables
@@ -170,6 +173,9 @@ pub struct VmConfig {
     pub env: EnvConfig,
     /// Servers the guest agent runs (`[[service]]`; the VMM ignores them).
     pub services: Vec<crate::service::ServiceConfig>,
+    /// The project's devenv.nix that `mvm create` read (`[devenv] file`;
+    /// a record for `mvm status`, the VMM ignores it).
+    pub devenv: Option<PathBuf>,
 }
 
 /// A root file system image with a per-VM writable layer (`[root]`).
@@ -485,6 +491,7 @@ impl VmConfig {
             state_root: default_state_root(),
             env: EnvConfig::default(),
             services: Vec::new(),
+            devenv: None,
         }
     }
 
@@ -672,6 +679,7 @@ impl VmConfig {
             state_root: file.state_root.map(&resolve).unwrap_or_else(default_state_root),
             env: EnvConfig::from_file(file.env)?,
             services,
+            devenv: file.devenv.map(|d| resolve(d.file)),
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -880,6 +888,15 @@ struct FileConfig {
     env: FileEnv,
     #[serde(default)]
     service: Vec<crate::service::FileService>,
+    devenv: Option<FileDevenv>,
+}
+
+/// `[devenv]`: what `mvm create` read from the project.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDevenv {
+    /// The devenv.nix (relative paths: to the vm.toml's directory).
+    file: PathBuf,
 }
 
 #[derive(Deserialize)]

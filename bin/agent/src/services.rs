@@ -39,7 +39,8 @@ pub const MARKER: &str = ".mvm-initialized";
 /// Marker of a finished data directory.
 pub const DATADIR_MARKER: &str = ".mvm-datadir";
 /// How long a server may take to accept connections after it starts
-/// (the first start of MariaDB on a slow guest takes a while).
+/// before its state says it is late (it is not killed for that: a server
+/// that runs is starting, on a slow guest for minutes).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// A run this long resets the backoff.
@@ -336,6 +337,11 @@ pub fn plan(spec: &ServiceSpec, pg_bin: &Path, pg_template: Option<&Path>) -> Re
                         format!("port={port}"),
                         s("-c"),
                         format!("unix_socket_directories={}", kind.run_dir()),
+                        // A development database in a small VM (256 MiB by
+                        // default): the package's 128 MB would be a large
+                        // part of it, and touching it all slows the start.
+                        s("-c"),
+                        s("shared_buffers=16MB"),
                         s("-c"),
                         format!("hba_file={}", dir.join("pg_hba.conf").display()),
                     ],
@@ -717,7 +723,18 @@ impl Services {
             let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
             let mut exit = None;
             let mut ready = false;
-            while started.elapsed() < READY_TIMEOUT {
+            let mut late = false;
+            loop {
+                if !late && started.elapsed() >= READY_TIMEOUT {
+                    late = true;
+                    let detail = format!(
+                        "not accepting connections after {} s; still waiting (log: {})",
+                        READY_TIMEOUT.as_secs(),
+                        plan.log.display()
+                    );
+                    say!("service {name}: {detail}");
+                    self.set(&name, ServiceRun::Starting, &detail);
+                }
                 if let Some(e) = reaper.wait_timeout(&watch, Duration::from_millis(200)) {
                     exit = Some(e);
                     break;
@@ -762,11 +779,6 @@ impl Services {
                         break Some(e);
                     }
                 };
-            } else if exit.is_none() {
-                // Not up in time: kill it and try again.
-                // SAFETY: kill(2) on our child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                exit = reaper.wait_timeout(&watch, Duration::from_secs(10));
             }
             self.pids.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
             if self.stopping.load(Ordering::SeqCst) {
@@ -775,7 +787,7 @@ impl Services {
             let how = match exit.map(|e| e.status) {
                 Some(crate::proto::ExitStatus::Code(c)) => format!("exited with status {c}"),
                 Some(crate::proto::ExitStatus::Signal(s)) => format!("killed by signal {s}"),
-                None => "did not accept connections in time".to_string(),
+                None => "ended".to_string(),
             };
             if started.elapsed() >= STABLE_RUN {
                 backoff = Duration::from_secs(1);

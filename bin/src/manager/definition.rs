@@ -285,6 +285,10 @@ impl Manager {
         }
 
         let env = super::env::env_table(section(&mut doc, "env")?, &opts.env, &opts.pass_env);
+        let mut devenv = section(&mut doc, "devenv")?;
+        if let Some(file) = &opts.devenv {
+            devenv.insert("file".into(), path_value(file));
+        }
 
         let quote = |s: &str| Value::String(s.into()).to_string();
         let mut out = String::new();
@@ -310,6 +314,7 @@ impl Manager {
             ("vsock", &vsock, &["guest_cid", "uds_path"][..]),
             ("root", &root, &["image", "upper", "size_mib"][..]),
             ("env", &env, &["set", "passthrough"][..]),
+            ("devenv", &devenv, &["file"][..]),
         ] {
             if table.is_empty() {
                 continue;

@@ -463,11 +463,19 @@ impl Manager {
                     root: self.root.clone(),
                 });
             };
-            match self.create(&CreateOptions {
+            let mut opts = CreateOptions {
                 name: name.into(),
                 project: Some(project.to_path_buf()),
                 ..Default::default()
-            }) {
+            };
+            // Like `mvm create`: the project's devenv.nix gives services
+            // and variables; what it leaves out goes to the start log.
+            if let Some(plan) = opts.apply_devenv()? {
+                for note in &plan.notes {
+                    eprintln!("devenv: {note}");
+                }
+            }
+            match self.create(&opts) {
                 Ok(_) | Err(Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e),
             }

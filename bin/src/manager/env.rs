@@ -161,8 +161,27 @@ impl Manager {
     /// definition and the VM's forwards. `mvm env` and direnv's `use mvm`
     /// export whatever this returns.
     pub fn host_env(&self, name: &str) -> Result<Vec<(String, String)>> {
-        let _config = self.vm_config(name)?;
-        Ok(Vec::new())
+        let config = self.vm_config(name)?;
+        let vm_user = super::user::from_cmdline(&config.boot.cmdline).map(|u| u.name);
+        let mut reached = Vec::new();
+        for s in &config.services {
+            let Some(f) = config
+                .forwards
+                .iter()
+                .find(|f| f.guest_port == s.port && f.protocol == mvm_net::forward::Protocol::Tcp)
+            else {
+                continue;
+            };
+            // A forward on every address is reached on loopback too.
+            let host = if f.host_address.is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                f.host_address.to_string()
+            };
+            let user = super::services::service_user(s, vm_user.as_deref());
+            reached.push((s.clone(), host, f.host_port, user));
+        }
+        Ok(super::devenv_plan::connection_env(&reached))
     }
 
     /// Everything `mvm env` prints: `MVM_VM`, `MVM_PROJECT` (when the VM

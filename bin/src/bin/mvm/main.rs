@@ -123,6 +123,10 @@ enum Cmd {
         /// postgresql, redis or mariadb, e.g. postgresql:5432:app; repeatable.
         #[arg(long, value_name = "KIND[:PORT][:DBS]")]
         service: Vec<String>,
+        /// Do not read the project's devenv.nix (by default its services
+        /// and env.* are taken: docs/devenv.md).
+        #[arg(long)]
+        no_devenv: bool,
     },
     /// Forward host ports to a VM at run time (kept across restarts):
     /// mvm port web 8080:80, mvm port web --rm 8080, mvm port web --list
@@ -372,6 +376,48 @@ struct CreateEnvCli {
     state_dir: Option<PathBuf>,
 }
 
+/// `mvm-devenv`: a VM for a devenv.sh project.
+#[derive(Parser)]
+#[command(
+    name = "mvm-devenv",
+    version,
+    about = "A VM for a project with a devenv.nix: its services run from Debian packages in the VM, forwarded to the host (docs/devenv.md)"
+)]
+struct DevenvCli {
+    #[command(subcommand)]
+    command: DevenvCmd,
+    /// State directory holding the VMs (overrides MVM_STATE_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DevenvCmd {
+    /// Create and start a VM for the project (DIR, default: the current
+    /// directory) from its devenv.nix, then print its services and the
+    /// host's variables.
+    #[command(after_help = EXIT_HELP)]
+    Init {
+        dir: Option<PathBuf>,
+        /// The VM's name [default: from the directory's name].
+        #[arg(long, value_name = "VM")]
+        name: Option<String>,
+        /// Seconds to wait for the guest.
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Start the project's VM.
+    #[command(after_help = EXIT_HELP)]
+    Up {
+        dir: Option<PathBuf>,
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Stop the project's VM.
+    #[command(after_help = EXIT_HELP)]
+    Down { dir: Option<PathBuf> },
+}
+
 #[derive(Subcommand)]
 enum NetworkCmd {
     /// Bring a network up (a VM's start does this too), defining it first
@@ -466,6 +512,22 @@ fn main() {
         };
         std::process::exit(code);
     }
+    if invoked.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("mvm-devenv")) {
+        let cli = DevenvCli::parse();
+        let manager = match &cli.state_dir {
+            Some(dir) => Manager::new(dir.clone()),
+            None => Manager::from_env(),
+        };
+        let code = match devenv_cmd(&manager, cli.command) {
+            Ok(code) => code,
+            Err(e) => {
+                mvm::report("mvm-devenv", &e);
+                e.exit_code()
+            }
+        };
+        let _ = std::io::stdout().flush();
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     let manager = match &cli.state_dir {
         Some(dir) => Manager::new(dir.clone()),
@@ -505,6 +567,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             env,
             pass_env,
             service,
+            no_devenv,
         } => {
             let env = env
                 .iter()
@@ -540,36 +603,43 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                 (Some(i), false) => RootChoice::Image(i),
                 (None, false) => RootChoice::DefaultImage,
             };
-            let mut progress = image_progress("default");
-            let info = m.create_with_progress(
-                &CreateOptions {
-                    name,
-                    project,
-                    cpus,
-                    memory_mib: memory,
-                    persist,
-                    volumes,
-                    from,
-                    kernel,
-                    initrd,
-                    root,
-                    ephemeral,
-                    root_size_mib: root_size,
-                    network,
-                    forwards,
-                    user,
-                    env,
-                    pass_env,
-                    services,
-                },
-                &mut progress,
-            )?;
+            let mut opts = CreateOptions {
+                name,
+                project,
+                cpus,
+                memory_mib: memory,
+                persist,
+                volumes,
+                from,
+                kernel,
+                initrd,
+                root,
+                ephemeral,
+                root_size_mib: root_size,
+                network,
+                forwards,
+                user,
+                env,
+                pass_env,
+                services,
+                devenv: None,
+            };
+            let plan = if no_devenv { None } else { opts.apply_devenv()? };
+            let mut progress = image_progress(if opts.services.is_empty() {
+                "default"
+            } else {
+                "services"
+            });
+            let info = m.create_with_progress(&opts, &mut progress)?;
             println!(
                 "created VM {} ({}); start it with `mvm start {}`",
                 info.name,
                 info.state_dir.join(mvm::manager::VM_TOML).display(),
                 info.name
             );
+            if let Some(plan) = &plan {
+                print_devenv_plan(plan);
+            }
             for s in &info.services {
                 let host = s.host.as_deref().unwrap_or("-");
                 let note = match s.host.as_deref().and_then(|h| h.rsplit_once(':')) {
@@ -723,6 +793,73 @@ fn session_settings(m: &Manager, name: &str, args: &SessionArgs) -> mvm::Result<
         .map(|a| EnvArg::parse(a))
         .collect::<mvm::Result<Vec<_>>>()?;
     m.session_settings(name, &env, args.workdir.as_deref())
+}
+
+fn devenv_cmd(m: &Manager, cmd: DevenvCmd) -> mvm::Result<i32> {
+    let here = |dir: Option<PathBuf>| dir.unwrap_or_else(|| PathBuf::from("."));
+    let project_vm = |dir: &std::path::Path| -> mvm::Result<String> {
+        match m.vms_for_project(dir)?.into_iter().next() {
+            Some(vm) => Ok(vm.name),
+            None => Err(Error::Usage(format!(
+                "no VM has {} as its project: run `mvm-devenv init` there first",
+                dir.display()
+            ))),
+        }
+    };
+    match cmd {
+        DevenvCmd::Init { dir, name, timeout } => {
+            let dir = here(dir);
+            if mvm::devenv::detect(&dir).is_none() {
+                return Err(Error::Usage(format!(
+                    "{} has no devenv.nix: `mvm create NAME --project DIR` makes a VM for any project",
+                    dir.display()
+                )));
+            }
+            if let Some(vm) = m.vms_for_project(&dir)?.into_iter().next() {
+                return Err(Error::Usage(format!(
+                    "the project already has VM {:?}: `mvm-devenv up` starts it (or `mvm rm {}` first)",
+                    vm.name, vm.name
+                )));
+            }
+            let name = match name {
+                Some(n) => n,
+                None => m.name_for_project(&dir)?,
+            };
+            let mut opts = CreateOptions {
+                name: name.clone(),
+                project: Some(dir),
+                ..Default::default()
+            };
+            let plan = opts.apply_devenv()?;
+            let mut progress = image_progress(if opts.services.is_empty() {
+                "default"
+            } else {
+                "services"
+            });
+            m.create_with_progress(&opts, &mut progress)?;
+            println!("created VM {name}");
+            if let Some(plan) = &plan {
+                print_devenv_plan(plan);
+            }
+            start(m, &name, timeout, false)?;
+            let info = m.status(&name)?;
+            for s in &info.services {
+                println!("service:   {s}");
+            }
+            println!("host variables (eval \"$(mvm env {name})\"):");
+            for (k, v) in m.host_env(&name)? {
+                println!("  {k}={v}");
+            }
+            Ok(0)
+        }
+        DevenvCmd::Up { dir, timeout } => start(m, &project_vm(&here(dir))?, timeout, false),
+        DevenvCmd::Down { dir } => {
+            let name = project_vm(&here(dir))?;
+            let how = m.stop(&name, DEFAULT_STOP_TIMEOUT)?;
+            println!("{name} {}", how.describe());
+            Ok(0)
+        }
+    }
 }
 
 fn direnv_init(
@@ -1162,6 +1299,19 @@ fn print_table(vms: &[VmInfo]) {
     }
 }
 
+/// What `create` took from a devenv.nix and what it left out.
+fn print_devenv_plan(plan: &mvm::manager::DevenvPlan) {
+    println!(
+        "devenv: read {}: {} service(s), {} variable(s)",
+        plan.file.display(),
+        plan.services.len(),
+        plan.env.len()
+    );
+    for note in &plan.notes {
+        println!("devenv: {note}");
+    }
+}
+
 fn print_status(v: &VmInfo) {
     println!("name:      {}", v.name);
     println!("state:     {}", v.state.as_str());
@@ -1193,6 +1343,9 @@ fn print_status(v: &VmInfo) {
     }
     for f in &v.forwards {
         println!("forward:   {f} ({})", f.origin);
+    }
+    if let Some(d) = &v.devenv {
+        println!("devenv:    {}", d.display());
     }
     for s in &v.services {
         println!("service:   {s}");
