@@ -497,46 +497,36 @@ enum ImageCmd {
 
 fn main() {
     let invoked = std::env::args_os().next().map(PathBuf::from);
-    if invoked.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("create-microvm-env")) {
-        let cli = CreateEnvCli::parse();
-        let manager = match &cli.state_dir {
-            Some(dir) => Manager::new(dir.clone()),
-            None => Manager::from_env(),
-        };
-        let code = match direnv_init(&manager, cli.dir, cli.name, cli.run, cli.force) {
-            Ok(code) => code,
-            Err(e) => {
-                mvm::report("create-microvm-env", &e);
-                e.exit_code()
-            }
-        };
-        std::process::exit(code);
-    }
-    if invoked.as_deref().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("mvm-devenv")) {
-        let cli = DevenvCli::parse();
-        let manager = match &cli.state_dir {
-            Some(dir) => Manager::new(dir.clone()),
-            None => Manager::from_env(),
-        };
-        let code = match devenv_cmd(&manager, cli.command) {
-            Ok(code) => code,
-            Err(e) => {
-                mvm::report("mvm-devenv", &e);
-                e.exit_code()
-            }
-        };
-        let _ = std::io::stdout().flush();
-        std::process::exit(code);
-    }
-    let cli = Cli::parse();
-    let manager = match &cli.state_dir {
+    let manager = |state_dir: &Option<PathBuf>| match state_dir {
         Some(dir) => Manager::new(dir.clone()),
         None => Manager::from_env(),
     };
-    let code = match run(&manager, cli.command) {
+    match invoked.as_deref().and_then(|p| p.file_name()).and_then(|n| n.to_str()) {
+        Some("create-microvm-env") => {
+            let cli = CreateEnvCli::parse();
+            let m = manager(&cli.state_dir);
+            exit_with(
+                "create-microvm-env",
+                direnv_init(&m, cli.dir, cli.name, cli.run, cli.force),
+            )
+        }
+        Some("mvm-devenv") => {
+            let cli = DevenvCli::parse();
+            exit_with("mvm-devenv", devenv_cmd(&manager(&cli.state_dir), cli.command))
+        }
+        _ => {
+            let cli = Cli::parse();
+            exit_with("mvm", run(&manager(&cli.state_dir), cli.command))
+        }
+    }
+}
+
+/// Ends the process: the program's status, or the error's (reported).
+fn exit_with(program: &str, result: mvm::Result<i32>) -> ! {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            mvm::report("mvm", &e);
+            mvm::report(program, &e);
             e.exit_code()
         }
     };

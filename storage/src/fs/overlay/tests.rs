@@ -204,6 +204,15 @@ fn write_at(fs: &mut Overlay, ino: u64, flags: i32, offset: u64, data: &[u8]) {
     fs.release(ino, h).unwrap();
 }
 
+/// Creates an empty file `name` (mode 0644) in `parent`, closed again.
+fn create_file(fs: &mut Overlay, parent: u64, name: &str) -> Entry {
+    let (entry, h, _) = fs
+        .create(ctx(), parent, &c(name), libc::S_IFREG | 0o644, libc::O_RDWR as u32, 0)
+        .unwrap();
+    fs.release(entry.attr.ino, h).unwrap();
+    entry
+}
+
 fn list(fs: &mut Overlay, ino: u64) -> Vec<String> {
     let (h, _) = fs.opendir(ctx(), ino, 0).unwrap();
     let mut names = Vec::new();
@@ -1369,17 +1378,7 @@ fn copy_up_records_the_lower_origin() {
     assert_eq!(upper_origin(&env, "dir/b.txt").unwrap(), expect(&lower_b));
     assert_eq!(upper_origin(&env, "dir").unwrap(), expect(&lower_dir));
     // A file the guest creates has none; the guest never sees the attribute.
-    let (entry, h, _) = fs
-        .create(
-            ctx(),
-            ROOT_ID,
-            &c("new.txt"),
-            libc::S_IFREG | 0o644,
-            libc::O_RDWR as u32,
-            0,
-        )
-        .unwrap();
-    fs.release(entry.attr.ino, h).unwrap();
+    create_file(&mut fs, ROOT_ID, "new.txt");
     assert_eq!(upper_origin(&env, "new.txt"), None);
     let names = fs.listxattr(ctx(), b).unwrap();
     assert!(!names.windows(8).any(|w| w == b"user.mvm"), "{names:?}");
@@ -1450,17 +1449,7 @@ fn guest_inode_numbers_are_the_hosts_and_unique() {
         host_ino("a.txt")
     );
     // New entries have numbers of their own, distinct from every other.
-    let (new, h, _) = fs
-        .create(
-            ctx(),
-            ROOT_ID,
-            &c("new.txt"),
-            libc::S_IFREG | 0o644,
-            libc::O_RDWR as u32,
-            0,
-        )
-        .unwrap();
-    fs.release(new.attr.ino, h).unwrap();
+    create_file(&mut fs, ROOT_ID, "new.txt");
     let mut seen = BTreeMap::new();
     for path in [
         "a.txt",
