@@ -1602,8 +1602,11 @@ mod tests {
         let mut o = f.opts("svc");
         o.root = RootChoice::DefaultImage;
         o.services = vec![pg.clone(), redis.clone()];
+        o.devenv = Some("/src/app/devenv.nix".into());
         let info = f.m.create(&o).unwrap();
+        assert_eq!(info.devenv.as_deref(), Some(Path::new("/src/app/devenv.nix")));
         let text = std::fs::read_to_string(f.m.vm_dir("svc").join(VM_TOML)).unwrap();
+        assert!(text.contains("\n[devenv]\nfile = \"/src/app/devenv.nix\"\n"), "{text}");
         assert!(
             text.contains(&format!(
                 "[[service]]\nkind = \"postgresql\"\nport = {free}\ndatabases = [\"app\"]\nuser = \"dev\"\n"
@@ -1631,6 +1634,18 @@ mod tests {
         assert_eq!(info.services[0].user, "dev");
         let specs = services::service_specs(&c);
         assert_eq!(specs[1].data_dir, "/var/lib/mvm-services/cache");
+        // The host's variables (`mvm env`, direnv): through the forwards.
+        let env = f.m.host_env("svc").unwrap();
+        let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        assert_eq!(
+            get("DATABASE_URL"),
+            Some(format!("postgres://dev@127.0.0.1:{free}/app"))
+        );
+        assert_eq!(get("PGUSER").as_deref(), Some("dev"));
+        assert_eq!(
+            get("REDIS_URL"),
+            Some(format!("redis://127.0.0.1:{}", c.forwards[1].host_port))
+        );
         // Another VM's forward counts as taken too.
         let mut o = f.opts("svc2");
         o.root = RootChoice::DefaultImage;

@@ -704,6 +704,7 @@ impl Services {
             );
         }
         let marker = Path::new(&spec.data_dir).join(MARKER);
+        self.set(&name, ServiceRun::Starting, "the server is starting up");
         let mut backoff = Duration::from_secs(1);
         loop {
             if self.stopping.load(Ordering::SeqCst) {
