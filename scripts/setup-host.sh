@@ -35,7 +35,7 @@ packages=(
 	nftables           # nft: NAT and isolation
 	iptables           # the network test sets a Docker-like FORWARD policy
 	python3            # the network test's stand-in internet and clients
-	postgresql-client  # psql: the network test's client of a guest PostgreSQL
+	postgresql-client  # psql: the host-side client of a guest PostgreSQL ([[service]])
 	# virtiofsd (built by cargo install below)
 	libseccomp-dev
 	libcap-ng-dev
