@@ -28,6 +28,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use microvm_dev::service::ServiceKind as GuestKind;
 use rnix::ast::{self, HasEntry};
 use rnix::{SyntaxKind, SyntaxNode};
 
@@ -328,12 +329,21 @@ impl ServiceKind {
 
     /// The `kind` of a vm.toml `[[service]]` that the guest agent runs, for
     /// the services it can run.
-    pub fn guest_kind(self) -> Option<&'static str> {
+    pub fn guest_kind(self) -> Option<GuestKind> {
         match self {
-            ServiceKind::Postgres => Some("postgresql"),
-            ServiceKind::Redis => Some("redis"),
-            ServiceKind::Mysql => Some("mariadb"),
+            ServiceKind::Postgres => Some(GuestKind::Postgresql),
+            ServiceKind::Redis => Some(GuestKind::Redis),
+            ServiceKind::Mysql => Some(GuestKind::Mariadb),
             _ => None,
+        }
+    }
+
+    /// The devenv service a guest `[[service]]` kind stands for.
+    pub fn from_guest(kind: GuestKind) -> ServiceKind {
+        match kind {
+            GuestKind::Postgresql => ServiceKind::Postgres,
+            GuestKind::Redis => ServiceKind::Redis,
+            GuestKind::Mariadb => ServiceKind::Mysql,
         }
     }
 
@@ -2179,7 +2189,13 @@ mod tests {
         assert_eq!(ServiceKind::Redis.debian_packages(), &["redis-server"]);
         assert_eq!(ServiceKind::Mysql.debian_packages(), &["mariadb-server"]);
         assert!(ServiceKind::Mongodb.debian_packages().is_empty());
-        let guest: Vec<Option<&str>> = ServiceKind::ALL.iter().map(|k| k.guest_kind()).collect();
+        let guest: Vec<Option<&str>> = ServiceKind::ALL
+            .iter()
+            .map(|k| k.guest_kind().map(GuestKind::as_str))
+            .collect();
+        for g in GuestKind::ALL {
+            assert_eq!(ServiceKind::from_guest(g).guest_kind(), Some(g));
+        }
         assert_eq!(
             guest,
             vec![

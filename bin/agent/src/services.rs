@@ -722,10 +722,9 @@ impl Services {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(name.clone(), (pid, plan.kind.stop_signal()));
             let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
-            let mut exit = None;
-            let mut ready = false;
             let mut late = false;
-            loop {
+            // The server's exit before it took connections, if it did not.
+            let early_exit = loop {
                 if !late && started.elapsed() >= READY_TIMEOUT {
                     late = true;
                     let detail = format!(
@@ -737,8 +736,7 @@ impl Services {
                     self.set(&name, ServiceRun::Starting, &detail);
                 }
                 if let Some(e) = reaper.wait_timeout(&watch, Duration::from_millis(200)) {
-                    exit = Some(e);
-                    break;
+                    break Some(e);
                 }
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
                     && plan
@@ -746,11 +744,12 @@ impl Services {
                         .as_ref()
                         .is_none_or(|step| run_step(reaper, step, &account, &plan.log).is_ok())
                 {
-                    ready = true;
-                    break;
+                    break None;
                 }
-            }
-            if ready {
+            };
+            let exit = if let Some(e) = early_exit {
+                e
+            } else {
                 say!(
                     "service {name}: accepting connections on port {} after {:.1} s",
                     spec.port,
@@ -775,20 +774,19 @@ impl Services {
                 } else {
                     self.set(&name, ServiceRun::Running, "");
                 }
-                exit = loop {
+                loop {
                     if let Some(e) = reaper.wait_timeout(&watch, Duration::from_secs(3600)) {
-                        break Some(e);
+                        break e;
                     }
-                };
-            }
+                }
+            };
             self.pids.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            let how = match exit.map(|e| e.status) {
-                Some(crate::proto::ExitStatus::Code(c)) => format!("exited with status {c}"),
-                Some(crate::proto::ExitStatus::Signal(s)) => format!("killed by signal {s}"),
-                None => "ended".to_string(),
+            let how = match exit.status {
+                crate::proto::ExitStatus::Code(c) => format!("exited with status {c}"),
+                crate::proto::ExitStatus::Signal(s) => format!("killed by signal {s}"),
             };
             if started.elapsed() >= STABLE_RUN {
                 backoff = Duration::from_secs(1);

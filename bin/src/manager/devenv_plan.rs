@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use microvm_dev::service::{is_plain_name, ServiceConfig, ServiceKind as GuestKind};
+use microvm_dev::service::{is_plain_name, ServiceConfig};
 
 use super::CreateOptions;
 use crate::devenv::{self, DeclaredService, Devenv, ServiceKind};
@@ -115,10 +115,7 @@ fn service_config(s: &DeclaredService, notes: &mut Vec<String>) -> std::result::
     let kind = s
         .kind
         .ok_or_else(|| "a service mvm does not know (it runs postgres, redis and mysql)".to_string())?;
-    let guest = kind
-        .guest_kind()
-        .and_then(GuestKind::parse)
-        .ok_or_else(|| no_guest_reason(&s.name, kind))?;
+    let guest = kind.guest_kind().ok_or_else(|| no_guest_reason(&s.name, kind))?;
     let mut c = ServiceConfig::new(guest);
     if let Some(port) = s.port.filter(|&p| p > 0) {
         c.port = port;
@@ -159,12 +156,7 @@ fn no_guest_reason(name: &str, kind: ServiceKind) -> String {
 pub(super) fn connection_env(services: &[(ServiceConfig, String, u16, String)]) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = Vec::new();
     for (s, host, port, user) in services {
-        let kind = match s.kind {
-            GuestKind::Postgresql => ServiceKind::Postgres,
-            GuestKind::Redis => ServiceKind::Redis,
-            GuestKind::Mariadb => ServiceKind::Mysql,
-        };
-        for (name, value) in kind.connection_env(
+        for (name, value) in ServiceKind::from_guest(s.kind).connection_env(
             host,
             *port,
             s.databases.first().map(String::as_str),
@@ -184,6 +176,7 @@ pub(super) fn connection_env(services: &[(ServiceConfig, String, u16, String)]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use microvm_dev::service::ServiceKind as GuestKind;
 
     const NIX: &str = r#"{ pkgs, lib, ... }:
 let port = 5433; in {

@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use mvm::agent::{ExecRequest, Tty};
 use mvm::image::{ImageSpec, Progress};
 use mvm::manager::{direnv, export_lines, EnvArg, SessionSettings};
@@ -304,21 +304,7 @@ enum DirenvCmd {
     /// Write DIR/.envrc (`use mvm`, and `mvm_run` for --run commands) and
     /// install the library that defines `use_mvm` and `mvm_run` in
     /// ${XDG_CONFIG_HOME:-~/.config}/direnv/lib/mvm.sh. Then `direnv allow DIR`.
-    Init {
-        /// The project directory [default: the current one].
-        dir: Option<PathBuf>,
-        /// Use this VM [default: the VM whose project is DIR, else a new
-        /// one named after DIR].
-        #[arg(long, value_name = "VM")]
-        name: Option<String>,
-        /// A command that runs in the VM when typed in the project
-        /// (a shim on PATH); repeatable.
-        #[arg(long, value_name = "CMD")]
-        run: Vec<String>,
-        /// Replace an existing .envrc.
-        #[arg(long)]
-        force: bool,
-    },
+    Init(DirenvInit),
     /// Print the direnv library (use_mvm, mvm_run).
     Lib,
     /// For `use mvm`: find, create or start the project's VM, and print
@@ -352,6 +338,24 @@ enum DirenvCmd {
     },
 }
 
+/// What `mvm direnv init` and `create-microvm-env` take.
+#[derive(Args)]
+struct DirenvInit {
+    /// The project directory [default: the current one].
+    dir: Option<PathBuf>,
+    /// Use this VM [default: the VM whose project is DIR, else a new one
+    /// named after DIR].
+    #[arg(long, value_name = "VM")]
+    name: Option<String>,
+    /// A command that runs in the VM when typed in the project (a shim on
+    /// PATH); repeatable.
+    #[arg(long, value_name = "CMD")]
+    run: Vec<String>,
+    /// Replace an existing .envrc.
+    #[arg(long)]
+    force: bool,
+}
+
 /// `create-microvm-env`: `mvm direnv init` under its own name.
 #[derive(Parser)]
 #[command(
@@ -360,17 +364,8 @@ enum DirenvCmd {
     about = "Set up direnv for a project: write DIR/.envrc (`use mvm`) and install the use_mvm library; the same as `mvm direnv init`"
 )]
 struct CreateEnvCli {
-    /// The project directory [default: the current one].
-    dir: Option<PathBuf>,
-    /// Use this VM [default: the VM whose project is DIR, else a new one].
-    #[arg(long, value_name = "VM")]
-    name: Option<String>,
-    /// A command that runs in the VM when typed in the project; repeatable.
-    #[arg(long, value_name = "CMD")]
-    run: Vec<String>,
-    /// Replace an existing .envrc.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    init: DirenvInit,
     /// State directory holding the VMs (overrides MVM_STATE_DIR).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -505,10 +500,7 @@ fn main() {
         Some("create-microvm-env") => {
             let cli = CreateEnvCli::parse();
             let m = manager(&cli.state_dir);
-            exit_with(
-                "create-microvm-env",
-                direnv_init(&m, cli.dir, cli.name, cli.run, cli.force),
-            )
+            exit_with("create-microvm-env", direnv_init(&m, cli.init))
         }
         Some("mvm-devenv") => {
             let cli = DevenvCli::parse();
@@ -852,13 +844,8 @@ fn devenv_cmd(m: &Manager, cmd: DevenvCmd) -> mvm::Result<i32> {
     }
 }
 
-fn direnv_init(
-    m: &Manager,
-    dir: Option<PathBuf>,
-    name: Option<String>,
-    run: Vec<String>,
-    force: bool,
-) -> mvm::Result<i32> {
+fn direnv_init(m: &Manager, init: DirenvInit) -> mvm::Result<i32> {
+    let DirenvInit { dir, name, run, force } = init;
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     let report = direnv::write_envrc(&dir, name.as_deref(), &run, force)?;
     if report.envrc_written {
@@ -897,7 +884,7 @@ fn direnv_init(
 
 fn direnv(m: &Manager, cmd: DirenvCmd) -> mvm::Result<i32> {
     match cmd {
-        DirenvCmd::Init { dir, name, run, force } => direnv_init(m, dir, name, run, force),
+        DirenvCmd::Init(init) => direnv_init(m, init),
         DirenvCmd::Lib => {
             print!("{}", direnv::library(&direnv::mvm_program()));
             Ok(0)
