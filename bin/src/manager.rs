@@ -73,7 +73,8 @@ pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// Default time limits.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(300);
-pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stop: the agent stops the services cleanly, then powers off.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `stop` waits after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(200);

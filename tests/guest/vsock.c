@@ -33,6 +33,13 @@
  *                              ATTRIB; ",ISDIR" for directories), path
  *                              relative to DIR, NS the guest's
  *                              CLOCK_REALTIME when it was read, forever
+ *   mvm-vsock fpu ROUNDS       whether task switches keep user vector
+ *                              registers: 4 processes each hold their own
+ *                              pattern in %xmm8, then (when XCR0 enables
+ *                              AVX state) in %ymm8, across ROUNDS busy
+ *                              loops of a million iterations; print
+ *                              "xcr0=N", then "xmm=kept|lost" and
+ *                              "ymm=kept|lost|off"
  *
  * Every read and write is of up to 64 KiB.  That is what the tcp and
  * tcp-sink modes are for: busybox nc moves 1 KiB per system call, so on PVM hosts (below) its
@@ -181,7 +188,8 @@ static __attribute__((noreturn)) void usage(void)
 	       "       mvm-vsock udp-echo PORT\n"
 	       "       mvm-vsock tcp-sink PORT\n"
 	       "       mvm-vsock mmap FILE\n"
-	       "       mvm-vsock watch DIR\n");
+	       "       mvm-vsock watch DIR\n"
+	       "       mvm-vsock fpu ROUNDS\n");
 	sys_exit(2);
 }
 
@@ -753,6 +761,105 @@ static int run_watch(const char *dir)
 	}
 }
 
+/* ------------------------------------------------------------------ fpu */
+
+/*
+ * XCR0 as user space sees it (glibc decides on AVX from it), or 0 when
+ * CPUID says the OS has not enabled XSAVE and XGETBV would fault.
+ */
+static unsigned long user_xcr0(void)
+{
+	unsigned int a, b, c, d, lo, hi;
+
+	__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+	if (!(c & (1u << 27))) /* OSXSAVE */
+		return 0;
+	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	return ((unsigned long)hi << 32) | lo;
+}
+
+#define XCR0_SSE_AVX 0x6UL
+
+/* Rounds in which %ymm8 (or %xmm8) changed while this task spun. */
+static unsigned long fpu_rounds(unsigned int seed, unsigned int rounds, int ymm)
+{
+	unsigned long changed = 0;
+
+	for (unsigned int i = 0; i < rounds; i++) {
+		unsigned int want[8], got[8];
+
+		for (unsigned int k = 0; k < 8; k++) {
+			want[k] = seed * 2654435761u + i * 8 + k;
+			got[k] = want[k];
+		}
+		/* The spin keeps the register live across timer-driven switches. */
+		if (ymm)
+			__asm__ volatile("vmovdqu %1, %%ymm8\n"
+					 "mov $1000000, %%ecx\n"
+					 "1: dec %%ecx\n"
+					 "jnz 1b\n"
+					 "vmovdqu %%ymm8, %0\n"
+					 "vzeroupper\n"
+					 : "=m"(got)
+					 : "m"(want)
+					 : "xmm8", "ecx", "memory");
+		else
+			__asm__ volatile("movdqu %1, %%xmm8\n"
+					 "mov $1000000, %%ecx\n"
+					 "1: dec %%ecx\n"
+					 "jnz 1b\n"
+					 "movdqu %%xmm8, %0\n"
+					 : "=m"(got)
+					 : "m"(want)
+					 : "xmm8", "ecx", "memory");
+		if (!mem_eq((const char *)want, (const char *)got, sizeof(want)))
+			changed++;
+	}
+	return changed;
+}
+
+#define FPU_TASKS 4
+
+/* "kept" when no task saw its register change, else "lost". */
+static const char *fpu_phase(unsigned int rounds, int ymm)
+{
+	int lost = 0;
+
+	for (unsigned int t = 0; t < FPU_TASKS; t++) {
+		long pid = SYS3(__NR_fork, 0, 0, 0);
+
+		if (pid < 0)
+			fail("fork", pid);
+		if (pid == 0)
+			sys_exit(fpu_rounds(t + 1, rounds, ymm) ? 1 : 0);
+	}
+	for (unsigned int t = 0; t < FPU_TASKS; t++) {
+		int status = 0;
+		long r = SYS6(__NR_wait4, -1, &status, 0, 0, 0, 0);
+
+		if (r < 0)
+			fail("wait4", r);
+		if (status != 0)
+			lost = 1;
+	}
+	return lost ? "lost" : "kept";
+}
+
+static int run_fpu(unsigned int rounds)
+{
+	unsigned long xcr0 = user_xcr0();
+	char num[24];
+
+	put(1, "xcr0=");
+	put(1, fmt_uint(num + sizeof(num), xcr0));
+	put(1, "\nxmm=");
+	put(1, fpu_phase(rounds, 0));
+	put(1, "\nymm=");
+	put(1, (xcr0 & XCR0_SSE_AVX) == XCR0_SSE_AVX ? fpu_phase(rounds, 1) : "off");
+	put(1, "\n");
+	return 0;
+}
+
 static int run(int argc, char **argv)
 {
 	if (argc == 3 && str_eq(argv[1], "echo"))
@@ -767,6 +874,8 @@ static int run(int argc, char **argv)
 		return run_mmap(argv[2]);
 	if (argc == 3 && str_eq(argv[1], "watch"))
 		return run_watch(argv[2]);
+	if (argc == 3 && str_eq(argv[1], "fpu"))
+		return run_fpu(parse_u32(argv[2]));
 	if (argc == 4 && str_eq(argv[1], "tcp")) {
 		unsigned char ip[4];
 

@@ -46,6 +46,13 @@ fn guest_sees_configured_machine_and_powers_off() {
         r["cmdline"]
     );
     assert_eq!(r.get("userspace").map(String::as_str), Some("ok"));
+    // SSE registers survive task switches; where AVX ones do not (PVM
+    // hosts), init got the VMM's GLIBC_TUNABLES.
+    assert_eq!(r.get("fpu").map(String::as_str), Some("ok"), "{console}");
+    eprintln!(
+        "guest XCR0 {}: xmm {}, ymm {}; GLIBC_TUNABLES {}",
+        r["fpu_xcr0"], r["fpu_xmm"], r["fpu_ymm"], r["fpu_glibc_tunables"]
+    );
     assert_guest_has_host_time(&run.transcript, started);
     assert_hwrng_works(&r, &console);
     assert_disks_work(&r, &console, &dir);

@@ -30,6 +30,29 @@ pub enum HostKind {
 /// AMX*, RTM/HLE).
 pub const PVM_CMDLINE: &str = "nopv noxsave clearcpuid=141,151,150,158,156,157,140,153,129,147,148,137,293,291,296,298,306,307,311,312,304,317,288,534,145,308,295,514,515,516,520,521,522,539,540,580,537,590,154,320,321,323,305,318,319,316,309,513,518,523,524,526,389,599,600,598,601,388,299,292";
 
+/// Environment for the guest's user space on a PVM host, passed on the
+/// kernel command line (the kernel hands `NAME=value` arguments to init,
+/// and the guest agent hands them on to every process it starts).
+///
+/// `noxsave` makes the guest kernel switch tasks with FXSAVE, which keeps
+/// only the x87 and SSE registers, but guest user code runs natively and
+/// this hypervisor neither masks CPUID nor applies the guest's XCR0 (both
+/// measured: a guest kernel that sets CR4.OSXSAVE and XCR0 = x87|SSE still
+/// leaves XGETBV at the host's 0xe7 in user mode). So user space sees AVX
+/// and AVX-512 as usable, and their upper register halves leak between
+/// tasks: `mvm-vsock fpu` finds a %ymm8 pattern changed under it in a few
+/// percent of its rounds, and PostgreSQL's workers crashed on corrupted
+/// pointers. These variables keep the run-time dispatchers of glibc,
+/// OpenSSL and Go to SSE code. Programs that probe CPUID themselves (Rust's
+/// `is_x86_feature_detected!`, JITs) are not covered.
+pub const PVM_USER_ENV: &[&str] = &[
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load,-FMA,-F16C",
+    // OpenSSL's first word is CPUID.1 EDX:ECX (FMA, OSXSAVE, AVX, F16C off),
+    // the second CPUID.7 EBX:ECX (AVX2, AVX-512*, VAES, VPCLMULQDQ off).
+    "OPENSSL_ia32cap=~0x3800100000000000:~0x00005e42dc230020",
+    "GODEBUG=cpu.avx=off,cpu.avx2=off",
+];
+
 impl HostKind {
     /// Detect the host's KVM from sysfs.
     pub fn detect() -> Self {
@@ -56,6 +79,14 @@ impl HostKind {
         }
     }
 
+    /// `NAME=value` environment the guest's user space needs here.
+    pub fn user_env(self) -> &'static [&'static str] {
+        match self {
+            HostKind::Hardware => &[],
+            HostKind::Pvm { .. } => PVM_USER_ENV,
+        }
+    }
+
     /// The one warning to log at VM start, if any.
     pub fn warning(self, host_cmdline: bool) -> Option<String> {
         match self {
@@ -69,7 +100,7 @@ impl HostKind {
                     "paravirtualised"
                 },
                 if host_cmdline {
-                    "adding nopv noxsave clearcpuid=... to the kernel command line"
+                    "adding nopv noxsave clearcpuid=... and SSE-only settings for user space (GLIBC_TUNABLES, ...) to the kernel command line"
                 } else {
                     "boot.host_cmdline = false, so the guest kernel may stop on an instruction this host cannot emulate"
                 }
@@ -84,25 +115,39 @@ impl HostKind {
 /// `KVM_GET_TSC_KHZ`) and `tsc=reliable`: its interpreted kernel is far too
 /// slow to calibrate the TSC against the PIT, and without a calibrated TSC
 /// it falls back to jiffies and crawls.
+///
+/// Arguments after a `--` are init's own, so the host's go before it.
 pub fn compose_cmdline(user: &str, host: HostKind, add_host: bool, tsc_khz: Option<u32>) -> String {
-    let mut cmdline = user.trim().to_string();
+    let user = user.trim();
+    let (kernel, init_args) = match user.split_once(" -- ") {
+        Some((k, i)) => (k.trim_end(), Some(i)),
+        None if user == "--" || user.starts_with("-- ") => ("", user.strip_prefix("--").map(str::trim_start)),
+        None => (user, None),
+    };
+    let mut cmdline = kernel.to_string();
     if let (true, Some(required)) = (add_host, host.required_cmdline()) {
-        let mut extra = required.to_string();
+        let mut extra: Vec<String> = required.split(' ').map(String::from).collect();
         if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
-            extra.push_str(&format!(" tsc=reliable tsc_early_khz={khz}"));
+            extra.push("tsc=reliable".into());
+            extra.push(format!("tsc_early_khz={khz}"));
         }
-        for arg in extra.split(' ') {
-            let key = arg.split('=').next().unwrap_or(arg);
+        extra.extend(host.user_env().iter().map(|e| e.to_string()));
+        for arg in extra {
+            let key = arg.split('=').next().unwrap_or(&arg);
             let present = cmdline.split_whitespace().any(|a| a.split('=').next() == Some(key));
             if !present {
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }
-                cmdline.push_str(arg);
+                cmdline.push_str(&arg);
             }
         }
     }
-    cmdline
+    if let Some(init_args) = init_args {
+        cmdline.push_str(" -- ");
+        cmdline.push_str(init_args);
+    }
+    cmdline.trim().to_string()
 }
 
 /// A decoded `KVM_EXIT_INTERNAL_ERROR`.
@@ -203,10 +248,25 @@ mod tests {
         assert!(c.starts_with("console=ttyS0 nopv noxsave clearcpuid=141,"), "{c}");
         assert!(!c.contains("tsc"), "{c}");
         let c = compose_cmdline("console=ttyS0", pvm, true, Some(2_596_134));
-        assert!(c.ends_with(",292 tsc=reliable tsc_early_khz=2596134"), "{c}");
-        // A user who set clearcpuid= or tsc= themselves keeps theirs.
-        let c = compose_cmdline("nopv clearcpuid=1 tsc=unstable", pvm, true, Some(5));
-        assert_eq!(c, "nopv clearcpuid=1 tsc=unstable noxsave tsc_early_khz=5");
+        assert!(
+            c.contains(",292 tsc=reliable tsc_early_khz=2596134 GLIBC_TUNABLES="),
+            "{c}"
+        );
+        let env = PVM_USER_ENV.join(" ");
+        assert!(c.ends_with(&env), "{c}");
+        // A user who set clearcpuid=, tsc= or GODEBUG= themselves keeps theirs.
+        let c = compose_cmdline("nopv clearcpuid=1 tsc=unstable GODEBUG=x=1", pvm, true, Some(5));
+        assert!(
+            c.starts_with("nopv clearcpuid=1 tsc=unstable GODEBUG=x=1 noxsave tsc_early_khz=5 GLIBC_TUNABLES="),
+            "{c}"
+        );
+        assert_eq!(c.matches("GODEBUG=").count(), 1, "{c}");
+        // Init's own arguments stay last, after "--".
+        let c = compose_cmdline("console=ttyS0 -- -s x", pvm, true, None);
+        assert!(c.starts_with("console=ttyS0 nopv noxsave "), "{c}");
+        assert!(c.ends_with(" -- -s x"), "{c}");
+        assert_eq!(compose_cmdline("-- single", pvm, false, None), "-- single");
+        assert_eq!(compose_cmdline("quiet", HostKind::Hardware, true, None), "quiet");
     }
 
     #[test]

@@ -90,8 +90,10 @@ pub fn watch_signals() {
 
 /// Take the guest down. Returns only if the kernel refused.
 pub fn shut_down(action: PowerAction) {
-    // Servers first, each with its own clean-stop signal.
-    crate::services::registry().stop_all(Duration::from_secs(10));
+    // Servers first, each with its own clean-stop signal: PostgreSQL's
+    // shutdown checkpoint takes 10-20 s in a slow (PVM) guest. Within the
+    // 60 s `mvm stop` gives the whole power-off.
+    crate::services::registry().stop_all(Duration::from_secs(40));
     // SAFETY: sync has no arguments.
     unsafe { libc::sync() };
     signal_all(libc::SIGTERM);

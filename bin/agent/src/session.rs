@@ -156,8 +156,23 @@ fn command(req: &ExecRequest, account: &Account) -> (Command, String) {
 }
 
 /// The default environment, then the request's entries (which win).
+/// What the kernel gave init besides its own `HOME` and `TERM`: the
+/// `NAME=value` arguments of the kernel command line, such as the settings
+/// that keep user space to SSE on PVM hosts (vmm-core's `host.rs`). Every
+/// program the agent starts gets them, below its request's variables.
+pub fn boot_env() -> &'static [(OsString, OsString)] {
+    static ENV: std::sync::OnceLock<Vec<(OsString, OsString)>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| boot_env_from(std::env::vars_os()))
+}
+
+fn boot_env_from(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    vars.filter(|(k, _)| !matches!(k.to_str(), Some("HOME" | "TERM" | "PATH" | "PWD")))
+        .collect()
+}
+
 pub fn environment(req: &ExecRequest, account: &Account) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = vec![
+    let mut env: Vec<(OsString, OsString)> = boot_env().to_vec();
+    env.extend([
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), account.home.clone().into()),
         ("USER".into(), account.name.clone().into()),
@@ -166,7 +181,7 @@ pub fn environment(req: &ExecRequest, account: &Account) -> Vec<(OsString, OsStr
         // Built into glibc (no locales package needed): UTF-8 text in
         // git, editors and compilers' messages.
         ("LANG".into(), "C.UTF-8".into()),
-    ];
+    ]);
     if let Some(tty) = &req.tty {
         env.push(("TERM".into(), tty.term.clone().into()));
     }
@@ -581,6 +596,20 @@ mod tests {
             home: "/root".into(),
             shell: "/bin/bash".into(),
         }
+    }
+
+    #[test]
+    fn boot_env_keeps_command_line_variables_only() {
+        let vars = [
+            ("HOME", "/"),
+            ("TERM", "linux"),
+            ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX"),
+            ("GODEBUG", "cpu.avx=off"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = boot_env_from(vars.into_iter());
+        let names: Vec<_> = env.iter().map(|(k, _)| k.to_str().unwrap()).collect();
+        assert_eq!(names, ["GLIBC_TUNABLES", "GODEBUG"]);
     }
 
     #[test]

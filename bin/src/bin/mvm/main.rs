@@ -164,8 +164,9 @@ enum Cmd {
     #[command(after_help = EXIT_HELP)]
     Stop {
         name: String,
-        /// Seconds to wait for the power-off before SIGTERM.
-        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        /// Seconds to wait for the power-off before SIGTERM (the agent
+        /// first stops the VM's services cleanly).
+        #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STOP_TIMEOUT.as_secs())]
         timeout: u64,
     },
     /// Stop a VM if it runs, then start it.
