@@ -36,6 +36,7 @@ packages=(
 	iptables           # the network test sets a Docker-like FORWARD policy
 	python3            # the network test's stand-in internet and clients
 	postgresql-client  # psql: the host-side client of a guest PostgreSQL ([[service]])
+	redis-tools        # redis-cli: the same for a guest Redis (services test)
 	# virtiofsd (built by cargo install below)
 	libseccomp-dev
 	libcap-ng-dev

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mvm_benches::{report, Row, Stats};
-use mvm_tests::{guest_config, scratch_dir, RunningVm};
+use mvm_tests::{guest_config_in, scratch_dir, share_entry, RunningVm};
 
 const MIB: usize = 64;
 const FILES: usize = 1000;
@@ -88,24 +88,15 @@ fn main() {
     let dir = scratch_dir("bench-fs");
     let project = dir.join("project");
     make_project(&project);
-    let mut text = guest_config(
+    let mut text = guest_config_in(
+        "fsbench",
+        &dir.join("state"),
         1,
         256,
         &format!("mvm.scenario=fsbench mvm.fsdirs=/builtin,/virtiofsd mvm.mib={MIB} mvm.files={FILES}"),
     );
-    text = text.replacen(
-        "version = 1\n",
-        &format!(
-            "version = 1\nname = \"fsbench\"\nstate_root = \"{}\"\n",
-            dir.join("state").display()
-        ),
-        1,
-    );
     for (tag, backend) in [("builtin", "builtin"), ("virtiofsd", "virtiofsd")] {
-        text += &format!(
-            "[[share]]\ntag = \"{tag}\"\nsource = \"{}\"\nbackend = \"{backend}\"\nmount = \"/{tag}\"\n",
-            project.display()
-        );
+        text += &share_entry(tag, &project, backend, false);
     }
     let config = dir.join("fsbench.toml");
     std::fs::write(&config, text).unwrap();

@@ -490,7 +490,10 @@ impl Manager {
         std::fs::create_dir(&tmp).map_err(Error::io(format!("cannot create {}", tmp.display())))?;
         let mut guard = RemoveOnDrop(Some(tmp.clone()));
         let file = tmp.join(VM_TOML);
-        std::fs::write(&file, &text).map_err(Error::io(format!("cannot write {}", file.display())))?;
+        // Synced before the rename below makes the VM exist: a crash
+        // leaves no VM, or one with its whole definition.
+        mvm_net::host::replace_file(&file, text.as_bytes(), 0o644)
+            .map_err(Error::io(format!("cannot write {}", file.display())))?;
         check_definition(&file, &dir)?;
         rename_noreplace(&tmp, &dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -500,6 +503,9 @@ impl Manager {
             }
         })?;
         guard.0 = None;
+        std::fs::File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(Error::io(format!("cannot sync {}", self.root.display())))?;
         self.status(name)
     }
 
@@ -1622,6 +1628,8 @@ mod tests {
         assert_eq!(c.root.as_ref().unwrap().image, image);
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[1].kind, ServiceKind::Redis);
+        // No --memory: room for the two servers on top of the default.
+        assert_eq!(c.machine.memory_mib, DEFAULT_MEMORY_MIB + 128 + 32);
         // The free port is kept; the busy one moves up.
         assert_eq!(c.forwards[0].host_port, free);
         assert_eq!(c.forwards[0].guest_port, free);

@@ -6,6 +6,7 @@
 //! The test guest (kernel + initramfs) is built by `tests/guest/build.sh`,
 //! which links it into `target/guest/`. `MVM_GUEST_DIR` overrides that.
 
+pub mod direnv;
 pub mod mvm_cli;
 pub mod watch;
 
@@ -84,6 +85,28 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
 /// A `vm.toml` for the test guest booted from its ELF `vmlinux`.
 pub fn guest_config(vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
     guest_config_with("vmlinux", vcpus, memory_mib, true, cmdline_extra)
+}
+
+/// [`guest_config`] for VM `name` with its state under `state_root`
+/// (what upper layers of shares and volumes need).
+pub fn guest_config_in(name: &str, state_root: &Path, vcpus: u32, memory_mib: u32, cmdline_extra: &str) -> String {
+    guest_config(vcpus, memory_mib, cmdline_extra).replacen(
+        "version = 1\n",
+        &format!(
+            "version = 1\nname = \"{name}\"\nstate_root = \"{}\"\n",
+            state_root.display()
+        ),
+        1,
+    )
+}
+
+/// A `[[share]]` of `source` as `tag`, mounted at `/<tag>`, served by
+/// `backend` ("builtin" or "virtiofsd").
+pub fn share_entry(tag: &str, source: &Path, backend: &str, persist: bool) -> String {
+    format!(
+        "[[share]]\ntag = \"{tag}\"\nsource = \"{}\"\npersist = {persist}\nbackend = \"{backend}\"\nmount = \"/{tag}\"\n",
+        source.display()
+    )
 }
 
 /// A `vm.toml` for the test guest booted from `kernel` (`vmlinux` or
@@ -375,6 +398,16 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     done()
+}
+
+/// `ip netns exec <ns> <args>`, standard input from /dev/null.
+pub fn in_ns(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ip netns exec")
 }
 
 /// A network namespace made for a test and deleted on drop; needs root and

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mvm_tests::direnv::Direnv;
 use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
 use mvm_tests::{scratch_dir, wait_until};
 
@@ -428,43 +429,12 @@ fn session_environment(mvm: &Mvm) {
 
 /// Real direnv in the project: `mvm direnv init --run pwd`, `direnv
 /// allow`, the exported variables, and the `pwd` shim run from a
-/// subdirectory. HOME and the XDG directories are scratch ones (direnv's
-/// library directory and allow database), and the test's `mvm` is first
-/// on PATH so the library calls it.
+/// subdirectory (mvm_tests::direnv: scratch HOME, the test's mvm first on
+/// PATH).
 fn direnv_in_the_project(mvm: &Mvm, project: &Path, scratch: &Path) {
-    let home = scratch.join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let bin_dir = mvm.bin.parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let command = |program: &Path, args: &[&str], cwd: &Path| {
-        let mut c = Command::new(program);
-        c.args(args)
-            .current_dir(cwd)
-            .envs(mvm.env())
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join(".config"))
-            .env("XDG_DATA_HOME", home.join(".local/share"))
-            .env("XDG_CACHE_HOME", home.join(".cache"))
-            .env("PATH", &path)
-            .stdin(Stdio::null());
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("DIRENV_") {
-                c.env_remove(k);
-            }
-        }
-        c
-    };
-    let direnv = mvm_tests::system_tool("direnv", "direnv");
-    let run = |program: &Path, args: &[&str], cwd: &Path| {
-        let out = command(program, args, cwd).output().expect("run");
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            program.display(),
-            describe(&out)
-        );
-        out
-    };
+    let d = Direnv::new(mvm, scratch, &[]);
+    let run = |program: &Path, args: &[&str], cwd: &Path| d.run(program, args, cwd);
+    let direnv = d.direnv.clone();
     let p = project.to_str().unwrap();
     let out = run(&mvm.bin, &["direnv", "init", p, "--run", "pwd"], scratch);
     assert!(
@@ -474,7 +444,7 @@ fn direnv_in_the_project(mvm: &Mvm, project: &Path, scratch: &Path) {
     );
     let envrc = std::fs::read_to_string(project.join(".envrc")).unwrap();
     assert!(envrc.contains("\nuse mvm\nmvm_run pwd\n"), "{envrc}");
-    assert!(home.join(".config/direnv/lib/mvm.sh").is_file());
+    assert!(d.home.join(".config/direnv/lib/mvm.sh").is_file());
     run(&direnv, &["allow", p], scratch);
 
     let t = Instant::now();

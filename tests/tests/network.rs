@@ -14,25 +14,15 @@
 //! A second test takes bad input and failed starts (no boot).
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mvm_tests::mvm_cli::{describe, stderr, stdout, Mvm};
-use mvm_tests::{mvm_vmm, scratch_dir, wait_until, NetNs};
+use mvm_tests::{in_ns, mvm_vmm, scratch_dir, wait_until, NetNs};
 
 const START_TIMEOUT_S: &str = "900";
 const INTERNET: &str = "198.51.100.1";
 const LAN_HOST: &str = "172.31.77.1";
-
-/// `ip netns exec <ns> <args>`.
-fn in_ns(ns: &str, args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip netns exec")
-}
 
 fn spawn_in_ns(ns: &str, args: &[&str]) -> Child {
     Command::new("ip")

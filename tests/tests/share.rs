@@ -206,27 +206,10 @@ struct Vm<'a> {
 }
 
 fn vm_config(dir: &Path, project: &Path, vm: &Vm) -> PathBuf {
-    let mut text = guest_config(1, 128, &vm.cmdline);
-    text = text.replacen(
-        "version = 1\n",
-        &format!(
-            "version = 1\nname = \"{}\"\nstate_root = \"{}\"\n",
-            vm.name,
-            dir.join("state").display()
-        ),
-        1,
-    );
-    text += &format!(
-        "[[share]]\ntag = \"project\"\nsource = \"{}\"\npersist = {}\nmount = \"/project\"\n",
-        project.display(),
-        vm.persist
-    );
+    let mut text = guest_config_in(vm.name, &dir.join("state"), 1, 128, &vm.cmdline);
+    text += &share_entry("project", project, "builtin", vm.persist);
     if vm.virtiofsd {
-        text += &format!(
-            "[[share]]\ntag = \"pv\"\nsource = \"{}\"\npersist = {}\nbackend = \"virtiofsd\"\nmount = \"/pv\"\n",
-            project.display(),
-            vm.persist
-        );
+        text += &share_entry("pv", project, "virtiofsd", vm.persist);
     }
     if vm.volume {
         text += "[[volume]]\nname = \"data\"\nsize_mib = 16\nmount = \"/data\"\n";

@@ -54,6 +54,18 @@ impl ServiceKind {
         }
     }
 
+    /// Guest memory (MiB) a VM is given for the server on top of
+    /// `mvm create`'s default, when its size is not chosen: what the
+    /// server and its clients touch as the agent configures it (16 MB
+    /// shared buffers for PostgreSQL, a 32 MB InnoDB pool for MariaDB).
+    pub fn memory_mib(self) -> u32 {
+        match self {
+            ServiceKind::Postgresql => 128,
+            ServiceKind::Redis => 32,
+            ServiceKind::Mariadb => 160,
+        }
+    }
+
     /// Whether it has databases, roles and SQL scripts.
     pub fn has_databases(self) -> bool {
         !matches!(self, ServiceKind::Redis)

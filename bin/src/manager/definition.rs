@@ -98,9 +98,12 @@ impl Manager {
         if let Some(c) = cpus {
             machine.insert("vcpus".into(), Value::Integer(c.into()));
         }
+        // Servers need room of their own: a VM with PostgreSQL and
+        // MariaDB in the default 256 MiB would swap-less OOM.
+        let default_mem = DEFAULT_MEMORY_MIB + opts.services.iter().map(|s| s.kind.memory_mib()).sum::<u32>();
         let mem = opts
             .memory_mib
-            .or_else(|| (!machine.contains_key("memory_mib")).then_some(DEFAULT_MEMORY_MIB));
+            .or_else(|| (!machine.contains_key("memory_mib")).then_some(default_mem));
         if let Some(m) = mem {
             machine.insert("memory_mib".into(), Value::Integer(m.into()));
         }

@@ -8,7 +8,6 @@
 //! calls `mvm direnv shim` ([`write_shims`]).
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -269,19 +268,7 @@ pub fn clear_shims(dir: &Path) {
 
 /// Write a file whole or not at all (readers never see half of it).
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name().map_or("f".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
-    let io = Error::io(format!("cannot write {}", path.display()));
-    std::fs::write(&tmp, data)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
+    mvm_net::host::replace_file(path, data, mode).map_err(Error::io(format!("cannot write {}", path.display())))
 }
 
 /// A VM name from a directory's name: lowercase, other characters as
@@ -544,6 +531,8 @@ pub fn mvm_program() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn scratch(tag: &str) -> PathBuf {

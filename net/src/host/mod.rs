@@ -49,24 +49,34 @@ pub(crate) fn run_tool(cmd: &mut Command, what: String, stdin: Option<&str>) -> 
 }
 
 /// Replace `path` with `bytes` in one step (a reader, or a restart after
-/// a crash, sees the old or the new file, never half of one): written to a
-/// temporary file, fsynced, renamed over `path`, the directory fsynced.
-/// Mode 0644.
+/// a crash, sees the old or the new file, never half of one). Mode 0644.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    replace_file(path, bytes, 0o644).map_err(|e| Error::io(path, e))
+}
+
+/// [`write_atomic`] with file mode `mode`, and the plain I/O error: the
+/// bytes go to a temporary file beside `path`, which is fsynced, given
+/// `mode` and renamed over `path`; then the directory is fsynced (the
+/// rename itself survives a crash). The temporary file is removed on
+/// failure.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| {
+    write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
     })
 }
 
@@ -84,5 +94,91 @@ pub(crate) mod testing {
         })
         .join()
         .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the child process of `sigkill_mid_write_leaves_old_or_new`:
+    /// the file it rewrites until it is killed.
+    const WRITER_ENV: &str = "MVM_TEST_ATOMIC_WRITER";
+    const SIZE: usize = 4 << 20;
+
+    /// The writer: the file alternately all 'a' and all 'b', forever.
+    fn writer(path: &Path) -> ! {
+        let versions = [vec![b'a'; SIZE], vec![b'b'; SIZE]];
+        for i in 0.. {
+            if let Err(e) = replace_file(path, &versions[i % 2], 0o600) {
+                eprintln!("writer: {e}");
+                std::process::exit(3);
+            }
+        }
+        unreachable!()
+    }
+
+    /// A process killed with SIGKILL at any point of `replace_file` leaves
+    /// the old file or the new one, whole, with its mode; never a torn or
+    /// empty one.
+    #[test]
+    fn sigkill_mid_write_leaves_old_or_new() {
+        if let Some(path) = std::env::var_os(WRITER_ENV) {
+            writer(Path::new(&path));
+        }
+        let dir = std::env::temp_dir().join(format!("mvm-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        replace_file(&path, &vec![b'a'; SIZE], 0o600).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        for round in 0..12u64 {
+            let mut child = Command::new(&exe)
+                .args([
+                    "--exact",
+                    "host::tests::sigkill_mid_write_leaves_old_or_new",
+                    "--nocapture",
+                ])
+                .env(WRITER_ENV, &path)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            // Kill at a different point of the write each round.
+            std::thread::sleep(std::time::Duration::from_millis(30 + round * 17));
+            child.kill().unwrap();
+            let status = child.wait().unwrap();
+            assert_eq!(
+                status.code(),
+                None,
+                "round {round}: the writer exited by itself: {status}"
+            );
+            let text = std::fs::read(&path).unwrap();
+            assert_eq!(text.len(), SIZE, "round {round}: torn file");
+            assert!(
+                text.iter().all(|&b| b == text[0]) && (text[0] == b'a' || text[0] == b'b'),
+                "round {round}: mixed contents"
+            );
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replace_file_reports_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("mvm-atomic-err-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A directory where the file should go: the rename fails.
+        let path = dir.join("taken");
+        std::fs::create_dir_all(path.join("x")).unwrap();
+        assert!(replace_file(&path, b"new", 0o644).is_err());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["taken"], "the temporary file stayed");
+        let e = write_atomic(&path, b"new").unwrap_err();
+        assert!(e.to_string().contains("taken"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
