@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use mvm_tests::{disk_entries, guest_config_in, scratch_dir, share_entry, RunningVm};
+use mvm_tests::{disk_entries, guest_config_in, scratch_dir, share_entry, write_config, RunningVm};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -23,9 +23,7 @@ fn config(dir: &Path, project: &Path, disk: &Path, cmdline: &str) -> std::path::
     text += &share_entry("pv", project, "virtiofsd", true);
     text += "[[volume]]\nname = \"data\"\nsize_mib = 16\nmount = \"/data\"\n";
     text += &disk_entries(&[(disk, false, "raw")]);
-    let path = dir.join("crash.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    write_config(dir, &text)
 }
 
 #[test]
