@@ -1,25 +1,65 @@
 #!/usr/bin/env bash
-# Run every fuzz target for SECONDS each (default 60), seeded from
-# fuzz/seeds/<target>/ where present. Needs cargo-fuzz (installed here on
-# first use); RUSTC_BOOTSTRAP lets the stable toolchain build with the
-# sanitizer flags cargo-fuzz uses.
+# Run every fuzz target (or the ones named after SECONDS) for SECONDS each
+# (default 60), seeded from fuzz/seeds/<target>/ where present, and print a
+# table of what each run did: executions, libFuzzer's coverage counters
+# (cov: covered edges, ft: features) and the corpus size.
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   MVM_FUZZ_MINIMIZE=1 scripts/fuzz.sh ...   also minimise each corpus into
+#                                            fuzz/seeds/<target>/ (kept in git)
+#
+# Needs cargo-fuzz (installed here on first use); RUSTC_BOOTSTRAP lets the
+# stable toolchain build with the sanitizer flags cargo-fuzz uses. The
+# working corpora live in fuzz/corpus/ (not in git). A crash stops the run
+# with the artifact's path.
 set -euo pipefail
 seconds=${1:-60}
+shift || true
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo/fuzz"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
-for target in $(cargo fuzz list); do
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
+rows=()
+for target in "${targets[@]}"; do
 	corpus="corpus/$target"
 	mkdir -p "$corpus"
 	seeds=()
 	[ -d "seeds/$target" ] && seeds=("seeds/$target")
 	echo "fuzz: $target for ${seconds}s" >&2
-	cargo fuzz run -O "$target" "$corpus" "${seeds[@]}" -- -max_total_time="$seconds" 2>&1 |
-		grep -E '^(Done|#[0-9]+ +DONE)|SUMMARY|ERROR|panicked' || true
-	# A crash leaves an artifact and a non-zero status above; check for it.
+	log=$(mktemp)
+	cargo fuzz run -O "$target" "$corpus" "${seeds[@]}" -- \
+		-max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1 || true
+	# A crash leaves an artifact; report it and stop.
 	if compgen -G "artifacts/$target/crash-*" >/dev/null; then
+		grep -E 'panicked|SUMMARY|ERROR' "$log" >&2 || true
 		echo "fuzz: $target found a crash: $(ls artifacts/$target/crash-*)" >&2
 		exit 1
 	fi
+	# The last status line: "#<execs> <event> cov: <n> ft: <n> corp: <units>/<size> ...".
+	done_line=$(grep -E '^#[0-9]+[[:space:]].* cov: [0-9]+' "$log" | tail -1 || true)
+	execs=$(sed -nE 's/^stat::number_of_executed_units: *([0-9]+).*/\1/p' "$log" | tail -1)
+	rate=$(sed -nE 's/^stat::average_exec_per_sec: *([0-9]+).*/\1/p' "$log" | tail -1)
+	cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$done_line")
+	ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$done_line")
+	corp=$(sed -nE 's/.* corp: ([0-9]+\/[0-9]+[a-zA-Z]*).*/\1/p' <<<"$done_line")
+	if [ -z "$done_line" ]; then
+		tail -20 "$log" >&2
+		echo "fuzz: $target: no final status line (build or run failed, log above)" >&2
+		exit 1
+	fi
+	rm -f "$log"
+	if [ "${MVM_FUZZ_MINIMIZE:-0}" = 1 ]; then
+		min=$(mktemp -d)
+		cargo fuzz cmin -O "$target" "$corpus" >/dev/null 2>&1 || true
+		cp -r "$corpus/." "$min/"
+		rm -rf "seeds/$target" && mkdir -p "seeds/$target" && cp -r "$min/." "seeds/$target/"
+		rm -rf "$min"
+	fi
+	rows+=("| $target | ${seconds} s | ${execs:-?} | ${rate:-?}/s | ${cov:-?} | ${ft:-?} | ${corp:-?} |")
 done
+echo
+echo "| target | time | execs | rate | cov (edges) | ft (features) | corpus (units/bytes) |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"

@@ -23,7 +23,13 @@ pub fn window_size() -> Option<(u16, u16)> {
 /// and hand each arrival to `handler` on a dedicated thread. If that thread
 /// cannot start, the signals keep their default effect and the error says
 /// why.
-pub fn forward_signals(signals: &[libc::c_int], handler: impl Fn(libc::c_int) + Send + 'static) -> std::io::Result<()> {
+///
+/// The thread runs `confine` first (the VMM installs its seccomp filter).
+pub fn forward_signals(
+    signals: &[libc::c_int],
+    confine: impl FnOnce() + Send + 'static,
+    handler: impl Fn(libc::c_int) + Send + 'static,
+) -> std::io::Result<()> {
     // SAFETY: sigset operations on a local set, then a mask change for
     // this thread (the caller has not started other threads yet).
     let set = unsafe {
@@ -38,11 +44,14 @@ pub fn forward_signals(signals: &[libc::c_int], handler: impl Fn(libc::c_int) + 
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 << 10)
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waits on a valid signal set.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                handler(sig);
+        .spawn(move || {
+            confine();
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: waits on a valid signal set.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    handler(sig);
+                }
             }
         });
     if let Err(e) = spawned {

@@ -17,6 +17,41 @@ pub mod bus;
 pub mod legacy;
 pub mod virtio;
 
+/// Work a thread started by a device or host component does first, before
+/// anything else: where the VMM confines the thread (its seccomp filter).
+/// `None`: nothing to do.
+pub type ThreadStart = Option<std::sync::Arc<dyn Fn() + Send + Sync>>;
+
+/// Raise the soft limit on open descriptors to the hard one if it is below
+/// `want`; false when even the hard limit is too low. (Tests that hold
+/// many descriptors at once use it.)
+pub fn fd_limit_at_least(want: u64) -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return false;
+    }
+    if lim.rlim_cur >= want {
+        return true;
+    }
+    if lim.rlim_max < want {
+        return false;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 }
+}
+
+/// Run `start`, if any, on the calling thread.
+pub fn run_thread_start(start: &ThreadStart) {
+    if let Some(f) = start {
+        f();
+    }
+}
+
 /// Errors of the device crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

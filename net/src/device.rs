@@ -411,6 +411,60 @@ mod tests {
     }
 
     #[test]
+    fn oversized_transmits_are_dropped_without_growing_the_buffer() {
+        let (io, peer) = wire();
+        let mut net = Net::new(io, [2, 0, 0, 0, 0, 1]);
+        let m = mem();
+        let (over, max) = (frame(MAX_FRAME + 1), frame(MAX_FRAME));
+        m.write_slice(&over, GuestAddress(0x2_0000)).unwrap();
+        m.write_slice(&max, GuestAddress(0x4_0000)).unwrap();
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        vq.add_desc_chains(&[d(0x2_0000, over.len() as u32, 0, 0)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert_eq!(net.process_queue(TX, &mut q, &m), Ok(true));
+        assert_eq!(vq.used().idx().load(), 1, "the chain is consumed");
+        assert_eq!(host_recv(&peer), None, "nothing reaches the host");
+        assert_eq!(net.tx_buf.capacity(), 0, "the buffer did not grow");
+        // A frame of exactly MAX_FRAME still goes out, whole.
+        vq.add_desc_chains(&[d(0x4_0000, max.len() as u32, 0, 0)], 1).unwrap();
+        assert_eq!(net.process_queue(TX, &mut q, &m), Ok(true));
+        assert_eq!(host_recv(&peer), Some(max));
+        assert!(net.tx_buf.len() <= MAX_FRAME);
+    }
+
+    #[test]
+    fn oversized_receives_never_exceed_max_frame() {
+        let (io, peer) = wire();
+        let mut net = Net::new(io, [2, 0, 0, 0, 0, 1]);
+        let m = mem();
+        // Buffers with room for twice MAX_FRAME: only the device limits.
+        let vq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        vq.add_desc_chains(&[d(0x2_0000, 0x2_0000, W, 0), d(0x6_0000, 0x2_0000, W, 0)], 0)
+            .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        host_send(&peer, &frame(MAX_FRAME + 1000));
+        let small = frame(100);
+        host_send(&peer, &small);
+        net.process_queue(RX, &mut q, &m).unwrap();
+        assert_eq!(net.rx_buf.len(), MAX_FRAME, "the receive buffer did not grow");
+        let used = vq.used().idx().load();
+        assert!((1..=2).contains(&used), "{used}");
+        for i in 0..used {
+            let len = vq.used().ring().ref_at(i as usize).unwrap().load().len();
+            assert!(len as usize <= MAX_FRAME, "frame {i} of {len} bytes reached the guest");
+        }
+        // What followed is the next frame, whole: the oversized one's tail
+        // was not taken for a frame of its own.
+        let last = vq.used().ring().ref_at(used as usize - 1).unwrap().load();
+        assert_eq!(last.len(), 100);
+        let mut got = vec![0u8; 100];
+        let addr = if last.id() == 0 { 0x2_0000 } else { 0x6_0000 };
+        m.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        assert_eq!(got[VNET_HDR_LEN..], small[VNET_HDR_LEN..]);
+        assert!(net.pending.is_none());
+    }
+
+    #[test]
     fn config_space_has_mac_and_link_up() {
         let (io, _peer) = wire();
         let net = Net::new(io, [2, 1, 2, 3, 4, 5]);

@@ -105,6 +105,7 @@ pub struct Forwarder {
     guest: IpAddr,
     forwards: Vec<Running>,
     udp_idle: Duration,
+    thread_start: mvm_devices::ThreadStart,
 }
 
 impl Forwarder {
@@ -113,7 +114,14 @@ impl Forwarder {
             guest,
             forwards: Vec::new(),
             udp_idle: UDP_IDLE,
+            thread_start: None,
         }
+    }
+
+    /// Have every forward's thread run `start` first (the VMM confines
+    /// them; their connection threads inherit it).
+    pub fn set_thread_start(&mut self, start: mvm_devices::ThreadStart) {
+        self.thread_start = start;
     }
 
     pub fn guest(&self) -> IpAddr {
@@ -131,7 +139,7 @@ impl Forwarder {
             }
             self.forwards.remove(i);
         }
-        let running = Running::start(spec, self.guest, self.udp_idle)?;
+        let running = Running::start(spec, self.guest, self.udp_idle, self.thread_start.clone())?;
         self.forwards.push(running);
         Ok(())
     }
@@ -214,7 +222,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(spec: ForwardSpec, guest: IpAddr, udp_idle: Duration) -> Result<Running, Error> {
+    fn start(
+        spec: ForwardSpec,
+        guest: IpAddr,
+        udp_idle: Duration,
+        thread_start: mvm_devices::ThreadStart,
+    ) -> Result<Running, Error> {
         let fail = |source: io::Error| match source.kind() {
             io::ErrorKind::AddrInUse => Error::PortInUse { spec: spec.clone() },
             io::ErrorKind::PermissionDenied => Error::PortDenied { spec: spec.clone() },
@@ -241,18 +254,20 @@ impl Running {
                 listener.set_nonblocking(true).map_err(fail)?;
                 let shared = Arc::clone(&shared);
                 let n = name.clone();
-                Builder::new()
-                    .name(name)
-                    .spawn(move || accept_loop(&listener, guest, &shared, &n))
+                Builder::new().name(name).spawn(move || {
+                    mvm_devices::run_thread_start(&thread_start);
+                    accept_loop(&listener, guest, &shared, &n)
+                })
             }
             Protocol::Udp => {
                 let socket = UdpSocket::bind(spec.host).map_err(fail)?;
                 socket.set_nonblocking(true).map_err(fail)?;
                 let shared = Arc::clone(&shared);
                 let n = name.clone();
-                Builder::new()
-                    .name(name)
-                    .spawn(move || udp_loop(&socket, guest, &shared, udp_idle, &n))
+                Builder::new().name(name).spawn(move || {
+                    mvm_devices::run_thread_start(&thread_start);
+                    udp_loop(&socket, guest, &shared, udp_idle, &n)
+                })
             }
         }
         .map_err(fail)?;

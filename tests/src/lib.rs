@@ -67,6 +67,49 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Every thread of VMM process `pid` but its main thread runs under a
+/// seccomp filter of its own (more filters than the process inherited,
+/// which is what this test process has: none on a plain host, a sandbox's
+/// under a container runtime), and threads named in `expected` are among
+/// them. Returns the threads' names.
+pub fn assert_threads_confined(pid: u32, expected: &[&str]) -> Vec<String> {
+    fn filters(status: &str) -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+    let inherited = filters(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    let mut names = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the VMM's threads");
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let own = filters(&status);
+        if tid == pid.to_string() {
+            assert_eq!(
+                own, inherited,
+                "the main thread builds and tears down the VM, unfiltered"
+            );
+        } else {
+            assert!(
+                own > inherited,
+                "thread {tid} ({name}) has no seccomp filter of its own:\n{status}"
+            );
+        }
+        names.push(name);
+    }
+    for want in expected {
+        assert!(names.iter().any(|n| n == want), "no thread {want} among {names:?}");
+    }
+    names
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mvm-test-{}-{}", name, std::process::id()));
@@ -258,8 +301,8 @@ impl RunningVm {
         }
     }
 
-    /// Wait for a console line containing `needle`; `None` on timeout or
-    /// when the VMM's output ends first.
+    /// Wait for a console line containing `needle`; `None` on timeout
+    /// (counted from the VMM's start) or when the VMM's output ends first.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<Duration> {
         let deadline = self.started + timeout;
         loop {
@@ -295,9 +338,11 @@ impl RunningVm {
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
     }
 
-    /// Wait for the VMM to exit, killing it after `timeout`.
+    /// Wait for the VMM to exit, killing it after `timeout` from now (not
+    /// from its start: a caller that signalled it after a slow boot still
+    /// gives it the whole `timeout` to exit).
     pub fn finish(mut self, timeout: Duration) -> Finished {
-        let deadline = self.started + timeout;
+        let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 break status;

@@ -160,6 +160,8 @@ fn bzimage_boots_console_input_reaches_guest_and_reboot_has_its_own_status() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // While the guest runs, every thread but the main one is confined.
+    mvm_tests::assert_threads_confined(vm.pid(), &["vcpu0", "mvm-vm", "signals"]);
     vm.send(b"hello-from-the-host\n");
     let run = vm.finish(BOOT_TIMEOUT);
     let r = run.results();

@@ -265,6 +265,21 @@ fn managed_network_end_to_end() {
             .to_string()
     };
     let (ip_a, ip_b) = (ip("a"), ip("b"));
+    // The VMM of a VM with forwards: each of its threads is confined.
+    let vmm = mvm.json(&["status", "a", "--json"])["pid"]
+        .as_u64()
+        .expect("a's VMM pid");
+    mvm_tests::assert_threads_confined(
+        vmm as u32,
+        &[
+            "vcpu0",
+            "mvm-vm",
+            "mvm-control",
+            "mvm-net-watch",
+            "fwd-tcp-18080",
+            "fwd-tcp-18081",
+        ],
+    );
     assert_ne!(ip_a, ip_b);
     for addr in [&ip_a, &ip_b] {
         assert!(addr.starts_with("10.213.0."), "{addr}");

@@ -176,6 +176,23 @@ pub struct VmConfig {
     /// The project's devenv.nix that `mvm create` read (`[devenv] file`;
     /// a record for `mvm status`, the VMM ignores it).
     pub devenv: Option<PathBuf>,
+    /// How the VMM confines itself (`[security]`).
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: the VMM's own confinement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecurityConfig {
+    /// Install a seccomp filter on every VMM thread before the guest runs
+    /// (see [`crate::seccomp`]). Default: true; `false` is for debugging
+    /// (e.g. running the VMM under a tool that needs other system calls).
+    pub seccomp: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig { seccomp: true }
+    }
 }
 
 /// A root file system image with a per-VM writable layer (`[root]`).
@@ -492,6 +509,7 @@ impl VmConfig {
             env: EnvConfig::default(),
             services: Vec::new(),
             devenv: None,
+            security: SecurityConfig::default(),
         }
     }
 
@@ -680,6 +698,9 @@ impl VmConfig {
             env: EnvConfig::from_file(file.env)?,
             services,
             devenv: file.devenv.map(|d| resolve(d.file)),
+            security: SecurityConfig {
+                seccomp: file.security.seccomp,
+            },
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
                 memory_mib: file.machine.memory_mib,
@@ -889,6 +910,22 @@ struct FileConfig {
     #[serde(default)]
     service: Vec<crate::service::FileService>,
     devenv: Option<FileDevenv>,
+    #[serde(default)]
+    security: FileSecurity,
+}
+
+/// `[security]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSecurity {
+    #[serde(default = "default_true")]
+    seccomp: bool,
+}
+
+impl Default for FileSecurity {
+    fn default() -> Self {
+        FileSecurity { seccomp: true }
+    }
 }
 
 /// `[devenv]`: what `mvm create` read from the project.
@@ -1073,6 +1110,17 @@ mod tests {
         assert!(c.boot.host_cmdline);
         assert!(matches!(c.console.output, ConsoleOutput::Stdout));
         assert_eq!(c.console.input, ConsoleInput::Stdin);
+        assert!(c.security.seccomp, "seccomp is on by default");
+    }
+
+    #[test]
+    fn security_table_turns_seccomp_off_and_rejects_unknown_keys() {
+        let base = "version = 1\n[boot]\nkernel = \"vmlinux\"\n";
+        let c = parse(&format!("{base}[security]\nseccomp = false\n")).unwrap();
+        assert!(!c.security.seccomp);
+        assert!(parse(&format!("{base}[security]\n")).unwrap().security.seccomp);
+        let e = err(&format!("{base}[security]\nsandbox = true\n"));
+        assert!(e.contains("sandbox"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ use mvm_storage::fs::overlay::Overlay;
 use crate::devices::LiveShare;
 use crate::network::{pause, spawn, ForwardReload};
 use crate::{Error, Result};
+use mvm_devices::ThreadStart;
 
 /// The VMM's control socket, in the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -125,7 +126,12 @@ struct Served {
 }
 
 /// Start the control socket in `state_dir`.
-pub(crate) fn start(state_dir: &Path, forwards: Option<ForwardReload>, shares: Vec<LiveShare>) -> Result<Control> {
+pub(crate) fn start(
+    state_dir: &Path,
+    forwards: Option<ForwardReload>,
+    shares: Vec<LiveShare>,
+    confine: ThreadStart,
+) -> Result<Control> {
     let socket = state_dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(Error::host(format!("binding {}", socket.display())))?;
@@ -136,7 +142,7 @@ pub(crate) fn start(state_dir: &Path, forwards: Option<ForwardReload>, shares: V
     let served = Served { forwards, shares };
     let thread = {
         let stop = stop.clone();
-        spawn("mvm-control", move || serve(&listener, &stop, &served))?
+        spawn("mvm-control", confine, move || serve(&listener, &stop, &served))?
     };
     Ok(Control {
         stop,
@@ -266,7 +272,7 @@ mod tests {
             tag: "project".into(),
             fs: fs.clone(),
         };
-        let control = start(&dir, None, vec![share]).unwrap();
+        let control = start(&dir, None, vec![share], None).unwrap();
         // Without a managed network there are no forwards to reload.
         let errors = request_reload(&dir).unwrap();
         assert_eq!(errors.len(), 1, "{errors:?}");

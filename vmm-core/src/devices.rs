@@ -19,6 +19,7 @@ use mvm_devices::legacy::{Rtc, RTC_PORT_BASE, RTC_PORT_LEN};
 use mvm_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use mvm_devices::virtio::rng::Rng;
 use mvm_devices::virtio::VirtioDevice;
+use mvm_devices::ThreadStart;
 use vm_memory::GuestMemoryMmap;
 
 use mvm_storage::fs::device::VirtioFs;
@@ -42,13 +43,14 @@ pub(crate) fn virtio_devices(
     config: &VmConfig,
     attachments: &mut Vec<Attachment>,
     live_shares: &mut Vec<LiveShare>,
+    confine: &ThreadStart,
 ) -> Result<Vec<Device>> {
     let mut devices: Vec<Device> = Vec::new();
     root_image(config, &mut devices)?;
     disks(config, &mut devices)?;
     volumes(config, &mut devices)?;
     nets(config, &mut devices, attachments)?;
-    shares(config, &mut devices, live_shares)?;
+    shares(config, &mut devices, live_shares, confine)?;
     if config.machine.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -147,14 +149,24 @@ pub(crate) struct LiveShare {
     pub fs: Arc<Mutex<Overlay>>,
 }
 
-fn shares(config: &VmConfig, devices: &mut Vec<Device>, live_shares: &mut Vec<LiveShare>) -> Result<()> {
+fn shares(
+    config: &VmConfig,
+    devices: &mut Vec<Device>,
+    live_shares: &mut Vec<LiveShare>,
+    confine: &ThreadStart,
+) -> Result<()> {
     for share in &config.shares {
-        devices.push(share_device(config, share, live_shares)?);
+        devices.push(share_device(config, share, live_shares, confine.clone())?);
     }
     Ok(())
 }
 
-fn share_device(config: &VmConfig, share: &ShareConfig, live_shares: &mut Vec<LiveShare>) -> Result<Device> {
+fn share_device(
+    config: &VmConfig,
+    share: &ShareConfig,
+    live_shares: &mut Vec<LiveShare>,
+    confine: ThreadStart,
+) -> Result<Device> {
     let layers = state::prepare_share(config, share)?;
     match share.backend {
         ShareBackend::Builtin => {
@@ -169,7 +181,7 @@ fn share_device(config: &VmConfig, share: &ShareConfig, live_shares: &mut Vec<Li
             });
             Ok(Box::new(VirtioFs::new(&share.tag, Box::new(fs))?))
         }
-        ShareBackend::Virtiofsd => virtiofsd_share(share, &layers),
+        ShareBackend::Virtiofsd => virtiofsd_share(share, &layers, confine),
     }
 }
 
@@ -180,7 +192,7 @@ const VIRTIOFSD_QUEUE_SIZE: u16 = 1024;
 /// A vhost-user-fs device: connected to the user's virtiofsd (`socket`),
 /// or to one started here over a host overlay mount of the share's layers
 /// (the device owns both; they end with the VM).
-fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers) -> Result<Device> {
+fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers, confine: ThreadStart) -> Result<Device> {
     use mvm_storage::fs::vhost_user::{VhostUserFs, VirtiofsdShare};
     let share_error = |e: mvm_storage::Error| Error::Share {
         tag: share.tag.clone(),
@@ -207,6 +219,7 @@ fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers) -> Result<D
         socket: &socket,
         binary: None,
         queue_size: VIRTIOFSD_QUEUE_SIZE,
+        thread_start: confine,
     }
     .start()
     .map_err(share_error)?;

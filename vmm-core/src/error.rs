@@ -65,6 +65,12 @@ pub enum Error {
     /// Another process runs this VM (holds its state directory's lock).
     #[error("VM {name:?} is already running: another process holds {}", lock.display())]
     AlreadyRunning { name: String, lock: PathBuf },
+    /// A thread's seccomp filter could not be built or installed.
+    #[error(
+        "seccomp filter of the {kind} threads: {reason} (`[security] seccomp = false` in vm.toml runs without \
+         filters)"
+    )]
+    Seccomp { kind: &'static str, reason: String },
     /// A virtio-fs share cannot be served.
     #[error("share {tag:?}: {reason}")]
     Share { tag: String, reason: String },

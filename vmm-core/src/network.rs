@@ -20,7 +20,10 @@ use std::time::Duration;
 use mvm_net::forward::{ForwardSpec, Forwarder};
 use mvm_net::host::network::{Attachment, Network};
 
+use mvm_devices::ThreadStart;
+
 use crate::config::{parse_forwards, FileForward, ForwardConfig, VmConfig};
+use crate::seccomp::{thread_start, Filters, ThreadKind};
 use crate::{Error, Result};
 
 /// Run-time forwards, in the state directory.
@@ -96,11 +99,17 @@ fn wanted(declared: &[ForwardConfig], dir: &Path) -> Result<Vec<ForwardSpec>> {
 /// Start the forwards for a VM with managed NICs
 /// (`attachments`, in NIC order); the forwards go to the first one's
 /// address. Fails if a forward cannot listen.
-pub(crate) fn start(config: &VmConfig, state_dir: &Path, attachments: &[Attachment]) -> Result<Option<Networking>> {
+pub(crate) fn start(
+    config: &VmConfig,
+    state_dir: &Path,
+    attachments: &[Attachment],
+    filters: Option<&Filters>,
+) -> Result<Option<Networking>> {
     let Some(first) = attachments.first() else {
         return Ok(None);
     };
     let mut forwarder = Forwarder::new(IpAddr::V4(first.ip()));
+    forwarder.set_thread_start(thread_start(filters, ThreadKind::Worker));
     // set(), not add(): it refuses one host port forwarded twice.
     if let Some((_, e)) = forwarder.set(&wanted(&config.forwards, state_dir)?).into_iter().next() {
         return Err(e.into());
@@ -111,7 +120,10 @@ pub(crate) fn start(config: &VmConfig, state_dir: &Path, attachments: &[Attachme
     let networks: Vec<Network> = attachments.iter().map(|a| a.network().clone()).collect();
     {
         let stop = stop.clone();
-        threads.push(spawn("mvm-net-watch", move || supervise(&networks, &stop))?);
+        // It starts dnsmasq again when it died: the one thread allowed to
+        // start a program.
+        let confine = thread_start(filters, ThreadKind::Supervisor);
+        threads.push(spawn("mvm-net-watch", confine, move || supervise(&networks, &stop))?);
     }
     Ok(Some(Networking {
         stop,
@@ -124,10 +136,14 @@ pub(crate) fn start(config: &VmConfig, state_dir: &Path, attachments: &[Attachme
     }))
 }
 
-pub(crate) fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+/// Start thread `name`, which runs `confine` before `f`.
+pub(crate) fn spawn(name: &str, confine: ThreadStart, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(f)
+        .spawn(move || {
+            mvm_devices::run_thread_start(&confine);
+            f()
+        })
         .map_err(Error::host(format!("starting thread {name}")))
 }
 

@@ -18,8 +18,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
+use crate::seccomp::ThreadKind;
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::{control, devices, network, state, vcpu, watch, Error, Result};
+use crate::{control, devices, network, seccomp, state, vcpu, watch, Error, Result};
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +154,8 @@ pub struct Vm {
     _vm_fd: VmFd,
     _kvm: Kvm,
     _memory: GuestMemoryMmap,
+    /// The threads' seccomp filters (`None`: `[security] seccomp = false`).
+    filters: Option<seccomp::Filters>,
 }
 
 fn kvm_error(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -226,10 +229,16 @@ impl Vm {
         let state_dir = state::open(&config)?;
         let mut attachments = Vec::new();
         let mut live_shares = Vec::new();
-        let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares)?;
-        let watching = watch::start(&config, &live_shares)?;
+        // Compiled before any thread starts: every one confines itself first.
+        let filters = match config.security.seccomp {
+            true => Some(seccomp::Filters::new()?),
+            false => None,
+        };
+        let worker = seccomp::thread_start(filters.as_ref(), ThreadKind::Worker);
+        let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares, &worker)?;
+        let watching = watch::start(&config, &live_shares, worker.clone())?;
         let networking = match &state_dir {
-            Some(dir) => network::start(&config, &dir.path, &attachments)?,
+            Some(dir) => network::start(&config, &dir.path, &attachments, filters.as_ref())?,
             None => None,
         };
         let control = match &state_dir {
@@ -237,6 +246,7 @@ impl Vm {
                 &dir.path,
                 networking.as_ref().map(network::Networking::reload_handle),
                 live_shares,
+                worker,
             )?),
             None => None,
         };
@@ -375,6 +385,7 @@ impl Vm {
             sleep: legacy.sleep,
             _control: control,
             _networking: networking,
+            filters,
             _watching: watching,
             _state: state_dir,
             virtio,
@@ -411,6 +422,10 @@ impl Vm {
 
     /// Run the guest until it powers off, reboots, crashes or is stopped,
     /// then release the VM.
+    ///
+    /// The event loop runs on a thread of its own ("mvm-vm"), confined by
+    /// its seccomp filter with `[security] seccomp` (the default), like the
+    /// vCPU threads; the calling thread only waits, then tears down.
     pub fn run(mut self) -> Result<VmExit> {
         self.run_once()
     }
@@ -469,10 +484,14 @@ impl Vm {
         let mut spawn_error = None;
         for (id, fd) in self.vcpus.drain(..).enumerate() {
             let (bus, vm, start) = (self.bus.clone(), self.shared.clone(), start.clone());
+            let confine = seccomp::thread_start(self.filters.as_ref(), ThreadKind::Vcpu);
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .stack_size(256 << 10)
-                .spawn(move || vcpu::run(fd, id as u32, bus, vm, start));
+                .spawn(move || {
+                    mvm_devices::run_thread_start(&confine);
+                    vcpu::run(fd, id as u32, bus, vm, start)
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -494,13 +513,37 @@ impl Vm {
             }
             return Err(Error::host("starting a vCPU thread")(e));
         }
-
-        while !self.shared.stopping() {
-            if let Err(e) = events.run() {
-                self.shared.request_stop(StopReason::Requested);
-                log::error!("event loop failed: {e:?}");
-                break;
-            }
+        // The event loop gets a thread of its own, confined for good, so
+        // that the caller's thread stays free to tear the VM down (stop
+        // virtiofsd, unmount, unlock) and to build another VM.
+        let looped = std::thread::scope(|scope| {
+            let shared = &self.shared;
+            let filters = self.filters.as_ref();
+            let events = &mut events;
+            let event_loop = std::thread::Builder::new()
+                .name("mvm-vm".into())
+                .spawn_scoped(scope, move || -> Result<()> {
+                    if let Some(filters) = filters {
+                        filters.apply(ThreadKind::EventLoop)?;
+                    }
+                    while !shared.stopping() {
+                        if let Err(e) = events.run() {
+                            shared.request_stop(StopReason::Requested);
+                            log::error!("event loop failed: {e:?}");
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(Error::host("starting the event loop thread"))?;
+            event_loop.join().unwrap_or_else(|_| {
+                Err(Error::host("running the event loop")(std::io::Error::other(
+                    "the event loop thread panicked (a VMM bug; please report it)",
+                )))
+            })
+        });
+        if looped.is_err() {
+            self.shared.request_stop(StopReason::Requested);
         }
         self.shared.kick_vcpus();
         // Host programs see the VM's sockets close now, not at teardown.
@@ -526,6 +569,7 @@ impl Vm {
                 internal: None,
             }));
         }
+        looped?;
         let exit = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(exit.unwrap_or(VmExit::Stopped(StopReason::Requested)))
     }

@@ -79,6 +79,23 @@ struct Watched {
 }
 
 impl Watched {
+    /// Keeps `changes` until the agent takes them. Past [`MAX_PENDING`]
+    /// all pending changes are dropped instead, and the share gets short
+    /// cache timeouts (the guest rereads what it caches within 1 s).
+    fn keep(&mut self, changes: Vec<FsChange>) {
+        self.pending.extend(changes);
+        if self.pending.len() > MAX_PENDING {
+            log::warn!(
+                "share {}: {} host changes waiting for the guest agent, dropped",
+                self.tag,
+                self.pending.len()
+            );
+            self.pending.clear();
+            self.missed = true;
+        }
+        self.check_complete();
+    }
+
     /// Back to short cache timeouts once a change may have been missed
     /// (queue overflow, directories left unwatched).
     fn check_complete(&mut self) {
@@ -94,7 +111,11 @@ impl Watched {
 }
 
 /// Starts watching the shares with `watch = true` (none: no thread).
-pub(crate) fn start(config: &VmConfig, live: &[LiveShare]) -> Result<Option<Watching>> {
+pub(crate) fn start(
+    config: &VmConfig,
+    live: &[LiveShare],
+    confine: mvm_devices::ThreadStart,
+) -> Result<Option<Watching>> {
     let mut watched = Vec::new();
     for share in config.shares.iter().filter(|s| s.watch) {
         let Some(fs) = live.iter().find(|l| l.tag == share.tag).map(|l| Arc::clone(&l.fs)) else {
@@ -130,7 +151,10 @@ pub(crate) fn start(config: &VmConfig, live: &[LiveShare]) -> Result<Option<Watc
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("mvm-watch".into())
-        .spawn(move || run(&mut watched, &thread_stop, &mut agent))
+        .spawn(move || {
+            mvm_devices::run_thread_start(&confine);
+            run(&mut watched, &thread_stop, &mut agent)
+        })
         .map_err(Error::host("starting the share watcher thread"))?;
     Ok(Some(Watching {
         stop,
@@ -181,17 +205,7 @@ fn run(watched: &mut [Watched], stop: &EventFd, agent: &mut Agent) {
                     changes.len(),
                     start.elapsed()
                 );
-                w.pending.extend(changes);
-                if w.pending.len() > MAX_PENDING {
-                    log::warn!(
-                        "share {}: {} host changes waiting for the guest agent, dropped",
-                        w.tag,
-                        w.pending.len()
-                    );
-                    w.pending.clear();
-                    w.missed = true;
-                }
-                w.check_complete();
+                w.keep(changes);
             }
             if !w.pending.is_empty() {
                 agent.deliver(&w.tag, &mut w.pending);
@@ -313,5 +327,50 @@ mod tests {
         assert_eq!(proto::ECHO_GID_MODIFY, fs::ECHO_GID_MODIFY);
         assert_eq!(proto::ECHO_GID_ENTRY, fs::ECHO_GID_ENTRY);
         assert_eq!(proto::ECHO_GID_DIR, fs::ECHO_GID_DIR);
+    }
+
+    #[test]
+    fn pending_changes_are_capped_then_dropped_with_short_caching() {
+        use mvm_storage::fs::{Context, FileSystem, ROOT_ID};
+        let dir = std::env::temp_dir().join(format!("mvm-watch-pending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fs = Arc::new(Mutex::new(Overlay::new(None, &dir, OverlayOptions::WATCHED).unwrap()));
+        let mut w = Watched {
+            tag: "t".into(),
+            watcher: TreeWatcher::new(&dir).unwrap(),
+            fs: Arc::clone(&fs),
+            pending: Vec::new(),
+            missed: false,
+            long_cache: true,
+        };
+        let ctx = Context { uid: 0, gid: 0, pid: 1 };
+        let cache = || locked(&fs).getattr(ctx, ROOT_ID, None).unwrap().1;
+        let change = |i: usize| FsChange::Modify {
+            path: format!("f{i}").into_bytes(),
+            size: i as u64,
+        };
+        // Up to the cap, burst by burst: all kept, long caching stays.
+        for burst in 0..MAX_PENDING / 1000 {
+            w.keep((burst * 1000..(burst + 1) * 1000).map(change).collect());
+        }
+        assert_eq!(w.pending.len(), MAX_PENDING);
+        assert!(!w.missed && w.long_cache);
+        assert_eq!(cache(), OverlayOptions::WATCHED.attr_timeout);
+        // One more: everything pending is dropped, the share is marked as
+        // having missed changes, and the guest caches for 1 s only.
+        w.keep(vec![change(MAX_PENDING)]);
+        assert!(w.pending.is_empty());
+        assert!(w.missed && !w.long_cache);
+        assert_eq!(cache(), OverlayOptions::default().attr_timeout);
+        assert!(cache() < OverlayOptions::WATCHED.attr_timeout);
+        // Later changes are kept again, and a single burst past the cap is
+        // dropped as a whole.
+        w.keep(vec![change(0)]);
+        assert_eq!(w.pending.len(), 1);
+        w.keep((0..MAX_PENDING).map(change).collect());
+        assert!(w.pending.is_empty());
+        assert!(!w.long_cache);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,6 +8,7 @@
 
 use std::process::ExitCode;
 
+use microvm_dev::seccomp::ThreadKind;
 use microvm_dev::{StopReason, Vm, VmConfig, VmExit};
 use mvm::pidfile::{self, AcquireError, PidFile, Record};
 
@@ -71,10 +72,16 @@ const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHU
 /// is restored and the exit status reported as for any other stop.
 fn forward_stop_signals(
     handle: std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>,
+    seccomp: bool,
 ) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
     let received = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     let seen = received.clone();
-    let forwarded = mvm::term::forward_signals(&STOP_SIGNALS, move |sig| {
+    let confine = move || {
+        if seccomp {
+            confine_or_exit(ThreadKind::Worker);
+        }
+    };
+    let forwarded = mvm::term::forward_signals(&STOP_SIGNALS, confine, move |sig| {
         seen.store(sig, std::sync::atomic::Ordering::SeqCst);
         handle.lock().unwrap_or_else(|p| p.into_inner()).stop();
     });
@@ -178,6 +185,7 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
                 Err(e) => log::warn!("cannot reopen {} to append: {e}; it starts over", file.display()),
             }
         }
+        let seccomp = config.security.seccomp;
         let mut vm = match Vm::new(config) {
             Ok(vm) => vm,
             Err(e) => {
@@ -190,7 +198,7 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
         let signal = match &signals {
             None => {
                 let slot = std::sync::Arc::new(std::sync::Mutex::new(vm.handle()));
-                let signal = forward_stop_signals(slot.clone());
+                let signal = forward_stop_signals(slot.clone(), seccomp);
                 signals = Some((slot, signal.clone()));
                 signal
             }
@@ -223,6 +231,15 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
         record_exit(&mut pid_file, code, &reason);
         // Exit without dropping `vm`: the child finishes the teardown.
         std::process::exit(i32::from(code));
+    }
+}
+
+/// Confine this thread as a `kind` thread, or end the process.
+fn confine_or_exit(kind: ThreadKind) {
+    let applied = microvm_dev::seccomp::Filters::new().and_then(|f| f.apply(kind));
+    if let Err(e) = applied {
+        mvm::report("mvm-vmm", &e);
+        std::process::exit(1);
     }
 }
 

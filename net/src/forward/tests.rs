@@ -385,3 +385,120 @@ fn drop_stops_everything() {
     assert!(refused(&tcp));
     UdpSocket::bind(udp.host).unwrap();
 }
+
+/// A byte sent on `s` comes back (the connection is relayed to the echo
+/// server); false when the forward closed it instead.
+fn echoes(s: &TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if (&*s).write_all(b"x").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!((&*s).read(&mut b), Ok(1) if b == *b"x")
+}
+
+/// A new client is closed by the forward at once: a byte it sends is not
+/// echoed, and the connection ends within a second.
+fn turned_away(spec: &ForwardSpec) -> bool {
+    let s = connect_client(spec);
+    let _ = (&s).write_all(b"x");
+    closes_soon(&s)
+}
+
+#[test]
+fn tcp_connections_per_forward_are_capped() {
+    // Each connection holds four descriptors in this process: client,
+    // accepted, towards the guest, and the echo server's end.
+    let want = 4 * (MAX_TCP_CONNS as u64 + 16) + 256;
+    if !mvm_devices::fd_limit_at_least(want) {
+        eprintln!("skipped: the descriptor limit is below {want}");
+        return;
+    }
+    let mut fwd = Forwarder::new(LOCAL);
+    let spec = add_free(&mut fwd, Protocol::Tcp, tcp_echo());
+    // Fill the forward: each connection is relayed (echoed) before the
+    // next opens, so the forward counts it.
+    let mut open: Vec<TcpStream> = (0..MAX_TCP_CONNS)
+        .map(|i| {
+            let s = connect_client(&spec);
+            assert!(echoes(&s), "connection {i} of {MAX_TCP_CONNS} is relayed");
+            s
+        })
+        .collect();
+    // Beyond the cap: closed at once, however many try.
+    for i in 0..3 {
+        let start = Instant::now();
+        assert!(turned_away(&spec), "connection {} is closed", MAX_TCP_CONNS + 1 + i);
+        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    }
+    // The open ones are untouched.
+    for s in [&open[0], &open[MAX_TCP_CONNS / 2], &open[MAX_TCP_CONNS - 1]] {
+        assert!(echoes(s), "an open connection still relays");
+    }
+    // Two close: two new clients get in (once their threads have ended),
+    // and the one after them does not.
+    open.drain(..2);
+    for _ in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = connect_client(&spec);
+            if echoes(&s) {
+                open.push(s);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no room after connections closed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(open.len(), MAX_TCP_CONNS);
+    assert!(turned_away(&spec), "full again");
+    assert!(echoes(&open[0]));
+}
+
+#[test]
+fn udp_flows_per_forward_are_capped() {
+    // Each flow holds two descriptors in this process: its client's and
+    // the forward's socket towards the guest.
+    let want = 2 * (MAX_UDP_FLOWS as u64 + 16) + 256;
+    if !mvm_devices::fd_limit_at_least(want) {
+        eprintln!("skipped: the descriptor limit is below {want}");
+        return;
+    }
+    let idle = Duration::from_secs(2);
+    let mut fwd = Forwarder::new(LOCAL);
+    fwd.udp_idle = idle;
+    let spec = add_free(&mut fwd, Protocol::Udp, udp_echo());
+    let first_flow = Instant::now();
+    let clients: Vec<UdpSocket> = (0..MAX_UDP_FLOWS)
+        .map(|i| {
+            let c = udp_client();
+            let reply = udp_ask(&c, &spec, &format!("c{i}"));
+            assert!(reply.starts_with(&format!("c{i} from ")), "{reply}");
+            c
+        })
+        .collect();
+    // One client more: its datagrams are dropped...
+    let late = udp_client();
+    late.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    for _ in 0..3 {
+        late.send_to(b"late", spec.host).unwrap();
+    }
+    // ...while the existing flows still relay (their requests queue behind
+    // the late ones, so those were handled by the time these are answered).
+    assert!(udp_ask(&clients[0], &spec, "first").starts_with("first from "));
+    assert!(udp_ask(&clients[MAX_UDP_FLOWS - 1], &spec, "last").starts_with("last from "));
+    let dropped = late.recv_from(&mut [0u8; 64]).unwrap_err();
+    assert!(
+        matches!(dropped.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+        "{dropped}"
+    );
+    assert!(
+        first_flow.elapsed() < idle,
+        "too slow: flows expired before the cap was checked ({:?})",
+        first_flow.elapsed()
+    );
+    // Once the flows expire, the late client gets one.
+    std::thread::sleep(idle + Duration::from_millis(200));
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(udp_ask(&late, &spec, "late").starts_with("late from "));
+}

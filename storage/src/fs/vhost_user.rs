@@ -319,7 +319,7 @@ impl VirtioDevice for VhostUserFs {
 /// One `backend = "virtiofsd"` share: a virtiofsd of its own serving the
 /// project directory, directly or (with `upper`) merged under a per-VM
 /// upper directory by a host overlay mount.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VirtiofsdShare<'a> {
     /// What the guest mounts.
     pub tag: &'a str,
@@ -335,6 +335,8 @@ pub struct VirtiofsdShare<'a> {
     /// virtiofsd to run; `None` looks for it (see [`virtiofsd::find_binary`]).
     pub binary: Option<&'a Path>,
     pub queue_size: u16,
+    /// Run first by the thread that logs virtiofsd's stderr.
+    pub thread_start: mvm_devices::ThreadStart,
 }
 
 impl VirtiofsdShare<'_> {
@@ -354,7 +356,7 @@ impl VirtiofsdShare<'_> {
             None => None,
         };
         let shared_dir = overlay.as_ref().map_or(self.source, HostOverlay::merged);
-        let daemon = Virtiofsd::start(&binary, self.socket, shared_dir)?;
+        let daemon = Virtiofsd::start(&binary, self.socket, shared_dir, &self.thread_start)?;
         let mut device = VhostUserFs::connect(self.socket, self.tag, self.queue_size).map_err(|e| match e {
             Error::VhostUser { tag, socket, reason } => Error::VhostUser {
                 tag,
@@ -548,7 +550,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("share")).unwrap();
         let socket = dir.join("sock");
         let started = Instant::now();
-        let daemon = Virtiofsd::start(&binary, &socket, &dir.join("share")).unwrap();
+        let daemon = Virtiofsd::start(&binary, &socket, &dir.join("share"), &None).unwrap();
         let spawned = started.elapsed();
         let mut dev = VhostUserFs::connect(&socket, "share", 16).unwrap();
         eprintln!(
@@ -630,6 +632,7 @@ mod tests {
             socket: &socket,
             binary: None,
             queue_size: 128,
+            thread_start: None,
         };
         let started = Instant::now();
         let mut dev = share.start().unwrap();

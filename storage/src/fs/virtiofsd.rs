@@ -107,7 +107,14 @@ impl Virtiofsd {
     /// As root it runs in virtiofsd's namespace sandbox; otherwise without
     /// a sandbox (virtiofsd's unprivileged namespace mode needs subordinate
     /// id ranges most hosts do not set up).
-    pub fn start(binary: &Path, socket: &Path, shared_dir: &Path) -> Result<Self, Error> {
+    ///
+    /// The thread that logs virtiofsd's stderr runs `thread_start` first.
+    pub fn start(
+        binary: &Path,
+        socket: &Path,
+        shared_dir: &Path,
+        thread_start: &mvm_devices::ThreadStart,
+    ) -> Result<Self, Error> {
         let start_error = |reason: String| Error::VirtiofsdStart {
             binary: binary.to_path_buf(),
             shared_dir: shared_dir.to_path_buf(),
@@ -159,7 +166,7 @@ impl Virtiofsd {
         let reader = child
             .stderr
             .take()
-            .map(|pipe| forward_stderr(pipe, Arc::clone(&stderr)));
+            .map(|pipe| forward_stderr(pipe, Arc::clone(&stderr), thread_start.clone()));
         let mut daemon = Virtiofsd {
             child: Some(child),
             binary: binary.to_path_buf(),
@@ -297,8 +304,13 @@ fn nofile_hard_limit() -> Option<u64> {
 /// Log each line virtiofsd writes (it logs warnings and errors only) and
 /// keep the last few. The thread ends when every virtiofsd process has
 /// closed the pipe.
-fn forward_stderr(pipe: std::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>) -> std::thread::JoinHandle<()> {
+fn forward_stderr(
+    pipe: std::process::ChildStderr,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    thread_start: mvm_devices::ThreadStart,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        mvm_devices::run_thread_start(&thread_start);
         // Signals sent to the VMM are for the threads that handle them (it
         // may be created before the VMM blocks them in every thread, and a
         // stop signal landing here would kill the process without cleanup).
@@ -352,7 +364,7 @@ mod tests {
     #[test]
     fn a_missing_shared_directory_is_reported_before_starting() {
         let dir = temp_dir("missing");
-        let err = Virtiofsd::start(Path::new("/bin/true"), &dir.join("sock"), &dir.join("nope")).unwrap_err();
+        let err = Virtiofsd::start(Path::new("/bin/true"), &dir.join("sock"), &dir.join("nope"), &None).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -363,7 +375,7 @@ mod tests {
         let script = dir.join("fake-virtiofsd");
         std::fs::write(&script, "#!/bin/sh\necho 'cannot open shared dir' >&2\nexit 3\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let err = Virtiofsd::start(&script, &dir.join("sock"), &dir.join("share")).unwrap_err();
+        let err = Virtiofsd::start(&script, &dir.join("sock"), &dir.join("share"), &None).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("exit status: 3") && msg.contains("cannot open shared dir"),
@@ -403,7 +415,7 @@ mod tests {
         let dir = temp_dir("real");
         let socket = dir.join("sock");
         let started = Instant::now();
-        let mut daemon = Virtiofsd::start(&binary, &socket, &dir.join("share")).unwrap();
+        let mut daemon = Virtiofsd::start(&binary, &socket, &dir.join("share"), &None).unwrap();
         eprintln!("virtiofsd socket after {:?}", started.elapsed());
         assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
         let pid = daemon.pid().unwrap();
@@ -429,10 +441,10 @@ mod tests {
         // Dropping does the same; a stale socket is replaced on start.
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         assert!(socket.exists());
-        let daemon = Virtiofsd::start(&binary, &socket, &dir.join("share")).unwrap();
+        let daemon = Virtiofsd::start(&binary, &socket, &dir.join("share"), &None).unwrap();
         connect(&socket);
         let pid = daemon.pid().unwrap();
-        let daemon2 = Virtiofsd::start(&binary, &dir.join("sock2"), &dir.join("share")).unwrap();
+        let daemon2 = Virtiofsd::start(&binary, &dir.join("sock2"), &dir.join("share"), &None).unwrap();
         drop(daemon);
         assert!(!alive(pid));
         drop(daemon2);

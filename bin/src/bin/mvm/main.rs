@@ -1416,6 +1416,7 @@ fn exec(
     let seen = control.clone();
     let forwarded = term::forward_signals(
         &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH],
+        || {},
         move |sig| {
             let Ok(c) = seen.lock() else { return };
             let Some(c) = c.as_ref() else {

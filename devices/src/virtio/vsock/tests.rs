@@ -546,3 +546,202 @@ fn socket_file_lifecycle() {
         assert!(Vsock::new(cid, &dir.join("c.sock")).is_err(), "CID {cid}");
     }
 }
+
+/// True when `stream` is still open with nothing to read.
+fn still_open(stream: &UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let open = matches!(
+        (&*stream).read(&mut [0u8; 1]),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    );
+    stream.set_nonblocking(false).unwrap();
+    open
+}
+
+#[test]
+fn connections_are_capped_both_ways() {
+    let want = MAX_CONNECTIONS as u64 + 256;
+    if !crate::fd_limit_at_least(want) {
+        eprintln!("skipped: the descriptor limit is below {want}");
+        return;
+    }
+    let mut g = Guest::new("conn-cap");
+    let listener = UnixListener::bind(format!("{}_6000", g.sock().display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    g.give_rx(8, 64);
+    // Fill the table: all but one directly (each like a guest connection
+    // to host port 5000), the last one by a real guest connection.
+    for i in 0..MAX_CONNECTIONS as u32 - 1 {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let hdr = pkt(op::REQUEST, 10_000 + i, 5000);
+        g.dev
+            .conns
+            .insert((5000, 10_000 + i), Connection::new(ours, State::Established, &hdr));
+    }
+    g.send(pkt(op::REQUEST, 1, 6000), &[]).unwrap();
+    assert_eq!(ops(&g.received()), [op::RESPONSE]);
+    let _accepted = listener.accept().unwrap();
+    assert_eq!(g.dev.connections(), MAX_CONNECTIONS);
+
+    // A guest connection past the cap is reset; the host never sees it.
+    g.send(pkt(op::REQUEST, 2, 6000), &[]).unwrap();
+    assert_eq!(ops(&g.received()), [op::RST]);
+    assert_eq!(
+        listener.accept().unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "no host connection was made"
+    );
+    // A host connection past the cap is closed; the guest never sees it.
+    let mut host = UnixStream::connect(g.sock()).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    g.run().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(host.read(&mut [0u8; 16]).unwrap(), 0, "closed without an OK line");
+    assert!(g.received().is_empty(), "no REQUEST to the guest");
+    assert_eq!(g.dev.connections(), MAX_CONNECTIONS);
+
+    // One closes: a new connection gets its place.
+    g.send(pkt(op::RST, 10_000, 5000), &[]).unwrap();
+    assert_eq!(g.dev.connections(), MAX_CONNECTIONS - 1);
+    g.send(pkt(op::REQUEST, 3, 6000), &[]).unwrap();
+    assert_eq!(ops(&g.received()), [op::RESPONSE]);
+    assert_eq!(g.dev.connections(), MAX_CONNECTIONS);
+}
+
+#[test]
+fn host_clients_without_a_connect_line_are_capped() {
+    let mut g = Guest::new("client-cap");
+    let mut waiting: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| UnixStream::connect(g.sock()).unwrap())
+        .collect();
+    g.run().unwrap();
+    assert_eq!(g.dev.clients.len(), MAX_CLIENTS);
+    // One more is closed at once; the others stay.
+    let mut extra = UnixStream::connect(g.sock()).unwrap();
+    g.run().unwrap();
+    assert_eq!(g.dev.clients.len(), MAX_CLIENTS);
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(extra.read(&mut [0u8; 1]).unwrap(), 0, "closed");
+    assert!(waiting.iter().all(still_open));
+    // One goes away: room for another.
+    drop(waiting.remove(0));
+    g.run().unwrap();
+    assert_eq!(g.dev.clients.len(), MAX_CLIENTS - 1);
+    let another = UnixStream::connect(g.sock()).unwrap();
+    g.run().unwrap();
+    assert_eq!(g.dev.clients.len(), MAX_CLIENTS);
+    assert!(still_open(&another));
+}
+
+#[test]
+fn guest_data_for_a_stalled_host_is_buffered_up_to_conn_buf_only() {
+    let mut g = Guest::new("stalled-host");
+    let (_host, port) = host_connect(&mut g, 83);
+    let key = (port, 83);
+    // The host program never reads; a small socket buffer makes the
+    // device buffer at once.
+    let fd = g.dev.conns[&key].stream.as_raw_fd();
+    let size: libc::c_int = 4096;
+    // SAFETY: sets an int option on a valid socket.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const size).cast(),
+            std::mem::size_of_val(&size) as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    g.give_rx(16, 4096);
+    let buffered = |g: &Guest| g.dev.conns.get(&key).map(|c| c.to_host.len());
+    let chunk = vec![1u8; MAX_PAYLOAD];
+    for _ in 0..20 {
+        if buffered(&g).unwrap() > 0 {
+            break;
+        }
+        g.send(rw(83, port, chunk.len()), &chunk).unwrap();
+    }
+    assert!(buffered(&g).unwrap() > 0, "the host socket is full");
+    // Within the credit (every byte not handed to the host counts against
+    // the CONN_BUF the device advertised), up to exactly CONN_BUF.
+    for _ in 0..20 {
+        let b = buffered(&g).expect("a guest within its credit is not reset");
+        if b == CONN_BUF as usize {
+            break;
+        }
+        let n = (CONN_BUF as usize - b).min(MAX_PAYLOAD);
+        g.send(rw(83, port, n), &chunk[..n]).unwrap();
+        assert!(!ops(&g.received()).contains(&op::RST));
+    }
+    assert_eq!(buffered(&g), Some(CONN_BUF as usize));
+    // One byte more: the connection is reset and its buffer freed.
+    g.send(rw(83, port, 1), b"x").unwrap();
+    assert!(ops(&g.received()).contains(&op::RST));
+    assert_eq!(buffered(&g), None);
+    assert_eq!(g.dev.connections(), 0);
+}
+
+#[test]
+fn host_data_is_read_only_as_far_as_the_guest_credit() {
+    // Not a multiple of the receive buffers: the credit, not the buffers,
+    // must end the transfer.
+    const CREDIT: u32 = 10_000;
+    let pattern = |from: usize, len: usize| -> Vec<u8> { (from..from + len).map(|i| (i % 251) as u8).collect() };
+    let mut g = Guest::new("stalled-guest");
+    let (mut host, port) = host_connect(&mut g, 84);
+    let key = (port, 84);
+    let credit = |fwd_cnt: u32| Header {
+        buf_alloc: CREDIT,
+        fwd_cnt,
+        ..pkt(op::CREDIT_UPDATE, 84, port)
+    };
+    g.send(credit(0), &[]).unwrap();
+    // Receive buffers for eight times the credit: only the credit limits.
+    g.give_rx(32, 4096);
+    // The host program writes as fast as it can, the guest reads nothing.
+    host.set_nonblocking(true).unwrap();
+    let mut written = 0;
+    for _ in 0..10 {
+        loop {
+            match host.write(&pattern(written, 8192)) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        g.run().unwrap();
+    }
+    let got = g.received();
+    let data: Vec<u8> = got
+        .iter()
+        .filter(|(h, _)| h.op == op::RW)
+        .flat_map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(data.len(), CREDIT as usize, "exactly the credit reached the guest");
+    assert_eq!(data, pattern(0, CREDIT as usize));
+    assert_eq!(
+        got.iter().filter(|(h, _)| h.op == op::CREDIT_REQUEST).count(),
+        1,
+        "{:?}",
+        ops(&got)
+    );
+    assert!(
+        written > CREDIT as usize,
+        "the host kept writing until its socket was full ({written} bytes)"
+    );
+    // The rest waits in the host socket, not in the device: it holds no
+    // per-connection buffer towards the guest, and its one read buffer is
+    // a packet's worth.
+    assert!(g.dev.conns[&key].to_host.is_empty());
+    assert_eq!(g.dev.buf.len(), MAX_PAYLOAD);
+    // The guest consumed it: the next bytes follow on, none lost.
+    g.send(credit(CREDIT), &[]).unwrap();
+    let data: Vec<u8> = g
+        .received()
+        .iter()
+        .filter(|(h, _)| h.op == op::RW)
+        .flat_map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(data, pattern(CREDIT as usize, CREDIT as usize));
+}
