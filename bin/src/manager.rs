@@ -571,7 +571,7 @@ impl Manager {
         let mut info = self.info(name)?;
         if info.state == VmState::Running && !info.services.is_empty() {
             if let Ok(config) = VmConfig::from_file(info.state_dir.join(VM_TOML)) {
-                let states = self.service_states(name).ok();
+                let states = self.service_states(name, &config).ok();
                 info.services = services::service_infos(&config, info.state, states.as_deref());
             }
         }

@@ -262,9 +262,12 @@ impl Manager {
         self.agent(name)?.services(service_specs(config))
     }
 
-    /// The states the agent of running VM `name` reports (none asked to start).
-    pub(super) fn service_states(&self, name: &str) -> Result<Vec<ServiceState>> {
-        self.agent(name)?.services(Vec::new())
+    /// The states the agent of running VM `name` reports, after asking it
+    /// to start those of `config`'s services it does not know yet: the
+    /// request at start may have failed (an agent too slow to answer on a
+    /// loaded host), and the agent ignores services it already runs.
+    pub(super) fn service_states(&self, name: &str, config: &VmConfig) -> Result<Vec<ServiceState>> {
+        self.agent(name)?.services(service_specs(config))
     }
 }
 
