@@ -35,6 +35,8 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Once};
 
+pub use mvm_devices::ThreadStart;
+
 use crate::{Error, Result};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
@@ -108,7 +110,7 @@ impl Filters {
 /// confines the thread as `kind` (nothing without `filters`), or ends the
 /// process if it cannot (a thread meant to be confined must not run
 /// unconfined).
-pub fn thread_start(filters: Option<&Filters>, kind: ThreadKind) -> mvm_devices::ThreadStart {
+pub fn thread_start(filters: Option<&Filters>, kind: ThreadKind) -> ThreadStart {
     let filters = filters?.clone();
     Some(Arc::new(move || {
         if let Err(e) = filters.apply(kind) {

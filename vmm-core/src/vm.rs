@@ -398,6 +398,14 @@ impl Vm {
         })
     }
 
+    /// A hook that confines the calling thread as a `kind` thread with this
+    /// VM's seccomp filters (nothing with `[security] seccomp = false`), for
+    /// threads the embedding program starts to serve the VM (`mvm-vmm`'s
+    /// signal thread).
+    pub fn thread_start(&self, kind: ThreadKind) -> mvm_devices::ThreadStart {
+        seccomp::thread_start(self.filters.as_ref(), kind)
+    }
+
     /// A handle that stops this VM from another thread.
     pub fn handle(&self) -> VmHandle {
         VmHandle(self.shared.clone())

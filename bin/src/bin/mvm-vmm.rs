@@ -72,13 +72,13 @@ const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHU
 /// is restored and the exit status reported as for any other stop.
 fn forward_stop_signals(
     handle: std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>,
-    seccomp: bool,
+    start: microvm_dev::seccomp::ThreadStart,
 ) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
     let received = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     let seen = received.clone();
     let confine = move || {
-        if seccomp {
-            confine_or_exit(ThreadKind::Worker);
+        if let Some(confine) = start {
+            confine();
         }
     };
     let forwarded = mvm::term::forward_signals(&STOP_SIGNALS, confine, move |sig| {
@@ -185,7 +185,6 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
                 Err(e) => log::warn!("cannot reopen {} to append: {e}; it starts over", file.display()),
             }
         }
-        let seccomp = config.security.seccomp;
         let mut vm = match Vm::new(config) {
             Ok(vm) => vm,
             Err(e) => {
@@ -198,7 +197,7 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
         let signal = match &signals {
             None => {
                 let slot = std::sync::Arc::new(std::sync::Mutex::new(vm.handle()));
-                let signal = forward_stop_signals(slot.clone(), seccomp);
+                let signal = forward_stop_signals(slot.clone(), vm.thread_start(ThreadKind::Worker));
                 signals = Some((slot, signal.clone()));
                 signal
             }
@@ -231,15 +230,6 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
         record_exit(&mut pid_file, code, &reason);
         // Exit without dropping `vm`: the child finishes the teardown.
         std::process::exit(i32::from(code));
-    }
-}
-
-/// Confine this thread as a `kind` thread, or end the process.
-fn confine_or_exit(kind: ThreadKind) {
-    let applied = microvm_dev::seccomp::Filters::new().and_then(|f| f.apply(kind));
-    if let Err(e) = applied {
-        mvm::report("mvm-vmm", &e);
-        std::process::exit(1);
     }
 }
 
