@@ -2,7 +2,8 @@
 # Run every fuzz target (or the ones named after SECONDS) for SECONDS each
 # (default 60), seeded from fuzz/seeds/<target>/ where present, and print a
 # table of what each run did: executions, libFuzzer's coverage counters
-# (cov: covered edges, ft: features) and the corpus size.
+# (cov: covered edges, ft: features), the corpus size, and where coverage
+# last grew (an early share of the run means the target has plateaued).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #   MVM_FUZZ_MINIMIZE=1 scripts/fuzz.sh ...   also minimise each corpus into
@@ -44,6 +45,14 @@ for target in "${targets[@]}"; do
 	cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$done_line")
 	ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$done_line")
 	corp=$(sed -nE 's/.* corp: ([0-9]+\/[0-9]+[a-zA-Z]*).*/\1/p' <<<"$done_line")
+	# Plateau: the execution at which coverage last grew ("#<n> NEW ..."),
+	# as a share of all executions; near 0 % means the last stretch found nothing.
+	last_new=$(grep -E '^#[0-9]+[[:space:]]+NEW ' "$log" | tail -1 | sed -nE 's/^#([0-9]+).*/\1/p' || true)
+	if [ -n "$last_new" ] && [ -n "$execs" ] && [ "$execs" -gt 0 ]; then
+		last_new_pct=$((100 * last_new / execs))
+	else
+		last_new_pct=0
+	fi
 	if [ -z "$done_line" ]; then
 		tail -20 "$log" >&2
 		echo "fuzz: $target: no final status line (build or run failed, log above)" >&2
@@ -57,9 +66,9 @@ for target in "${targets[@]}"; do
 		rm -rf "seeds/$target" && mkdir -p "seeds/$target" && cp -r "$min/." "seeds/$target/"
 		rm -rf "$min"
 	fi
-	rows+=("| $target | ${seconds} s | ${execs:-?} | ${rate:-?}/s | ${cov:-?} | ${ft:-?} | ${corp:-?} |")
+	rows+=("| $target | ${seconds} s | ${execs:-?} | ${rate:-?}/s | ${cov:-?} | ${ft:-?} | ${corp:-?} | ${last_new:-none} (${last_new_pct} %) |")
 done
 echo
-echo "| target | time | execs | rate | cov (edges) | ft (features) | corpus (units/bytes) |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| target | time | execs | rate | cov (edges) | ft (features) | corpus (units/bytes) | last new coverage at exec (share of run) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${rows[@]}"

@@ -78,3 +78,14 @@ case "$installed" in
 	echo "setup-host: virtiofsd done" >&2
 	;;
 esac
+
+# The unprivileged user `[security] user = "microvm-dev"` runs VMMs as
+# (`mvm create --vmm-user`; see docs/security.md): a system account with no
+# home, no shell and no password.
+if ! getent passwd microvm-dev >/dev/null; then
+	sudo=()
+	[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+	echo "setup-host: creating the system user microvm-dev" >&2
+	"${sudo[@]}" useradd --system --no-create-home --home-dir /nonexistent \
+		--shell /usr/sbin/nologin --user-group microvm-dev >&2
+fi

@@ -194,6 +194,35 @@ pub struct CreateOptions {
     /// each gets a `[[service]]` table and a host forward, the VM the
     /// `services` volume and an image with the packages.
     pub services: Vec<microvm_dev::service::ServiceConfig>,
+    /// `[security] user`: the host user the VMM runs as when started as
+    /// root (root prepares TAPs, virtiofsd and /dev/kvm; see
+    /// `microvm_dev::privsep`). Default (None): [`DEFAULT_VMM_USER`] when
+    /// mvm runs as root and that account exists; "root": the VMM keeps
+    /// the caller's rights.
+    pub vmm_user: Option<String>,
+}
+
+/// The account VMMs run as by default when mvm runs as root
+/// (scripts/setup-host.sh creates it).
+pub const DEFAULT_VMM_USER: &str = "microvm-dev";
+
+/// `[security] user` for a new VM: the one asked for ("root": none), else
+/// [`DEFAULT_VMM_USER`] if we are root and it exists (a warning if not).
+pub(crate) fn vmm_user_for(asked: Option<&str>) -> Option<String> {
+    match asked {
+        Some("root") => None,
+        Some(user) => Some(user.to_string()),
+        // SAFETY: geteuid has no preconditions.
+        None if unsafe { libc::geteuid() } != 0 => None,
+        None if user::host_user_by_name(DEFAULT_VMM_USER).is_some() => Some(DEFAULT_VMM_USER.to_string()),
+        None => {
+            log::warn!(
+                "no user {DEFAULT_VMM_USER} on this host: the VM's VMM will run as root (scripts/setup-host.sh \
+                 creates the user; --vmm-user chooses another)"
+            );
+            None
+        }
+    }
 }
 
 /// What a new VM boots into.
@@ -933,6 +962,10 @@ pub fn exit_meaning(status: i32) -> (VmState, String) {
         4 => (VmState::Crashed, "the guest crashed".into()),
         2 => (VmState::Crashed, "configuration error".into()),
         130 => (VmState::Stopped, "stopped from the console (Ctrl-A x) or SIGINT".into()),
+        s if s == microvm_dev::seccomp::VIOLATION_EXIT_CODE => (
+            VmState::Crashed,
+            "a VMM thread made a system call its seccomp filter forbids (vmm.log names it)".into(),
+        ),
         s @ 129..=192 => (VmState::Stopped, format!("stopped by signal {}", s - 128)),
         s => (VmState::Crashed, format!("mvm-vmm failed (status {s})")),
     }

@@ -13,6 +13,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// Sets the TAP's offloads (the VMM's seccomp filters allow it by number).
 pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
@@ -100,6 +101,49 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Take over a TAP another process opened and passed on (a privileged
+    /// parent of an unprivileged VMM): `fd` must be attached to a TAP
+    /// with virtio-net headers and no packet information, as
+    /// [`Tap::open`] makes it; the kernel says which (TUNGETIFF).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Tap, Error> {
+        let file = File::from(fd);
+        let raw = file.as_raw_fd();
+        let fail = |what: &'static str| {
+            move |source| Error::Tap {
+                name: format!("(descriptor {raw})"),
+                what,
+                source,
+            }
+        };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        ioctl(file.as_raw_fd(), TUNGETIFF, (&mut req as *mut IfReq).cast())
+            .map_err(fail("TUNGETIFF (is it a TAP descriptor?)"))?;
+        let wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if req.short() & wanted != wanted {
+            return Err(fail("checking its flags")(io::Error::other(format!(
+                "flags {:#x}: a TAP with IFF_NO_PI and IFF_VNET_HDR is needed",
+                req.short()
+            ))));
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(libc::IFNAMSIZ);
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above; the device reads and writes without blocking.
+        if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(fail("making it non-blocking")(io::Error::last_os_error()));
+        }
+        Ok(Tap { file, name })
+    }
+
+    /// The descriptor, to hand to another process ([`Tap::from_fd`]).
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        self.file.into()
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
@@ -177,5 +221,20 @@ mod tests {
         assert!(matches!(IfReq::new("a-very-long-name0"), Err(Error::Name(_))));
         assert!(IfReq::new("tap0").is_ok());
         assert!(matches!(Tap::open("x\0y"), Err(Error::Name(_))));
+    }
+
+    /// A TAP passed on as a descriptor is taken over with its name; a
+    /// descriptor that is not a TAP is refused.
+    #[test]
+    fn from_fd_takes_over_a_tap_and_refuses_others() {
+        crate::host::testing::in_new_netns(|| {
+            let tap = Tap::open("mvmfd0").unwrap();
+            let dup: std::os::fd::OwnedFd = tap.file.try_clone().unwrap().into();
+            let taken = Tap::from_fd(dup).unwrap();
+            assert_eq!(taken.name(), "mvmfd0");
+            let null: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
+            let e = Tap::from_fd(null).err().unwrap();
+            assert!(e.to_string().contains("TUNGETIFF"), "{e}");
+        });
     }
 }

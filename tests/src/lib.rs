@@ -110,6 +110,57 @@ pub fn assert_threads_confined(pid: u32, expected: &[&str]) -> Vec<String> {
     names
 }
 
+/// The unprivileged VMM a root `mvm-vmm` (the keeper, `keeper` its pid)
+/// runs when `[security] user` is set: its one child, checked to run as
+/// `uid` with no capability left (bounding set included) and
+/// `no_new_privs`, while the keeper stays root. Returns the child's pid.
+pub fn assert_vmm_unprivileged(keeper: u32, uid: u32) -> u32 {
+    let field = |status: &str, key: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    // The keeper starts it once the host side is prepared.
+    let child = || {
+        let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "mvm-vmm"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let vmm = loop {
+        match child() {
+            Some(pid) => break pid,
+            None if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(100)),
+            None => panic!("the keeper {keeper} runs no mvm-vmm child"),
+        }
+    };
+    let keeper_status = std::fs::read_to_string(format!("/proc/{keeper}/status")).unwrap_or_default();
+    assert_eq!(field(&keeper_status, "Uid:"), "0 0 0 0", "the keeper runs as root");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
+    let id = format!("{uid} {uid} {uid} {uid}");
+    assert_eq!(field(&status, "Uid:"), id, "the VMM's uids:\n{status}");
+    assert_eq!(field(&status, "Groups:"), "", "no supplementary groups:\n{status}");
+    for cap in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(&status, cap), "0000000000000000", "{cap} of the VMM:\n{status}");
+    }
+    assert_eq!(field(&status, "NoNewPrivs:"), "1", "no_new_privs:\n{status}");
+    vmm
+}
+
+/// The uid of host account `name`.
+pub fn host_uid(name: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mvm-test-{}-{}", name, std::process::id()));

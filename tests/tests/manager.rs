@@ -96,16 +96,23 @@ fn manager_runs_vms_from_create_to_rm() {
     std::fs::write(project.join("README"), "the project\n").unwrap();
     std::fs::write(project.join("script.sh"), "echo from-project\n").unwrap();
     std::fs::create_dir_all(project.join("sub")).unwrap();
+    std::fs::write(project.join("beta-removes"), "gone in beta\n").unwrap();
     let before = project_listing(&project);
+    // beta's VMM runs unprivileged (scripts/setup-host.sh makes the user).
+    let vmm_uid = mvm_tests::host_uid("microvm-dev").expect("the microvm-dev user (scripts/setup-host.sh)");
     let mvm = Mvm::new(dir.join("state"));
     let p = project.to_str().unwrap();
 
     // Two copies of one project; alpha's sessions get an environment.
+    // alpha's VMM keeps root's rights (--vmm-user root), beta's runs as
+    // microvm-dev (the default as root, said explicitly here).
     let out = mvm
         .command(&[
             "create",
             "--no-image",
             "--no-network",
+            "--vmm-user",
+            "root",
             "alpha",
             "--project",
             p,
@@ -135,9 +142,17 @@ fn manager_runs_vms_from_create_to_rm() {
         "1",
         "--memory",
         "128",
+        "--vmm-user",
+        "microvm-dev",
     ]);
     let definition = std::fs::read_to_string(mvm.root.join("alpha/vm.toml")).unwrap();
     assert!(definition.contains("rdinit=/sbin/mvm-agent"), "{definition}");
+    assert!(!definition.contains("[security]"), "{definition}");
+    let beta_definition = std::fs::read_to_string(mvm.root.join("beta/vm.toml")).unwrap();
+    assert!(
+        beta_definition.contains("[security]\nuser = \"microvm-dev\""),
+        "{beta_definition}"
+    );
     assert!(
         definition.contains("[env]") && definition.contains("passthrough = [\"MVM_PASS_*\"]"),
         "{definition}"
@@ -243,6 +258,39 @@ fn manager_runs_vms_from_create_to_rm() {
         mvm.ok(&["exec", "beta", "--", "cat", "/project/README"]),
         "the project\n"
     );
+    assert_eq!(project_listing(&project), before, "the host project changed");
+
+    // beta's VMM: unprivileged, every thread but its main one confined,
+    // and what the guest makes in the share is the guest's own there and
+    // the VMM user's on the host; deleting a project file (a whiteout, no
+    // CAP_MKNOD needed) works too.
+    let beta_vmm = mvm_tests::assert_vmm_unprivileged(mvm.pid_of("beta") as u32, vmm_uid);
+    mvm_tests::assert_threads_confined(beta_vmm, &["vcpu0", "mvm-vm", "mvm-control", "mvm-watch"]);
+    let owners = mvm.ok(&[
+        "exec",
+        "beta",
+        "--",
+        "sh",
+        "-c",
+        "cd /project && echo b > beta.txt && rm beta-removes && mkdir made && \
+         echo \"$(id -u) $(stat -c %u beta.txt) $(stat -c %u made)\" && ls",
+    ]);
+    let mut lines = owners.lines();
+    let ids: Vec<&str> = lines.next().unwrap_or_default().split(' ').collect();
+    assert!(
+        ids.len() == 3 && ids[1] == ids[0] && ids[2] == ids[0],
+        "owners in beta: {owners}"
+    );
+    assert!(!owners.contains("beta-removes"), "{owners}");
+    let upper = mvm.root.join("beta/overlay/project");
+    for made in ["beta.txt", "made"] {
+        let meta = std::fs::metadata(upper.join(made)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            vmm_uid,
+            "{made} in beta's upper layer"
+        );
+    }
     assert_eq!(project_listing(&project), before, "the host project changed");
 
     // The console log holds the guest's boot, up to the agent.

@@ -244,7 +244,9 @@ fn managed_network_end_to_end() {
     create_a.extend_from_slice(&common);
     create_a.extend_from_slice(&["--forward", "18080:80", "--forward", "0.0.0.0:18081:80"]);
     mvm.ok(&create_a);
-    let mut create_b = vec!["create", "b"];
+    // a's VMM runs as microvm-dev (the default as root: root prepares its
+    // TAP and network), b's keeps root's rights.
+    let mut create_b = vec!["create", "b", "--vmm-user", "root"];
     create_b.extend_from_slice(&common);
     mvm.ok(&create_b);
     let toml = std::fs::read_to_string(dir.join("state/a/vm.toml")).unwrap();
@@ -265,21 +267,35 @@ fn managed_network_end_to_end() {
             .to_string()
     };
     let (ip_a, ip_b) = (ip("a"), ip("b"));
-    // The VMM of a VM with forwards: each of its threads is confined.
-    let vmm = mvm.json(&["status", "a", "--json"])["pid"]
+    // The VMM of a VM with forwards: unprivileged, with its TAP by
+    // descriptor, each of its threads confined; its root keeper keeps the
+    // network whole.
+    let a_keeper = mvm.json(&["status", "a", "--json"])["pid"]
         .as_u64()
-        .expect("a's VMM pid");
+        .expect("a's VMM pid") as u32;
+    let vmm_uid = mvm_tests::host_uid("microvm-dev").expect("the microvm-dev user (scripts/setup-host.sh)");
+    let a_vmm = mvm_tests::assert_vmm_unprivileged(a_keeper, vmm_uid);
     mvm_tests::assert_threads_confined(
-        vmm as u32,
-        &[
-            "vcpu0",
-            "mvm-vm",
-            "mvm-control",
-            "mvm-net-watch",
-            "fwd-tcp-18080",
-            "fwd-tcp-18081",
-        ],
+        a_vmm,
+        &["vcpu0", "mvm-vm", "mvm-control", "fwd-tcp-18080", "fwd-tcp-18081"],
     );
+    let keeper_threads: Vec<String> = std::fs::read_dir(format!("/proc/{a_keeper}/task"))
+        .unwrap()
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        keeper_threads.iter().any(|t| t == "mvm-net-watch"),
+        "{keeper_threads:?}"
+    );
+    // b's VMM (root) watches its network itself, confined.
+    let b_vmm = mvm.json(&["status", "b", "--json"])["pid"].as_u64().expect("b's pid") as u32;
+    mvm_tests::assert_threads_confined(b_vmm, &["vcpu0", "mvm-vm", "mvm-control", "mvm-net-watch"]);
     assert_ne!(ip_a, ip_b);
     for addr in [&ip_a, &ip_b] {
         assert!(addr.starts_with("10.213.0."), "{addr}");

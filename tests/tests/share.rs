@@ -203,6 +203,8 @@ struct Vm<'a> {
     volume: bool,
     virtiofsd: bool,
     cmdline: String,
+    /// `[security] user`: the VMM runs as this user, root prepares.
+    vmm_user: Option<&'a str>,
 }
 
 fn vm_config(dir: &Path, project: &Path, vm: &Vm) -> PathBuf {
@@ -213,6 +215,9 @@ fn vm_config(dir: &Path, project: &Path, vm: &Vm) -> PathBuf {
     }
     if vm.volume {
         text += "[[volume]]\nname = \"data\"\nsize_mib = 16\nmount = \"/data\"\n";
+    }
+    if let Some(user) = vm.vmm_user {
+        text += &format!("[security]\nuser = \"{user}\"\n");
     }
     let path = dir.join(format!("{}.toml", vm.name));
     std::fs::write(&path, text).unwrap();
@@ -335,6 +340,7 @@ fn project_share_overlay_persistence_and_isolation() {
         volume: true,
         virtiofsd: true,
         cmdline: format!("mvm.scenario=share mvm.fsdirs=/project,/pv mvm.opens={OPENS} mvm.volmark=kept-on-the-volume"),
+        vmm_user: None,
     };
     let config = vm_config(&dir, &project, &alpha);
     let mut vm = RunningVm::start(&config);
@@ -399,9 +405,13 @@ fn project_share_overlay_persistence_and_isolation() {
 
     // Boots 2 and 3 at once: alpha again (persistent upper layers and
     // volume), and beta over the same project without persistence, whose
-    // upper layer has a file left from "an earlier run".
+    // upper layer has a file left from "an earlier run". alpha now runs
+    // unprivileged: its root keeper gives it the state directory the root
+    // run made, serves /pv with virtiofsd and hands over /dev/kvm and the
+    // files.
     let again = Vm {
         cmdline: "mvm.scenario=share_state mvm.fsdirs=/project,/pv".into(),
+        vmm_user: Some("microvm-dev"),
         ..alpha
     };
     let beta = Vm {
@@ -410,10 +420,13 @@ fn project_share_overlay_persistence_and_isolation() {
         volume: false,
         virtiofsd: false,
         cmdline: "mvm.scenario=share_state mvm.fsdirs=/project".into(),
+        vmm_user: None,
     };
     write(&state.join("beta/overlay/project/leftover"), b"from an earlier run\n");
     let second = RunningVm::start(&vm_config(&dir, &project, &again));
     let third = RunningVm::start(&vm_config(&dir, &project, &beta));
+    let vmm_uid = mvm_tests::host_uid("microvm-dev").expect("the microvm-dev user (scripts/setup-host.sh)");
+    mvm_tests::assert_vmm_unprivileged(second.pid(), vmm_uid);
     let (second, third) = (second.finish(TIMEOUT), third.finish(TIMEOUT));
     for run in [&second, &third] {
         assert_eq!(

@@ -181,17 +181,27 @@ pub struct VmConfig {
 }
 
 /// `[security]`: the VMM's own confinement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecurityConfig {
     /// Install a seccomp filter on every VMM thread before the guest runs
     /// (see [`crate::seccomp`]). Default: true; `false` is for debugging
     /// (e.g. running the VMM under a tool that needs other system calls).
     pub seccomp: bool,
+    /// The host user that runs the VM when `mvm-vmm` is started as root:
+    /// the root process prepares what needs privilege (TAPs and their
+    /// bridge ports, virtiofsd and its overlay mount, /dev/kvm, the state
+    /// directory's ownership) and runs the VMM as this user, with no
+    /// capabilities and `no_new_privs` (see [`crate::privsep`]). Default:
+    /// none, the VMM runs as whoever started it; ignored when not root.
+    pub user: Option<String>,
 }
 
 impl Default for SecurityConfig {
     fn default() -> Self {
-        SecurityConfig { seccomp: true }
+        SecurityConfig {
+            seccomp: true,
+            user: None,
+        }
     }
 }
 
@@ -700,6 +710,7 @@ impl VmConfig {
             devenv: file.devenv.map(|d| resolve(d.file)),
             security: SecurityConfig {
                 seccomp: file.security.seccomp,
+                user: file.security.user,
             },
             machine: MachineConfig {
                 vcpus: file.machine.vcpus,
@@ -920,11 +931,15 @@ struct FileConfig {
 struct FileSecurity {
     #[serde(default = "default_true")]
     seccomp: bool,
+    user: Option<String>,
 }
 
 impl Default for FileSecurity {
     fn default() -> Self {
-        FileSecurity { seccomp: true }
+        FileSecurity {
+            seccomp: true,
+            user: None,
+        }
     }
 }
 
@@ -1121,6 +1136,9 @@ mod tests {
         assert!(parse(&format!("{base}[security]\n")).unwrap().security.seccomp);
         let e = err(&format!("{base}[security]\nsandbox = true\n"));
         assert!(e.contains("sandbox"), "{e}");
+        assert_eq!(parse(base).unwrap().security.user, None);
+        let c = parse(&format!("{base}[security]\nuser = \"microvm-dev\"\n")).unwrap();
+        assert_eq!(c.security.user.as_deref(), Some("microvm-dev"));
     }
 
     #[test]

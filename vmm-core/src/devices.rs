@@ -26,12 +26,15 @@ use mvm_storage::fs::device::VirtioFs;
 use mvm_storage::fs::overlay::{Overlay, OverlayOptions};
 
 use mvm_net::host::network::{Attachment, Network};
+use mvm_net::tap::Tap;
 
-use crate::config::{default_tap_name, ConsoleOutput, ShareBackend, ShareConfig, VmConfig};
+use crate::config::{default_tap_name, ConsoleOutput, NetConfig, ShareBackend, ShareConfig, VmConfig};
 use crate::console::open_output;
+use crate::privsep::Handoff;
 use crate::state;
 use crate::x86_64::{acpi, layout};
 use crate::{Error, Result};
+use std::path::PathBuf;
 
 type Device = Box<dyn VirtioDevice>;
 
@@ -41,7 +44,8 @@ type Device = Box<dyn VirtioDevice>;
 /// to them; their [`Attachment`]s go to `attachments`, in NIC order.
 pub(crate) fn virtio_devices(
     config: &VmConfig,
-    attachments: &mut Vec<Attachment>,
+    handoff: &mut Handoff,
+    nics: &mut Nics,
     live_shares: &mut Vec<LiveShare>,
     confine: &ThreadStart,
 ) -> Result<Vec<Device>> {
@@ -49,8 +53,8 @@ pub(crate) fn virtio_devices(
     root_image(config, &mut devices)?;
     disks(config, &mut devices)?;
     volumes(config, &mut devices)?;
-    nets(config, &mut devices, attachments)?;
-    shares(config, &mut devices, live_shares, confine)?;
+    nets(config, &mut devices, handoff, nics)?;
+    shares(config, &mut devices, handoff, live_shares, confine)?;
     if config.machine.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -121,23 +125,57 @@ fn volumes(config: &VmConfig, devices: &mut Vec<Device>) -> Result<()> {
     Ok(())
 }
 
-/// TAPs first, then the network: a TAP that cannot be made leaves no
-/// network change behind.
-fn nets(config: &VmConfig, devices: &mut Vec<Device>, attachments: &mut Vec<Attachment>) -> Result<()> {
+/// The NICs' side on the host: where each managed NIC's network put it.
+#[derive(Default)]
+pub(crate) struct Nics {
+    /// Attachments made here, in NIC order (they undo themselves unless
+    /// kept once the VM starts).
+    pub attachments: Vec<Attachment>,
+    /// The first managed NIC's address: the port forwards' target.
+    pub first_ip: Option<std::net::Ipv4Addr>,
+}
+
+fn nets(config: &VmConfig, devices: &mut Vec<Device>, handoff: &mut Handoff, nics: &mut Nics) -> Result<()> {
     for (i, net) in config.nets.iter().enumerate() {
-        let mac = net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i));
-        let tap_name = net.tap.clone().unwrap_or_else(|| default_tap_name(mac));
-        let tap = mvm_net::tap::Tap::open(&tap_name)?;
-        if let Some(bridge) = &net.bridge {
-            tap.attach_to_bridge(bridge)?;
-        }
-        if let Some(network) = &net.network {
-            let network = Network::open(&config.state_root, network)?;
-            attachments.push(network.attach(&config.name, mac, &tap_name)?);
-        }
+        let mac = nic_mac(config, i, net);
+        let tap = match handoff.take_tap(i) {
+            Some(prepared) => {
+                nics.first_ip = nics.first_ip.or(prepared.ip);
+                mvm_net::tap::Tap::from_fd(prepared.fd)?
+            }
+            None => {
+                let (tap, attachment) = open_tap(config, i, net)?;
+                if let Some(a) = attachment {
+                    nics.first_ip = nics.first_ip.or(Some(a.ip()));
+                    nics.attachments.push(a);
+                }
+                tap
+            }
+        };
         devices.push(Box::new(mvm_net::device::Net::new(tap, mac)));
     }
     Ok(())
+}
+
+fn nic_mac(config: &VmConfig, i: usize, net: &NetConfig) -> [u8; 6] {
+    net.mac.unwrap_or_else(|| mvm_net::mac_for(&config.name, i))
+}
+
+/// Open NIC `i`'s TAP (creating it) and make it a port of its bridge or
+/// managed network (needs CAP_NET_ADMIN). The TAP first, then the network:
+/// a TAP that cannot be made leaves no network change behind.
+pub(crate) fn open_tap(config: &VmConfig, i: usize, net: &NetConfig) -> Result<(Tap, Option<Attachment>)> {
+    let mac = nic_mac(config, i, net);
+    let tap_name = net.tap.clone().unwrap_or_else(|| default_tap_name(mac));
+    let tap = Tap::open(&tap_name)?;
+    if let Some(bridge) = &net.bridge {
+        tap.attach_to_bridge(bridge)?;
+    }
+    let attachment = match &net.network {
+        Some(network) => Some(Network::open(&config.state_root, network)?.attach(&config.name, mac, &tap_name)?),
+        None => None,
+    };
+    Ok((tap, attachment))
 }
 
 /// A share whose file server runs in this process, reachable from the
@@ -152,10 +190,21 @@ pub(crate) struct LiveShare {
 fn shares(
     config: &VmConfig,
     devices: &mut Vec<Device>,
+    handoff: &Handoff,
     live_shares: &mut Vec<LiveShare>,
     confine: &ThreadStart,
 ) -> Result<()> {
     for share in &config.shares {
+        // virtiofsd already serves it (started by the preparing process).
+        if let Some(socket) = handoff.virtiofsd_socket(&share.tag) {
+            let device = mvm_storage::fs::vhost_user::VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE)
+                .map_err(|e| Error::Share {
+                    tag: share.tag.clone(),
+                    reason: e.to_string(),
+                })?;
+            devices.push(Box::new(device));
+            continue;
+        }
         devices.push(share_device(config, share, live_shares, confine.clone())?);
     }
     Ok(())
@@ -193,7 +242,7 @@ const VIRTIOFSD_QUEUE_SIZE: u16 = 1024;
 /// or to one started here over a host overlay mount of the share's layers
 /// (the device owns both; they end with the VM).
 fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers, confine: ThreadStart) -> Result<Device> {
-    use mvm_storage::fs::vhost_user::{VhostUserFs, VirtiofsdShare};
+    use mvm_storage::fs::vhost_user::VhostUserFs;
     let share_error = |e: mvm_storage::Error| Error::Share {
         tag: share.tag.clone(),
         reason: e.to_string(),
@@ -202,16 +251,21 @@ fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers, confine: Th
         let device = VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE).map_err(share_error)?;
         return Ok(Box::new(device));
     }
-    // Beside the upper layer, like its work directory: in the state
-    // directory that is overlay/<tag>.merged and overlay/<tag>.sock.
-    let (merged, socket) = match &layers.upper {
-        Some(upper) => (sibling(upper, "merged"), sibling(upper, "sock")),
-        None => {
-            let run = std::env::temp_dir().join(format!("mvm-{}-{}", std::process::id(), share.tag));
-            (run.with_extension("merged"), run.with_extension("sock"))
-        }
-    };
-    let device = VirtiofsdShare {
+    let device = with_virtiofsd(share, layers, confine, |spec| spec.start())?;
+    Ok(Box::new(device))
+}
+
+/// Hand `f` the virtiofsd setup of `share` over its layers, mounted and
+/// served at [`virtiofsd_paths`]: `VirtiofsdShare::start` (serve and
+/// connect) or `::serve` (serve only, for another process to connect).
+pub(crate) fn with_virtiofsd<T>(
+    share: &ShareConfig,
+    layers: &state::ShareLayers,
+    confine: ThreadStart,
+    f: impl FnOnce(&mvm_storage::fs::vhost_user::VirtiofsdShare<'_>) -> std::result::Result<T, mvm_storage::Error>,
+) -> Result<T> {
+    let (merged, socket) = virtiofsd_paths(share, layers);
+    let spec = mvm_storage::fs::vhost_user::VirtiofsdShare {
         tag: &share.tag,
         source: &layers.source,
         upper: layers.upper.as_deref(),
@@ -220,10 +274,24 @@ fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers, confine: Th
         binary: None,
         queue_size: VIRTIOFSD_QUEUE_SIZE,
         thread_start: confine,
+    };
+    f(&spec).map_err(|e| Error::Share {
+        tag: share.tag.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Where a virtiofsd share's overlay is mounted and its socket goes:
+/// beside the upper layer, like its work directory (in the state
+/// directory that is overlay/<tag>.merged and overlay/<tag>.sock).
+fn virtiofsd_paths(share: &ShareConfig, layers: &state::ShareLayers) -> (PathBuf, PathBuf) {
+    match &layers.upper {
+        Some(upper) => (sibling(upper, "merged"), sibling(upper, "sock")),
+        None => {
+            let run = std::env::temp_dir().join(format!("mvm-{}-{}", std::process::id(), share.tag));
+            (run.with_extension("merged"), run.with_extension("sock"))
+        }
     }
-    .start()
-    .map_err(share_error)?;
-    Ok(Box::new(device))
 }
 
 /// `<dir>/<name>.<ext>` for `<dir>/<name>`.

@@ -50,6 +50,7 @@ mod error;
 pub mod host;
 pub mod memory;
 pub mod network;
+pub mod privsep;
 pub mod seccomp;
 pub mod service;
 pub mod state;

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mvm_net::forward::{ForwardSpec, Forwarder};
-use mvm_net::host::network::{Attachment, Network};
+use mvm_net::host::network::Network;
 
 use mvm_devices::ThreadStart;
 
@@ -102,13 +102,13 @@ fn wanted(declared: &[ForwardConfig], dir: &Path) -> Result<Vec<ForwardSpec>> {
 pub(crate) fn start(
     config: &VmConfig,
     state_dir: &Path,
-    attachments: &[Attachment],
+    nics: &crate::devices::Nics,
     filters: Option<&Filters>,
 ) -> Result<Option<Networking>> {
-    let Some(first) = attachments.first() else {
+    let Some(first_ip) = nics.first_ip else {
         return Ok(None);
     };
-    let mut forwarder = Forwarder::new(IpAddr::V4(first.ip()));
+    let mut forwarder = Forwarder::new(IpAddr::V4(first_ip));
     forwarder.set_thread_start(thread_start(filters, ThreadKind::Worker));
     // set(), not add(): it refuses one host port forwarded twice.
     if let Some((_, e)) = forwarder.set(&wanted(&config.forwards, state_dir)?).into_iter().next() {
@@ -117,8 +117,9 @@ pub(crate) fn start(
     let forwarder = Arc::new(Mutex::new(forwarder));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    let networks: Vec<Network> = attachments.iter().map(|a| a.network().clone()).collect();
-    {
+    // Networks attached by another (privileged) process are kept by it.
+    let networks: Vec<Network> = nics.attachments.iter().map(|a| a.network().clone()).collect();
+    if !networks.is_empty() {
         let stop = stop.clone();
         // It starts dnsmasq again when it died: the one thread allowed to
         // start a program.
@@ -137,7 +138,7 @@ pub(crate) fn start(
 }
 
 /// Start thread `name`, which runs `confine` before `f`.
-pub(crate) fn spawn(name: &str, confine: ThreadStart, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+pub fn spawn(name: &str, confine: ThreadStart, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
@@ -161,7 +162,9 @@ pub(crate) fn pause(stop: &AtomicBool, total: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-fn supervise(networks: &[Network], stop: &AtomicBool) {
+/// Keep `networks` whole until `stop`: every 2 s, dnsmasq restarted if it
+/// died and the nftables rules put back (see [`Network::supervise`]).
+pub fn supervise(networks: &[Network], stop: &AtomicBool) {
     while pause(stop, SUPERVISE_EVERY) {
         for net in networks {
             match net.supervise() {

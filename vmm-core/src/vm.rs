@@ -1,7 +1,7 @@
 //! A VM: built from a [`VmConfig`] by [`Vm::new`], run to its end by
 //! [`Vm::run`], stoppable from any thread through a [`VmHandle`].
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{check_file, ConsoleInput, VmConfig};
 use crate::console::{InputPump, RawTerminal};
 use crate::host::{compose_cmdline, HostKind, InternalError};
+use crate::privsep::Handoff;
 use crate::seccomp::ThreadKind;
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
 use crate::{control, devices, network, seccomp, state, vcpu, watch, Error, Result};
@@ -153,6 +154,9 @@ pub struct Vm {
     host: HostKind,
     _vm_fd: VmFd,
     _kvm: Kvm,
+    /// The paths opened for this VMM, read through /proc/self/fd while it
+    /// runs (the share watcher).
+    _handoff: Handoff,
     _memory: GuestMemoryMmap,
     /// The threads' seccomp filters (`None`: `[security] seccomp = false`).
     filters: Option<seccomp::Filters>,
@@ -167,11 +171,24 @@ impl Vm {
     /// kernel and initrd, write the boot structures, create devices and
     /// vCPUs. Nothing runs until [`Vm::run`].
     pub fn new(config: VmConfig) -> Result<Self> {
+        Self::with_handoff(config, Handoff::default())
+    }
+
+    /// [`Vm::new`] with host resources another (privileged) process
+    /// prepared: `/dev/kvm`, TAPs, virtiofsd sockets, opened paths (see
+    /// [`crate::privsep`]). What the handoff lacks is set up here as usual.
+    pub fn with_handoff(mut config: VmConfig, mut handoff: Handoff) -> Result<Self> {
+        handoff.apply_paths(&mut config);
         let host = HostKind::detect();
         if let Some(warning) = host.warning(config.boot.host_cmdline) {
             log::warn!("{warning}");
         }
-        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let kvm = match handoff.kvm.take() {
+            // SAFETY: the handoff owned this open /dev/kvm descriptor; the
+            // Kvm takes it over.
+            Some(fd) => unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) },
+            None => Kvm::new().map_err(Error::KvmOpen)?,
+        };
         let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(mptable::MAX_VCPUS));
         config.validate(max_vcpus)?;
         if devices::virtio_count(&config) > layout::VIRTIO_MAX_DEVICES {
@@ -227,7 +244,7 @@ impl Vm {
         // directory, upper layers, volume images) and host processes
         // started.
         let state_dir = state::open(&config)?;
-        let mut attachments = Vec::new();
+        let mut nics = devices::Nics::default();
         let mut live_shares = Vec::new();
         // Compiled before any thread starts: every one confines itself first.
         let filters = match config.security.seccomp {
@@ -235,10 +252,10 @@ impl Vm {
             false => None,
         };
         let worker = seccomp::thread_start(filters.as_ref(), ThreadKind::Worker);
-        let virtio_devices = devices::virtio_devices(&config, &mut attachments, &mut live_shares, &worker)?;
+        let virtio_devices = devices::virtio_devices(&config, &mut handoff, &mut nics, &mut live_shares, &worker)?;
         let watching = watch::start(&config, &live_shares, worker.clone())?;
         let networking = match &state_dir {
-            Some(dir) => network::start(&config, &dir.path, &attachments, filters.as_ref())?,
+            Some(dir) => network::start(&config, &dir.path, &nics, filters.as_ref())?,
             None => None,
         };
         let control = match &state_dir {
@@ -374,8 +391,10 @@ impl Vm {
             kernel.entry
         );
         let shared = Arc::new(VmShared::new()?);
-        // Nothing can fail any more: the VMs' address pins stay.
-        attachments.iter_mut().for_each(|a| a.keep());
+        // Nothing can fail any more: the VMs' address pins stay (here, and
+        // in the process that prepared the handoff, told so).
+        nics.attachments.iter_mut().for_each(|a| a.keep());
+        handoff.built();
         Ok(Vm {
             shared,
             vcpus: vcpu_fds,
@@ -394,6 +413,7 @@ impl Vm {
             host,
             _vm_fd: vm_fd,
             _kvm: kvm,
+            _handoff: handoff,
             _memory: memory,
         })
     }

@@ -8,11 +8,12 @@
 
 use std::process::ExitCode;
 
+use microvm_dev::privsep::{self, Handoff, VmmUser};
 use microvm_dev::seccomp::ThreadKind;
 use microvm_dev::{StopReason, Vm, VmConfig, VmExit};
 use mvm::pidfile::{self, AcquireError, PidFile, Record};
 
-const USAGE: &str = "usage: mvm-vmm run <vm.toml> [--pid-file <path>] [--restart-on-reboot]
+const USAGE: &str = "usage: mvm-vmm run <vm.toml> [--pid-file <path>] [--restart-on-reboot] [--handoff <toml>]
 
 Boots the VM described by <vm.toml> and runs it until the guest powers off,
 reboots or crashes. The guest console is this terminal unless the file says
@@ -25,6 +26,11 @@ exit 1 (\"already running\"). `mvm` uses it to know whether a VM runs.
 
 --restart-on-reboot: when the guest reboots, boot it again (re-reading
 <vm.toml>) instead of exiting with status 3, as a machine would.
+
+--handoff <toml>: descriptors and facts a privileged parent prepared
+(/dev/kvm, TAPs, virtiofsd sockets, opened files; see microvm_dev::privsep).
+Started as root with `[security] user` set, mvm-vmm prepares them itself,
+runs the VM as that user with them, and cleans up when it ends.
 
 exit status: 0 powered off, 3 rebooted, 4 crashed, 2 bad configuration,
 1 other error, 128+N stopped by signal N.
@@ -127,13 +133,36 @@ fn detach_teardown(lock_fds: &[libc::c_int]) {
     }
 }
 
-fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode {
+fn run(args: RunArgs<'_>) -> ExitCode {
+    let RunArgs {
+        path,
+        pid_file: pid_path,
+        restart_on_reboot,
+        handoff,
+    } = args;
     let config = match VmConfig::from_file(path) {
         Ok(c) => c,
         Err(e) => {
             mvm::report("mvm-vmm", &e);
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    let mut handoff = match handoff.map(Handoff::from_arg).transpose() {
+        Ok(h) => h,
+        Err(e) => {
+            mvm::report("mvm-vmm", &e);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let switch_to = match handoff {
+        Some(_) => None,
+        None => match privsep::user_to_switch_to(&config) {
+            Ok(user) => user,
+            Err(e) => {
+                mvm::report("mvm-vmm", &e);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
     };
     let mut pid_file = match pid_path.map(|p| PidFile::acquire(std::path::Path::new(p))) {
         None => None,
@@ -151,24 +180,15 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
             return ExitCode::from(1);
         }
     };
-    let record_exit = |pid_file: &mut Option<PidFile>, status: u8, reason: &str| {
-        if let Some(f) = pid_file.as_mut() {
-            let record = Record::Exited {
-                status: i32::from(status),
-                at: pidfile::unix_now(),
-                reason: reason.to_string(),
-            };
-            if let Err(e) = f.write(&record) {
-                eprintln!("mvm-vmm: warning: cannot update the pid file: {e}");
-            }
-        }
-    };
+    if let Some(user) = switch_to {
+        return keep(path, pid_file, restart_on_reboot, &user, config);
+    }
     let mut config = Some(config);
     let mut signals: Option<(std::sync::Arc<std::sync::Mutex<microvm_dev::VmHandle>>, _)> = None;
     loop {
         // After a reboot the file is read again, as a machine re-reads its
         // settings when it restarts.
-        let rebooted = config.is_none();
+        let rebooted = config.is_none() || handoff.as_ref().is_some_and(|h| h.rebooted);
         let mut config = match config.take().map_or_else(|| VmConfig::from_file(path), Ok) {
             Ok(c) => c,
             Err(e) => {
@@ -185,7 +205,7 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
                 Err(e) => log::warn!("cannot reopen {} to append: {e}; it starts over", file.display()),
             }
         }
-        let mut vm = match Vm::new(config) {
+        let mut vm = match Vm::with_handoff(config, handoff.take().unwrap_or_default()) {
             Ok(vm) => vm,
             Err(e) => {
                 mvm::report("mvm-vmm", &e);
@@ -233,6 +253,129 @@ fn run(path: &str, pid_path: Option<&str>, restart_on_reboot: bool) -> ExitCode 
     }
 }
 
+/// Run the VM as `user`: prepare what needs root ([`privsep::prepare`]),
+/// start this program as `user` with the handoff, pass stop signals on to
+/// it, keep the managed networks whole while it runs, undo the
+/// preparation when it ends, and boot again after a guest reboot when
+/// asked to. This process reads no guest input.
+fn keep(
+    path: &str,
+    mut pid_file: Option<PidFile>,
+    restart_on_reboot: bool,
+    user: &VmmUser,
+    first: VmConfig,
+) -> ExitCode {
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::sync::Arc;
+    let child_pid = Arc::new(AtomicI32::new(0));
+    let signal = Arc::new(AtomicI32::new(0));
+    {
+        let (child_pid, signal) = (child_pid.clone(), signal.clone());
+        let forwarded = mvm::term::forward_signals(
+            &STOP_SIGNALS,
+            || {},
+            move |sig| {
+                signal.store(sig, Ordering::SeqCst);
+                let pid = child_pid.load(Ordering::SeqCst);
+                if pid > 0 {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            },
+        );
+        if let Err(e) = forwarded {
+            log::warn!("cannot start the signal thread ({e}); a stop signal ends the VMM abruptly");
+        }
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let mut next = Some(first);
+    let mut rebooted = false;
+    loop {
+        let config = match next.take().map_or_else(|| VmConfig::from_file(path), Ok) {
+            Ok(c) => c,
+            Err(e) => return fail(&mut pid_file, &e),
+        };
+        let mut prepared = match privsep::prepare(&config, user) {
+            Ok(p) => p,
+            Err(e) => return fail(&mut pid_file, &e),
+        };
+        prepared.handoff.rebooted = rebooted;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("run").arg(path).arg("--handoff").arg(prepared.handoff.to_arg());
+        let mut child = match privsep::spawn(cmd, &prepared.handoff, user) {
+            Ok(c) => c,
+            Err(e) => return fail(&mut pid_file, &e),
+        };
+        child_pid.store(child.id() as i32, Ordering::SeqCst);
+        // A stop signal that came while no VMM ran.
+        let early = signal.load(Ordering::SeqCst);
+        if early != 0 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, early) };
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let networks = prepared.networks.clone();
+        let watcher = match networks.is_empty() {
+            true => None,
+            false => {
+                let stop = stop.clone();
+                microvm_dev::network::spawn("mvm-net-watch", None, move || {
+                    microvm_dev::network::supervise(&networks, &stop)
+                })
+                .ok()
+            }
+        };
+        // The keeper's copies: the VMM holds the TAPs, /dev/kvm and the
+        // ready pipe's write end (so that its end shows at the VMM's exit).
+        prepared.handoff = Handoff::default();
+        let status = child.wait();
+        child_pid.store(0, Ordering::SeqCst);
+        prepared.settle();
+        stop.store(true, Ordering::SeqCst);
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        drop(prepared);
+        let code = match status {
+            Ok(s) => privsep::exit_status(s),
+            Err(e) => {
+                eprintln!("mvm-vmm: error: waiting for the VMM: {e}");
+                1
+            }
+        };
+        if restart_on_reboot && code == i32::from(EXIT_REBOOT) && signal.load(Ordering::SeqCst) == 0 {
+            eprintln!("mvm-vmm: the guest rebooted; booting it again");
+            rebooted = true;
+            continue;
+        }
+        let code = u8::try_from(code).unwrap_or(1);
+        record_exit(&mut pid_file, code, &mvm::manager::exit_meaning(i32::from(code)).1);
+        return ExitCode::from(code);
+    }
+}
+
+/// Report `e`, record it in the pid file and exit as it says.
+fn fail(pid_file: &mut Option<PidFile>, e: &microvm_dev::Error) -> ExitCode {
+    mvm::report("mvm-vmm", e);
+    let code = if e.is_config_error() { EXIT_CONFIG } else { 1 };
+    record_exit(pid_file, code, &e.to_string());
+    ExitCode::from(code)
+}
+
+/// Write how the run ended to the pid file (if there is one).
+fn record_exit(pid_file: &mut Option<PidFile>, status: u8, reason: &str) {
+    if let Some(f) = pid_file.as_mut() {
+        let record = Record::Exited {
+            status: i32::from(status),
+            at: pidfile::unix_now(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = f.write(&record) {
+            eprintln!("mvm-vmm: warning: cannot update the pid file: {e}");
+        }
+    }
+}
+
 /// The exit status and its reason, for the pid file.
 fn exit_code(result: microvm_dev::Result<VmExit>, signal: &std::sync::atomic::AtomicI32) -> (u8, String) {
     match result {
@@ -263,18 +406,31 @@ fn exit_code(result: microvm_dev::Result<VmExit>, signal: &std::sync::atomic::At
 
 /// `run`'s arguments: the file, `--pid-file <path>`, `--restart-on-reboot`,
 /// in any order.
-fn parse_run<'a>(args: &[&'a str]) -> Option<(&'a str, Option<&'a str>, bool)> {
-    let (mut path, mut pid, mut restart) = (None, None, false);
+struct RunArgs<'a> {
+    path: &'a str,
+    pid_file: Option<&'a str>,
+    restart_on_reboot: bool,
+    handoff: Option<&'a str>,
+}
+
+fn parse_run<'a>(args: &[&'a str]) -> Option<RunArgs<'a>> {
+    let (mut path, mut pid_file, mut restart_on_reboot, mut handoff) = (None, None, false, None);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match *arg {
-            "--pid-file" if pid.is_none() => pid = Some(*it.next()?),
-            "--restart-on-reboot" => restart = true,
+            "--pid-file" if pid_file.is_none() => pid_file = Some(*it.next()?),
+            "--restart-on-reboot" => restart_on_reboot = true,
+            "--handoff" if handoff.is_none() => handoff = Some(*it.next()?),
             a if !a.starts_with("--") && path.is_none() => path = Some(a),
             _ => return None,
         }
     }
-    Some((path?, pid, restart))
+    Some(RunArgs {
+        path: path?,
+        pid_file,
+        restart_on_reboot,
+        handoff,
+    })
 }
 
 fn main() -> ExitCode {
@@ -282,7 +438,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["run", rest @ ..] if !rest.is_empty() => match parse_run(rest) {
-            Some((path, pid, restart)) => run(path, pid, restart),
+            Some(args) => run(args),
             None => {
                 eprintln!("{USAGE}");
                 ExitCode::from(EXIT_CONFIG)

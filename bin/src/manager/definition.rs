@@ -293,6 +293,11 @@ impl Manager {
             devenv.insert("file".into(), path_value(file));
         }
 
+        let mut security = section(&mut doc, "security")?;
+        if let Some(user) = super::vmm_user_for(opts.vmm_user.as_deref()) {
+            security.insert("user".into(), Value::String(user));
+        }
+
         let quote = |s: &str| Value::String(s.into()).to_string();
         let mut out = String::new();
         out.push_str(&format!(
@@ -318,6 +323,7 @@ impl Manager {
             ("root", &root, &["image", "upper", "size_mib"][..]),
             ("env", &env, &["set", "passthrough"][..]),
             ("devenv", &devenv, &["file"][..]),
+            ("security", &security, &["seccomp", "user"][..]),
         ] {
             if table.is_empty() {
                 continue;

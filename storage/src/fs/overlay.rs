@@ -186,6 +186,9 @@ pub struct Overlay {
     options: OverlayOptions,
     /// Ownership of new entries is set to the caller's only when we may.
     as_root: bool,
+    /// Run unprivileged, the server owns every entry it creates; those are
+    /// shown as the project's owner's (see [`OwnerMap`]).
+    owner_map: Option<OwnerMap>,
     nodes: HashMap<u64, Node>,
     by_name: HashMap<(u64, CString), u64>,
     /// Never shrinks on `forget`: ids stay stable for the overlay's life.
@@ -195,6 +198,46 @@ pub struct Overlay {
     next_id: u64,
     handles: HashMap<u64, Handle>,
     next_handle: u64,
+}
+
+/// How an unprivileged server presents ownership: entries owned by its
+/// own uid/gid (everything it created in the upper layer) appear as owned
+/// by the lower root's uid/gid (the project owner, who is also the guest
+/// user), and a chown to the project owner is a chown to the server's
+/// own ids. So the guest user owns what it creates, as with a root server;
+/// other owners are shown as they are on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OwnerMap {
+    host_uid: u32,
+    host_gid: u32,
+    guest_uid: u32,
+    guest_gid: u32,
+}
+
+impl OwnerMap {
+    fn shown(&self, uid: u32, gid: u32) -> (u32, u32) {
+        (
+            if uid == self.host_uid { self.guest_uid } else { uid },
+            if gid == self.host_gid { self.guest_gid } else { gid },
+        )
+    }
+
+    /// The host id a guest chown asks for (`u32::MAX`: unchanged).
+    fn host_uid(&self, uid: u32) -> u32 {
+        if uid == self.guest_uid {
+            self.host_uid
+        } else {
+            uid
+        }
+    }
+
+    fn host_gid(&self, gid: u32) -> u32 {
+        if gid == self.guest_gid {
+            self.host_gid
+        } else {
+            gid
+        }
+    }
 }
 
 fn open_layer(path: &Path) -> Result<OwnedFd, crate::Error> {
@@ -613,16 +656,19 @@ impl Overlay {
     pub fn new(lower: Option<&Path>, upper: &Path, options: OverlayOptions) -> Result<Self, crate::Error> {
         let upper_fd = open_layer(upper)?;
         let lower_fd = lower.map(open_layer).transpose()?;
-        if let Some(lower) = lower {
+        if let (Some(lower), Some(lower_fd)) = (lower, &lower_fd) {
             // One layer inside the other would show the upper layer's
             // internals through the lower one (or the other way round).
-            let canon = |p: &Path| {
-                std::fs::canonicalize(p).map_err(|source| crate::Error::Layer {
+            // The kernel's own path of each open layer: no walk through
+            // directories we may not search (a layer handed over as
+            // /proc/self/fd/N beneath a 0700 home).
+            let canon = |fd: &OwnedFd, p: &Path| {
+                std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|source| crate::Error::Layer {
                     path: p.to_path_buf(),
                     source,
                 })
             };
-            let (l, u) = (canon(lower)?, canon(upper)?);
+            let (l, u) = (canon(lower_fd, lower)?, canon(&upper_fd, upper)?);
             if l.starts_with(&u) || u.starts_with(&l) {
                 return Err(crate::Error::LayersNested {
                     lower: lower.to_path_buf(),
@@ -655,6 +701,7 @@ impl Overlay {
             options,
             // SAFETY: geteuid has no preconditions.
             as_root: unsafe { libc::geteuid() } == 0,
+            owner_map: None,
             nodes: HashMap::new(),
             by_name: HashMap::new(),
             ids: HashMap::new(),
@@ -681,6 +728,16 @@ impl Overlay {
                 path: path.into(),
                 source,
             })?;
+            // SAFETY: geteuid/getegid have no preconditions.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            if !overlay.as_root && (st.st_uid, st.st_gid) != (uid, gid) {
+                overlay.owner_map = Some(OwnerMap {
+                    host_uid: uid,
+                    host_gid: gid,
+                    guest_uid: st.st_uid,
+                    guest_gid: st.st_gid,
+                });
+            }
             overlay.ids.insert(
                 Ident::Lower {
                     dev: st.st_dev,
@@ -705,9 +762,20 @@ impl Overlay {
 
     /// `st` of node `id` as the guest sees it.
     fn attr(&mut self, id: u64, st: &libc::stat) -> Attr {
+        let (uid, gid) = self.shown_owner(st);
         Attr {
             st_ino: self.guest_ino(id, st),
+            uid,
+            gid,
             ..to_attr(id, st)
+        }
+    }
+
+    /// The owner the guest sees for `st` (see [`OwnerMap`]).
+    fn shown_owner(&self, st: &libc::stat) -> (u32, u32) {
+        match &self.owner_map {
+            Some(map) => map.shown(st.st_uid, st.st_gid),
+            None => (st.st_uid, st.st_gid),
         }
     }
 
@@ -1664,12 +1732,11 @@ impl Overlay {
         };
         let st = sys::fstat(target.as_fd())?;
         if set.uid.is_some() || set.gid.is_some() {
-            sys::chown_at(
-                target.as_fd(),
-                EMPTY,
-                set.uid.unwrap_or(u32::MAX),
-                set.gid.unwrap_or(u32::MAX),
-            )?;
+            let (mut uid, mut gid) = (set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX));
+            if let Some(map) = &self.owner_map {
+                (uid, gid) = (map.host_uid(uid), map.host_gid(gid));
+            }
+            sys::chown_at(target.as_fd(), EMPTY, uid, gid)?;
         }
         if let Some(mode) = set.mode {
             if kind_of(&st) == libc::S_IFLNK {
@@ -2292,6 +2359,7 @@ impl FileSystem for Overlay {
         if mask == 0 {
             return Ok(());
         }
+        let (st_uid, st_gid) = self.shown_owner(&st);
         let bits = if ctx.uid == 0 {
             // root: read and write always; execute if anyone may (or a dir).
             let x = if kind_of(&st) == libc::S_IFDIR || st.st_mode & 0o111 != 0 {
@@ -2300,9 +2368,9 @@ impl FileSystem for Overlay {
                 0
             };
             0o6 | x
-        } else if ctx.uid == st.st_uid {
+        } else if ctx.uid == st_uid {
             (st.st_mode >> 6) & 0o7
-        } else if ctx.gid == st.st_gid {
+        } else if ctx.gid == st_gid {
             (st.st_mode >> 3) & 0o7
         } else {
             st.st_mode & 0o7

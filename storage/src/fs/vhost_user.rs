@@ -343,6 +343,27 @@ impl VirtiofsdShare<'_> {
     /// Mount, start virtiofsd and connect: the device owns the daemon and
     /// the mount, so they go away with the VM (or with the error).
     pub fn start(&self) -> Result<VhostUserFs, Error> {
+        let (daemon, overlay) = self.serve()?;
+        let mut device = VhostUserFs::connect(self.socket, self.tag, self.queue_size).map_err(|e| match e {
+            Error::VhostUser { tag, socket, reason } => Error::VhostUser {
+                tag,
+                socket,
+                reason: format!("{reason}{}", daemon.stderr_tail()),
+            },
+            other => other,
+        })?;
+        device.own_daemon(daemon);
+        if let Some(overlay) = overlay {
+            device.own_overlay(overlay);
+        }
+        Ok(device)
+    }
+
+    /// Mount the overlay (when there is an upper layer) and start
+    /// virtiofsd on `socket`, without connecting: for a privileged process
+    /// that serves the share to an unprivileged VMM, which connects. Drop
+    /// both to stop serving.
+    pub fn serve(&self) -> Result<(Virtiofsd, Option<HostOverlay>), Error> {
         let binary = virtiofsd::find_binary(self.binary)?;
         if self.socket.as_os_str().len() > 107 {
             return Err(Error::VhostUser {
@@ -357,19 +378,7 @@ impl VirtiofsdShare<'_> {
         };
         let shared_dir = overlay.as_ref().map_or(self.source, HostOverlay::merged);
         let daemon = Virtiofsd::start(&binary, self.socket, shared_dir, &self.thread_start)?;
-        let mut device = VhostUserFs::connect(self.socket, self.tag, self.queue_size).map_err(|e| match e {
-            Error::VhostUser { tag, socket, reason } => Error::VhostUser {
-                tag,
-                socket,
-                reason: format!("{reason}{}", daemon.stderr_tail()),
-            },
-            other => other,
-        })?;
-        device.own_daemon(daemon);
-        if let Some(overlay) = overlay {
-            device.own_overlay(overlay);
-        }
-        Ok(device)
+        Ok((daemon, overlay))
     }
 }
 

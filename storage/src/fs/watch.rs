@@ -139,8 +139,15 @@ impl TreeWatcher {
     fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
         let path = CString::new(self.host_path(rel).into_os_string().into_vec())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // The root itself is followed, as the file server opens it (a
+        // symlink, or a /proc/self/fd/N a privileged parent handed over).
+        let mask = if rel.is_empty() {
+            MASK & !libc::IN_DONT_FOLLOW
+        } else {
+            MASK
+        };
         // SAFETY: a valid descriptor and C string.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), MASK) };
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), mask) };
         if wd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -123,6 +123,12 @@ enum Cmd {
         /// postgresql, redis or mariadb, e.g. postgresql:5432:app; repeatable.
         #[arg(long, value_name = "KIND[:PORT][:DBS]")]
         service: Vec<String>,
+        /// Run the VMM as this host user when mvm runs as root ([security]
+        /// user): root prepares the TAP, virtiofsd and /dev/kvm, the VMM
+        /// runs with no capabilities [default: microvm-dev, which
+        /// scripts/setup-host.sh creates; "root" keeps root's rights].
+        #[arg(long, value_name = "USER")]
+        vmm_user: Option<String>,
         /// Do not read the project's devenv.nix (by default its services
         /// and env.* are taken: docs/devenv.md).
         #[arg(long)]
@@ -550,6 +556,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
             env,
             pass_env,
             service,
+            vmm_user,
             no_devenv,
         } => {
             let env = env
@@ -606,6 +613,7 @@ fn run(m: &Manager, cmd: Cmd) -> mvm::Result<i32> {
                 pass_env,
                 services,
                 devenv: None,
+                vmm_user,
             };
             let plan = if no_devenv { None } else { opts.apply_devenv()? };
             let mut progress = image_progress(if opts.services.is_empty() {

@@ -1469,3 +1469,21 @@ fn guest_inode_numbers_are_the_hosts_and_unique() {
     }
     env.assert_lower_unchanged();
 }
+
+/// An unprivileged server shows its own files as the project owner's and
+/// turns a chown to that owner into one to itself; other owners pass as
+/// they are.
+#[test]
+fn owner_map_shows_the_servers_files_as_the_project_owners() {
+    let map = OwnerMap {
+        host_uid: 995,
+        host_gid: 994,
+        guest_uid: 1000,
+        guest_gid: 1001,
+    };
+    assert_eq!(map.shown(995, 994), (1000, 1001));
+    assert_eq!(map.shown(0, 0), (0, 0));
+    assert_eq!(map.shown(1000, 5), (1000, 5));
+    assert_eq!((map.host_uid(1000), map.host_gid(1001)), (995, 994));
+    assert_eq!((map.host_uid(7), map.host_gid(u32::MAX)), (7, u32::MAX));
+}
