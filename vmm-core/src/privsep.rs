@@ -326,6 +326,8 @@ impl Prepared {
 /// networks, virtiofsd for `backend = "virtiofsd"` shares, and the boot
 /// files and share sources opened for reading.
 pub fn prepare(config: &VmConfig, user: &VmmUser) -> Result<Prepared> {
+    // A configuration the VMM would refuse changes nothing on the host.
+    config.validate(u32::from(crate::x86_64::mptable::MAX_VCPUS))?;
     let mut handoff = Handoff::default();
     if config.needs_state_dir() {
         own_state_dir(&config.state_dir(), user)?;
@@ -366,29 +368,31 @@ pub fn prepare(config: &VmConfig, user: &VmmUser) -> Result<Prepared> {
             .push((share.tag.clone(), daemon.socket().to_path_buf()));
         served.push((daemon, overlay));
     }
-    let mut open_path = |key: String, path: &Path| -> Result<()> {
+    // The VMM reads these through the descriptors (they may sit beneath
+    // directories it cannot enter); `key` names them in an error.
+    let mut open_path = |name: String, key: &'static str, path: &Path| -> Result<()> {
         let fd = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH)
             .open(path)
             .map_err(|e| Error::ConfigPath {
-                key: "security.user",
+                key,
                 path: path.to_path_buf(),
-                reason: format!("cannot open it for the VMM: {e}"),
+                reason: format!("cannot open it: {e}"),
             })?;
-        handoff.paths.push((key, fd.into()));
+        handoff.paths.push((name, fd.into()));
         Ok(())
     };
     use std::os::unix::fs::OpenOptionsExt;
-    open_path("boot.kernel".into(), &config.boot.kernel)?;
+    open_path("boot.kernel".into(), "boot.kernel", &config.boot.kernel)?;
     if let Some(initrd) = &config.boot.initrd {
-        open_path("boot.initrd".into(), initrd)?;
+        open_path("boot.initrd".into(), "boot.initrd", initrd)?;
     }
     if let Some(root) = &config.root {
-        open_path("root.image".into(), &root.image)?;
+        open_path("root.image".into(), "root.image", &root.image)?;
     }
     for share in config.shares.iter().filter(|s| s.backend == ShareBackend::Builtin) {
-        open_path(format!("share.{}.source", share.tag), &share.source)?;
+        open_path(format!("share.{}.source", share.tag), "share.source", &share.source)?;
     }
     let (ready, ready_write) = pipe()?;
     handoff.ready = Some(ready_write);
