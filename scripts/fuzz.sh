@@ -6,8 +6,11 @@
 # last grew (an early share of the run means the target has plateaued).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
-#   MVM_FUZZ_MINIMIZE=1 scripts/fuzz.sh ...   also minimise each corpus into
-#                                            fuzz/seeds/<target>/ (kept in git)
+#   MVM_FUZZ_MINIMIZE=1 scripts/fuzz.sh ...   also minimise each working
+#                                            corpus (fuzz/corpus/<target>) in place
+#
+# fuzz/seeds/<target>/ (in git) holds small hand-written starting inputs and
+# the inputs of fixed crashes; the grown corpora (megabytes) stay out of git.
 #
 # Needs cargo-fuzz (installed here on first use); RUSTC_BOOTSTRAP lets the
 # stable toolchain build with the sanitizer flags cargo-fuzz uses. The
@@ -45,8 +48,15 @@ for target in "${targets[@]}"; do
 	cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$done_line")
 	ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$done_line")
 	corp=$(sed -nE 's/.* corp: ([0-9]+\/[0-9]+[a-zA-Z]*).*/\1/p' <<<"$done_line")
-	# Plateau: the execution at which coverage last grew ("#<n> NEW ..."),
-	# as a share of all executions; near 0 % means the last stretch found nothing.
+	# Plateau: edges covered at half the run against the end, and the
+	# execution at which a new feature was last found ("#<n> NEW ..."), as
+	# a share of all executions (near 0 %: the last stretch found nothing).
+	half_cov=$(awk -v half="$(( ${execs:-0} / 2 ))" '
+		match($0, /^#[0-9]+/) && / cov: / {
+			n = substr($0, 2, RLENGTH - 1) + 0
+			if (n <= half) { sub(/.* cov: /, ""); split($0, f, " "); c = f[1] }
+		}
+		END { print (c == "" ? "?" : c) }' "$log")
 	last_new=$(grep -E '^#[0-9]+[[:space:]]+NEW ' "$log" | tail -1 | sed -nE 's/^#([0-9]+).*/\1/p' || true)
 	if [ -n "$last_new" ] && [ -n "$execs" ] && [ "$execs" -gt 0 ]; then
 		last_new_pct=$((100 * last_new / execs))
@@ -60,15 +70,11 @@ for target in "${targets[@]}"; do
 	fi
 	rm -f "$log"
 	if [ "${MVM_FUZZ_MINIMIZE:-0}" = 1 ]; then
-		min=$(mktemp -d)
 		cargo fuzz cmin -O "$target" "$corpus" >/dev/null 2>&1 || true
-		cp -r "$corpus/." "$min/"
-		rm -rf "seeds/$target" && mkdir -p "seeds/$target" && cp -r "$min/." "seeds/$target/"
-		rm -rf "$min"
 	fi
-	rows+=("| $target | ${seconds} s | ${execs:-?} | ${rate:-?}/s | ${cov:-?} | ${ft:-?} | ${corp:-?} | ${last_new:-none} (${last_new_pct} %) |")
+	rows+=("| $target | ${seconds} s | ${execs:-?} | ${rate:-?}/s | ${half_cov} -> ${cov:-?} | ${ft:-?} | ${corp:-?} | ${last_new:-none} (${last_new_pct} %) |")
 done
 echo
-echo "| target | time | execs | rate | cov (edges) | ft (features) | corpus (units/bytes) | last new coverage at exec (share of run) |"
+echo "| target | time | execs | rate | cov (edges) at half -> end | ft (features) | corpus (units/bytes) | last new feature at exec (share of run) |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${rows[@]}"

@@ -2,6 +2,11 @@
 //! guest memory (rings at fixed places, descriptors and buffers chosen by
 //! the fuzzer), with a received frame also from the input, must never
 //! panic: requests complete or the device fails.
+//!
+//! The rings sit in the first 1.5 KiB (transmit at 0x0, receive at 0x300),
+//! where inputs of libFuzzer's default size reach: placed at 0x1000 and
+//! above, no input under 4 KiB had a descriptor, and a 5-minute campaign
+//! covered only the header parsing.
 #![no_main]
 use std::os::fd::AsRawFd;
 
@@ -28,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let frame: Vec<u8> = rest.iter().copied().cycle().take(frame_len).collect();
     // SAFETY: sends from a valid buffer.
     unsafe { libc::send(peer.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
-    let mut queues = [queue(0x1000), queue(0x2000)];
+    let mut queues = [queue(0x300), queue(0x0)];
     let _ = net.process_queue(1, &mut queues[1], &mem);
     let _ = net.process_event(0, &mut queues, &mem);
     let _ = net.process_queue(0, &mut queues[0], &mem);

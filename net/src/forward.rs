@@ -423,7 +423,14 @@ fn serve(client: TcpStream, peer: SocketAddr, guest: SocketAddr, shared: &Shared
     let upstream = match connect(guest, shared) {
         Ok(upstream) => upstream,
         Err(e) => {
-            debug!("{name}: {peer}: guest {guest}: {e}");
+            // A guest that does not answer at all is worth a line in the
+            // VMM's log (the client only sees a reset); a refusal (nothing
+            // listens yet) is routine.
+            if e.kind() == io::ErrorKind::TimedOut {
+                warn!("{name}: {peer}: guest {guest} did not answer: {e}");
+            } else {
+                debug!("{name}: {peer}: guest {guest}: {e}");
+            }
             // A reset, not an orderly close, as a refused connection would.
             reset_on_close(&client);
             return;

@@ -240,13 +240,13 @@ fn managed_network_end_to_end() {
     let h = w.host.0.clone();
     let mvm = Mvm::in_netns(dir.join("state"), &h);
     let common = ["--no-image", "--cpus", "1", "--memory", "128"];
-    let mut create_a = vec!["create", "a"];
+    let mut create_a = vec!["create", "a", "--vmm-user", "microvm-dev"];
     create_a.extend_from_slice(&common);
     create_a.extend_from_slice(&["--forward", "18080:80", "--forward", "0.0.0.0:18081:80"]);
     mvm.ok(&create_a);
-    // a's VMM runs as microvm-dev (the default as root: root prepares its
-    // TAP and network), b's keeps root's rights.
-    let mut create_b = vec!["create", "b", "--vmm-user", "root"];
+    // a's VMM runs as microvm-dev (root prepares its TAP and network), b's
+    // keeps root's rights.
+    let mut create_b = vec!["create", "b"];
     create_b.extend_from_slice(&common);
     mvm.ok(&create_b);
     let toml = std::fs::read_to_string(dir.join("state/a/vm.toml")).unwrap();
@@ -541,7 +541,19 @@ fn bad_network_input_and_rollback() {
     let host = NetNs::new(format!("mvm-rb-{}", std::process::id()));
     let h = host.0.clone();
     let mvm = Mvm::in_netns(dir.join("state"), &h);
-    mvm.ok(&["create", "r", "--no-image", "--memory", "128", "--forward", "18099:80"]);
+    // Run unprivileged: the root keeper must undo what it prepared when the
+    // VMM fails (the ready pipe tells it the VM was never built).
+    mvm.ok(&[
+        "create",
+        "r",
+        "--no-image",
+        "--memory",
+        "128",
+        "--forward",
+        "18099:80",
+        "--vmm-user",
+        "microvm-dev",
+    ]);
     let nothing_left = |why: &str| {
         let links = stdout(&in_ns(&h, &["ip", "-o", "link"]));
         assert!(
@@ -604,6 +616,8 @@ fn bad_network_input_and_rollback() {
         "--no-network",
         "--memory",
         "128",
+        "--vmm-user",
+        "microvm-dev",
         "--from",
         base.to_str().unwrap(),
     ]);
