@@ -196,14 +196,10 @@ pub struct CreateOptions {
     pub services: Vec<microvm_dev::service::ServiceConfig>,
     /// `[security] user`: the host user the VMM runs as when started as
     /// root (root prepares TAPs, virtiofsd and /dev/kvm; see
-    /// `microvm_dev::privsep`), e.g. [`DEFAULT_VMM_USER`]. None or "root":
+    /// `microvm_dev::privsep`), e.g. "microvm-dev". None or "root":
     /// the VMM keeps the caller's rights.
     pub vmm_user: Option<String>,
 }
-
-/// The account `--vmm-user` is meant for (scripts/setup-host.sh creates
-/// it).
-pub const DEFAULT_VMM_USER: &str = "microvm-dev";
 
 /// `[security] user` for a new VM: the one asked for; none for "root" or
 /// when not asked (the VMM then runs as the caller).

@@ -153,17 +153,11 @@ pub fn assert_vmm_unprivileged(keeper: u32, uid: u32) -> u32 {
 
 /// The uid of host account `name`.
 pub fn host_uid(name: &str) -> Option<u32> {
-    host_ids(name).map(|(uid, _)| uid)
-}
-
-/// The uid and gid of host account `name`.
-pub fn host_ids(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let mut f = l.split(':');
         (f.next()? == name).then_some(())?;
-        let uid = f.nth(1)?.parse().ok()?;
-        Some((uid, f.next()?.parse().ok()?))
+        f.nth(1)?.parse().ok()
     })
 }
 

@@ -197,12 +197,7 @@ fn shares(
     for share in &config.shares {
         // virtiofsd already serves it (started by the preparing process).
         if let Some(socket) = handoff.virtiofsd_socket(&share.tag) {
-            let device = mvm_storage::fs::vhost_user::VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE)
-                .map_err(|e| Error::Share {
-                    tag: share.tag.clone(),
-                    reason: e.to_string(),
-                })?;
-            devices.push(Box::new(device));
+            devices.push(connect_virtiofsd(share, socket)?);
             continue;
         }
         devices.push(share_device(config, share, live_shares, confine.clone())?);
@@ -242,16 +237,23 @@ const VIRTIOFSD_QUEUE_SIZE: u16 = 1024;
 /// or to one started here over a host overlay mount of the share's layers
 /// (the device owns both; they end with the VM).
 fn virtiofsd_share(share: &ShareConfig, layers: &state::ShareLayers, confine: ThreadStart) -> Result<Device> {
-    use mvm_storage::fs::vhost_user::VhostUserFs;
-    let share_error = |e: mvm_storage::Error| Error::Share {
-        tag: share.tag.clone(),
-        reason: e.to_string(),
-    };
     if let Some(socket) = &share.socket {
-        let device = VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE).map_err(share_error)?;
-        return Ok(Box::new(device));
+        return connect_virtiofsd(share, socket);
     }
     let device = with_virtiofsd(share, layers, confine, |spec| spec.start())?;
+    Ok(Box::new(device))
+}
+
+/// A vhost-user-fs device on a virtiofsd already serving `share` at
+/// `socket` (the user's, or the one a privileged parent started).
+fn connect_virtiofsd(share: &ShareConfig, socket: &std::path::Path) -> Result<Device> {
+    let device =
+        mvm_storage::fs::vhost_user::VhostUserFs::connect(socket, &share.tag, VIRTIOFSD_QUEUE_SIZE).map_err(|e| {
+            Error::Share {
+                tag: share.tag.clone(),
+                reason: e.to_string(),
+            }
+        })?;
     Ok(Box::new(device))
 }
 
