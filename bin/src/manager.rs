@@ -196,15 +196,33 @@ pub struct CreateOptions {
     pub services: Vec<microvm_dev::service::ServiceConfig>,
     /// `[security] user`: the host user the VMM runs as when started as
     /// root (root prepares TAPs, virtiofsd and /dev/kvm; see
-    /// `microvm_dev::privsep`), e.g. "microvm-dev". None or "root":
-    /// the VMM keeps the caller's rights.
+    /// `microvm_dev::privsep`). Default (None): [`DEFAULT_VMM_USER`] when
+    /// mvm runs as root and that account exists; "root": the VMM keeps
+    /// the caller's rights.
     pub vmm_user: Option<String>,
 }
 
-/// `[security] user` for a new VM: the one asked for; none for "root" or
-/// when not asked (the VMM then runs as the caller).
+/// The account VMMs run as by default when mvm runs as root
+/// (scripts/setup-host.sh creates it).
+pub const DEFAULT_VMM_USER: &str = "microvm-dev";
+
+/// `[security] user` for a new VM: the one asked for ("root": none), else
+/// [`DEFAULT_VMM_USER`] if we are root and it exists (a warning if not).
 pub(crate) fn vmm_user_for(asked: Option<&str>) -> Option<String> {
-    asked.filter(|u| *u != "root").map(str::to_string)
+    match asked {
+        Some("root") => None,
+        Some(user) => Some(user.to_string()),
+        // SAFETY: geteuid has no preconditions.
+        None if unsafe { libc::geteuid() } != 0 => None,
+        None if user::host_user_by_name(DEFAULT_VMM_USER).is_some() => Some(DEFAULT_VMM_USER.to_string()),
+        None => {
+            log::warn!(
+                "no user {DEFAULT_VMM_USER} on this host: the VM's VMM will run as root (scripts/setup-host.sh \
+                 creates the user; --vmm-user chooses another)"
+            );
+            None
+        }
+    }
 }
 
 /// What a new VM boots into.

@@ -34,8 +34,11 @@ use log::{debug, error, warn};
 use crate::Error;
 
 /// How long a new connection waits for the guest to accept it: a guest
-/// still booting or swapping may be slow.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// still booting or swapping may be slow, and a lost SYN costs the host's
+/// retransmission backoff (sent again at 1, 3, 7 and 15 s), so room for
+/// four retransmissions. A guest that refuses (nothing listens) answers at
+/// once whatever this is.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Open TCP connections per forward; beyond, new clients are closed at once
 /// (each costs two threads).
 const MAX_TCP_CONNS: usize = 512;
@@ -510,7 +513,10 @@ fn connect(addr: SocketAddr, shared: &Shared) -> io::Result<TcpStream> {
             pollfd(shared.stop_fd.as_raw_fd(), libc::POLLIN),
         ];
         if poll(&mut fds, Some(CONNECT_TIMEOUT))? == 0 {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer within 5 s"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            ));
         }
         if shared.is_stopped() {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "forward stopped"));

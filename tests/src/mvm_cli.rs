@@ -105,6 +105,27 @@ impl Mvm {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("mvm {args:?}: not JSON ({e}): {text}"))
     }
 
+    /// The ends of VM `vm`'s console and VMM logs and of its network's
+    /// dnsmasq log, for a failure message: what the guest and the host saw.
+    pub fn vm_logs(&self, vm: &str) -> String {
+        let dir = self.root.join(vm);
+        let mut text = String::new();
+        for (path, lines) in [
+            (dir.join("console.log"), 40),
+            (dir.join("vmm.log"), 20),
+            (self.root.join("networks/default/dnsmasq.log"), 20),
+        ] {
+            let body = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({e})"));
+            let tail: Vec<&str> = body.lines().rev().take(lines).collect();
+            text.push_str(&format!("\n--- {} (last {lines} lines)\n", path.display()));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
     pub fn pid_of(&self, name: &str) -> i32 {
         let status = self.json(&["status", name, "--json"]);
         assert_eq!(status["state"], "running", "{name}: {status}");

@@ -104,8 +104,8 @@ fn manager_runs_vms_from_create_to_rm() {
     let p = project.to_str().unwrap();
 
     // Two copies of one project; alpha's sessions get an environment.
-    // alpha's VMM keeps root's rights (--vmm-user root, as without the
-    // option), beta's runs as microvm-dev.
+    // alpha's VMM keeps root's rights (--vmm-user root), beta's runs as
+    // microvm-dev (the default as root, said explicitly here).
     let out = mvm
         .command(&[
             "create",

@@ -184,7 +184,7 @@ fn guest(mvm: &Mvm, vm: &str, script: &str) -> (bool, String) {
 
 fn guest_ok(mvm: &Mvm, vm: &str, script: &str) -> String {
     let (ok, text) = guest(mvm, vm, script);
-    assert!(ok, "in {vm}: {script}: {text}");
+    assert!(ok, "in {vm}: {script}: {text}{}", mvm.vm_logs(vm));
     text
 }
 
@@ -202,7 +202,10 @@ fn guest_fetch(mvm: &Mvm, vm: &str, script: &str, expect: &str) -> String {
         eprintln!("attempt {attempt} in {vm}: {script}: {text}");
         last = text;
     }
-    panic!("in {vm}: {script}: no {expect:?} in three attempts; last: {last}");
+    panic!(
+        "in {vm}: {script}: no {expect:?} in three attempts; last: {last}{}",
+        mvm.vm_logs(vm)
+    );
 }
 
 /// A shell line for the guest: an HTTP/1.0 GET with busybox nc, connect
@@ -244,9 +247,9 @@ fn managed_network_end_to_end() {
     create_a.extend_from_slice(&common);
     create_a.extend_from_slice(&["--forward", "18080:80", "--forward", "0.0.0.0:18081:80"]);
     mvm.ok(&create_a);
-    // a's VMM runs as microvm-dev (root prepares its TAP and network), b's
-    // keeps root's rights.
-    let mut create_b = vec!["create", "b"];
+    // a's VMM runs as microvm-dev (the default as root, said explicitly
+    // here: root prepares its TAP and network), b's keeps root's rights.
+    let mut create_b = vec!["create", "b", "--vmm-user", "root"];
     create_b.extend_from_slice(&common);
     mvm.ok(&create_b);
     let toml = std::fs::read_to_string(dir.join("state/a/vm.toml")).unwrap();
@@ -257,7 +260,17 @@ fn managed_network_end_to_end() {
     let net = mvm.json(&["network", "status", "--json"]);
     let net = &net[0];
     assert_eq!(net["up"], true, "{net}");
-    assert!(net["dnsmasq_pid"].as_i64().is_some(), "{net}");
+    let dnsmasq_pid = net["dnsmasq_pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no dnsmasq: {net}"));
+    // Started by a VMM, whose threads block the stop signals: it must not
+    // inherit that, or it never re-reads its hosts on SIGHUP (a VM started
+    // next gets no address) and outlives `mvm network down`.
+    let status = std::fs::read_to_string(format!("/proc/{dnsmasq_pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "SigBlk:\t0000000000000000"),
+        "dnsmasq blocks signals: {status}"
+    );
     assert_eq!(net["nft_table"], true, "{net}");
     let ip = |vm: &str| -> String {
         let s = mvm.json(&["status", vm, "--json"]);
@@ -477,10 +490,12 @@ fn managed_network_end_to_end() {
         .unwrap();
     // SAFETY: plain kill(2) of the network's dnsmasq.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let mut restarted = None;
     let back = wait_until(Duration::from_secs(30), || {
-        mvm.json(&["network", "status", "--json"])[0]["dnsmasq_pid"]
+        restarted = mvm.json(&["network", "status", "--json"])[0]["dnsmasq_pid"]
             .as_i64()
-            .is_some_and(|p| p != pid)
+            .filter(|&p| p != pid);
+        restarted.is_some()
     });
     assert!(back, "dnsmasq was not restarted");
 
@@ -490,6 +505,12 @@ fn managed_network_end_to_end() {
     mvm.ok(&["stop", "a"]);
     mvm.ok(&["stop", "b"]);
     mvm.ok(&["network", "down"]);
+    // Its dnsmasq is gone (SIGTERM reached it), not merely forgotten.
+    let restarted = restarted.unwrap_or_default();
+    let gone = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{restarted}/cmdline")).map_or(true, |c| !c.contains("dnsmasq"))
+    });
+    assert!(gone, "dnsmasq {restarted} outlived network down");
     let out = mvm.run(&["network", "rm", "lab"]);
     assert!(stderr(&out).contains("used by VM(s) c, d"), "{}", describe(&out));
     mvm.ok(&["rm", "c"]);

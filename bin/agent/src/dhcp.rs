@@ -56,12 +56,19 @@ const PARAMS: [u8; 7] = [1, 3, 6, 15, 51, 54, 28];
 pub enum DhcpError {
     #[error("{}: {}", .0, sys::error_text(.1))]
     Io(&'static str, #[source] io::Error),
-    #[error("no DHCP {waiting_for} in {} s{}", .waited.as_secs(), .ignored.as_ref().map(|i| format!(" (ignored a reply: {i})")).unwrap_or_default())]
+    #[error(
+        "no DHCP {waiting_for} in {} s{}{}",
+        .waited.as_secs(),
+        .ignored.as_ref().map(|i| format!(" (ignored a reply: {i})")).unwrap_or_default(),
+        .unsent.as_ref().map(|e| format!(" (the last send failed: {e})")).unwrap_or_default()
+    )]
     Timeout {
         waiting_for: &'static str,
         waited: Duration,
         /// Why the last reply that came was not used.
         ignored: Option<String>,
+        /// Why the last message could not be sent, if it could not.
+        unsent: Option<String>,
     },
     #[error("the server refused the request{}", .0.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
     Refused(Option<String>),
@@ -339,6 +346,9 @@ fn random_xid(mac: [u8; 6]) -> u32 {
     }
 }
 
+/// How long to wait before sending again after a send failed.
+const SEND_RETRY: Duration = Duration::from_millis(500);
+
 /// How long to wait for an answer to the `attempt`th message (from 0): the
 /// guest kernel may be slow (even interpreted), so generously.
 fn attempt_wait(attempt: u32) -> Duration {
@@ -394,6 +404,7 @@ impl Client {
         let mut xid = random_xid(self.mac);
         let mut attempt = 0;
         let mut ignored = None;
+        let mut unsent = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -405,6 +416,7 @@ impl Client {
                     waiting_for,
                     waited: now - start,
                     ignored,
+                    unsent,
                 });
             }
             let (ciaddr, accept, kind, to) = match &state {
@@ -427,14 +439,21 @@ impl Client {
             }
             .encode();
             if let Err(e) = self.sock.send_to(&message, (to, SERVER_PORT)) {
-                // The lease's server may be out of reach (no route): ask
-                // everyone instead.
-                if !matches!(state, State::Renewing { .. }) {
-                    return Err(DhcpError::Io("cannot send", e));
+                unsent = Some(sys::error_text(&e));
+                if matches!(state, State::Renewing { .. }) {
+                    // The lease's server may be out of reach (no route):
+                    // ask everyone instead.
+                    state = State::Selecting;
+                } else {
+                    // A link that has just come up may refuse a send for
+                    // a moment (no carrier yet, a full queue): try again
+                    // until the deadline rather than give up the boot's
+                    // only chance of an address.
+                    std::thread::sleep(SEND_RETRY.min(deadline.saturating_duration_since(Instant::now())));
                 }
-                state = State::Selecting;
                 continue;
             }
+            unsent = None;
             let until = deadline.min(now + attempt_wait(attempt));
             attempt += 1;
             match self.receive(&state, xid, until, &mut ignored)? {
@@ -1058,10 +1077,21 @@ mod tests {
             waiting_for: "offer",
             waited: Duration::from_secs(30),
             ignored: Some("malformed reply: no subnet mask".into()),
+            unsent: None,
         };
         assert_eq!(
             e.to_string(),
             "no DHCP offer in 30 s (ignored a reply: malformed reply: no subnet mask)"
+        );
+        let e = DhcpError::Timeout {
+            waiting_for: "offer",
+            waited: Duration::from_secs(30),
+            ignored: None,
+            unsent: Some("Network is down".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "no DHCP offer in 30 s (the last send failed: Network is down)"
         );
     }
 }

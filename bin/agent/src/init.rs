@@ -324,9 +324,13 @@ fn configure_interface(ifname: &str, hostname: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let start = Instant::now();
     match dhcp::configure(ifname, hostname, Path::new("/etc/resolv.conf"), dhcp::DEFAULT_TIMEOUT) {
-        Ok(lease) => say!("{ifname}: {lease}"),
-        Err(e) => say!("{ifname}: DHCP failed, the interface is not configured: {e}"),
+        Ok(lease) => say!("{ifname}: {lease} (in {:.1} s)", start.elapsed().as_secs_f64()),
+        Err(e) => say!(
+            "{ifname}: DHCP failed after {:.1} s, the interface is not configured: {e}",
+            start.elapsed().as_secs_f64()
+        ),
     }
 }
 

@@ -121,10 +121,54 @@ pub fn start(spec: &NetworkSpec, dir: &Path) -> Result<i32, Error> {
     }
 }
 
-/// Make dnsmasq re-read `dhcp-hosts` and `hosts`.
-pub fn reload(pid: i32) {
-    // SAFETY: kill(2) with a pid we verified to be our dnsmasq.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+/// How long [`reload`] waits for dnsmasq to say it re-read its files.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
+/// How often [`reload`] signals again while it waits.
+const RELOAD_RESEND: Duration = Duration::from_millis(200);
+
+/// Make the network's dnsmasq (`pid`, in `dir`) re-read `dhcp-hosts` and
+/// `hosts`, and wait until its log says it did. A dnsmasq still starting
+/// (its pid file is written before its startup is complete) ignores
+/// SIGHUP, and a new pin it never reads leaves that VM without an
+/// address: so the signal goes again until the log shows the re-read.
+pub fn reload(dir: &Path, pid: i32) -> Result<(), Error> {
+    let log = dir.join(LOG);
+    let mark = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let read_line = format!("read {}", dir.join(DHCP_HOSTS).display());
+    let deadline = Instant::now() + RELOAD_WAIT;
+    loop {
+        // SAFETY: kill(2) with a pid our caller verified to be our dnsmasq.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        let resend = Instant::now() + RELOAD_RESEND;
+        while Instant::now() < resend {
+            if logged_since(&log, mark, &read_line) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Command {
+                what: format!("making dnsmasq (pid {pid}) re-read {}", dir.join(DHCP_HOSTS).display()),
+                output: format!(
+                    "no \"{read_line}\" in {} within {} s of SIGHUP",
+                    log.display(),
+                    RELOAD_WAIT.as_secs()
+                ),
+            });
+        }
+    }
+}
+
+/// Whether `log` has a line containing `needle` past byte `mark`.
+fn logged_since(log: &Path, mark: u64, needle: &str) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return false;
+    };
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(mark)).is_ok()
+        && file.read_to_end(&mut bytes).is_ok()
+        && String::from_utf8_lossy(&bytes).lines().any(|l| l.contains(needle))
 }
 
 /// Stop the network's dnsmasq, if it runs; waits up to 5 s for it to go.
@@ -137,6 +181,11 @@ pub fn stop(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while running(dir).is_some() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if running(dir).is_some() {
+        log::warn!("dnsmasq (pid {pid}) did not stop on SIGTERM within 5 s; killing it");
+        // SAFETY: as in reload.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     let _ = std::fs::remove_file(dir.join(PID));
 }

@@ -27,6 +27,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 /// Run a host tool to its end, `stdin` written to it: its stdout, or an
 /// error with `what` and its stderr (which says what went wrong).
 pub(crate) fn run_tool(cmd: &mut Command, what: String, stdin: Option<&str>) -> Result<String, Error> {
+    mvm_devices::unblock_signals_in_child(cmd);
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -382,12 +382,14 @@ impl Network {
         let mut state = self.state()?;
         let mut undo = Undo::default();
         let before = state.pins.clone();
-        let result = self.up_locked(&mut state, &mut undo).and_then(|()| {
-            let (ip, new_pin) = pin(&mut state, vm, &crate::format_mac(mac))?;
+        // The pin first: a dnsmasq this call starts reads it at startup.
+        let result = pin(&mut state, vm, &crate::format_mac(mac)).and_then(|(ip, new_pin)| {
+            self.up_locked(&mut state, &mut undo)?;
             self.write_state(&state)?;
-            dnsmasq::write_host_files(&self.dir, &state.pins)?;
-            if let Some(pid) = dnsmasq::running(&self.dir) {
-                dnsmasq::reload(pid);
+            if !undo.dnsmasq {
+                if let Some(pid) = dnsmasq::running(&self.dir) {
+                    dnsmasq::reload(&self.dir, pid)?;
+                }
             }
             let mut nl = Netlink::open()?;
             let bridge = nl
@@ -413,7 +415,9 @@ impl Network {
                     let _ = self.write_state(&state);
                     let _ = dnsmasq::write_host_files(&self.dir, &state.pins);
                     if let Some(pid) = dnsmasq::running(&self.dir) {
-                        dnsmasq::reload(pid);
+                        if let Err(e) = dnsmasq::reload(&self.dir, pid) {
+                            log::warn!("network {}: forgetting {vm}'s pin: {e}", state.spec.name);
+                        }
                     }
                 }
                 self.undo(&state.spec, undo);
@@ -438,7 +442,11 @@ impl Network {
             self.write_state(&state)?;
             dnsmasq::write_host_files(&self.dir, &state.pins)?;
             if let Some(pid) = dnsmasq::running(&self.dir) {
-                dnsmasq::reload(pid);
+                // Forgotten all the same: dnsmasq's stale entry goes at
+                // its next reload or restart.
+                if let Err(e) = dnsmasq::reload(&self.dir, pid) {
+                    log::warn!("network {}: forgetting {vm}'s pin: {e}", state.spec.name);
+                }
             }
         }
         Ok(())

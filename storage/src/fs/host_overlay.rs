@@ -332,7 +332,7 @@ fn umount_lazy(merged: &Path) -> std::io::Result<()> {
 
 /// Mount with fuse-overlayfs, which returns once the mount is in place.
 fn mount_fuse(options: &str, merged: &Path) -> Result<(), String> {
-    let out = Command::new("fuse-overlayfs")
+    let out = mvm_devices::unblock_signals_in_child(&mut Command::new("fuse-overlayfs"))
         .arg("-o")
         .arg(options)
         .arg(merged)

@@ -160,6 +160,7 @@ impl Virtiofsd {
             cmd.arg(format!("--rlimit-nofile={limit}"));
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        mvm_devices::unblock_signals_in_child(&mut cmd);
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(|e| start_error(format!("cannot run it: {e}")))?;
         let stderr = Arc::new(Mutex::new(VecDeque::new()));

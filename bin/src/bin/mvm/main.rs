@@ -124,9 +124,9 @@ enum Cmd {
         #[arg(long, value_name = "KIND[:PORT][:DBS]")]
         service: Vec<String>,
         /// Run the VMM as this host user when mvm runs as root ([security]
-        /// user), e.g. microvm-dev (scripts/setup-host.sh creates it): root
-        /// prepares the TAP, virtiofsd and /dev/kvm, the VMM runs with no
-        /// capabilities [default: the VMM keeps your rights].
+        /// user): root prepares the TAP, virtiofsd and /dev/kvm, the VMM
+        /// runs with no capabilities [default: microvm-dev, which
+        /// scripts/setup-host.sh creates; "root" keeps root's rights].
         #[arg(long, value_name = "USER")]
         vmm_user: Option<String>,
         /// Do not read the project's devenv.nix (by default its services
